@@ -1,0 +1,113 @@
+"""ToMe bipartite soft matching with size tracking (Bolya et al. 2023; SPEC section 3).
+
+Tokens alternate into sets A (even positions) and B (odd positions). Each A
+token finds its most similar B token (cosine of `metric`, e.g. keys averaged
+over heads); the `r` A tokens with the best matches merge into their B match
+by a size-weighted average, the others stay. Every shape is static (`r` is a
+Python int) and the merge is a masked one-hot einsum, not a scatter.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tps_jax.ops import squeeze as squeeze_ops
+from tps_jax.ops import validate
+from tps_jax.ops.dtypes import upcast
+
+
+class ToMeMatch(NamedTuple):
+  """Indices into set A (even tokens) and set B (odd tokens).
+
+  unmerged: (B, Na - r) A tokens that stay, in ascending order.
+  src:      (B, r) A tokens merged away.
+  dst:      (B, r) index into B of each merged token's destination.
+  """
+  unmerged: jax.Array
+  src: jax.Array
+  dst: jax.Array
+
+
+def max_merge(num_tokens: int, class_token: bool = True) -> int:
+  """The largest `r` one matching can merge away from `num_tokens` tokens."""
+  return (num_tokens - int(class_token)) // 2
+
+
+def bipartite_soft_matching(metric: jax.Array, r: int, *,
+                            class_token: bool = True) -> ToMeMatch:
+  """Matches `r` A tokens to B tokens.
+
+  Args:
+    metric: (B, N, Ck) features to compare (no gradient flows through them).
+    r: tokens to merge away, a Python int in [0, max_merge(N, class_token)].
+    class_token: token 0 is cls and is never merged.
+
+  Returns:
+    A ToMeMatch; apply it with `merge_wavg` / `merge_sum`.
+  """
+  b, n, _ = validate.check_rank("metric", metric, 3, "(B, N, Ck)")
+  r = validate.check_count("r", r, 0, max_merge(n, class_token),
+                           f"ToMe on {n} tokens (class_token={class_token})")
+  metric = jax.lax.stop_gradient(metric)
+  scores = squeeze_ops.cosine_similarity(metric[:, ::2], metric[:, 1::2])  # (B, Na, Nb)
+  if class_token:
+    scores = scores.at[:, 0, :].set(-jnp.inf)
+  node_max = jnp.max(scores, axis=-1)  # (B, Na)
+  node_idx = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  na = node_max.shape[1]
+  _, order = jax.lax.top_k(node_max, na)  # best matches first
+  order = order.astype(jnp.int32)
+  src = order[:, :r]
+  unmerged = jnp.sort(order[:, r:], axis=-1)
+  dst = jnp.take_along_axis(node_idx, src, axis=-1)
+  return ToMeMatch(unmerged, src, dst)
+
+
+def merge_sum(x: jax.Array, match: ToMeMatch) -> jax.Array:
+  """Applies a match by summing: x (B, N, C) -> (B, N - r, C), [unmerged A, B].
+
+  Accumulates in float32 and returns `x`'s dtype.
+  """
+  b, n, c = validate.check_rank("x", x, 3, "(B, N, C)")
+  a_tokens = upcast(x[:, ::2])
+  b_tokens = upcast(x[:, 1::2])
+  if match.unmerged.shape[1] + match.src.shape[1] != a_tokens.shape[1]:
+    raise ValueError(
+        f"the match was made for a different token count than x {x.shape}: it "
+        f"covers {match.unmerged.shape[1] + match.src.shape[1]} A tokens, x has "
+        f"{a_tokens.shape[1]}.")
+  take = lambda idx: jnp.take_along_axis(a_tokens, idx[..., None], axis=1)
+  onehot = jax.nn.one_hot(match.dst, b_tokens.shape[1], dtype=b_tokens.dtype)  # (B, r, Nb)
+  b_tokens = b_tokens + jnp.einsum("brn,brc->bnc", onehot, take(match.src))
+  return jnp.concatenate([take(match.unmerged), b_tokens], axis=1).astype(x.dtype)
+
+
+def merge_wavg(x: jax.Array, size: jax.Array | None,
+               match: ToMeMatch) -> tuple[jax.Array, jax.Array]:
+  """Size-weighted average merge.
+
+  x (B, N, C), size (B, N) token sizes (None means all 1) ->
+  (x (B, N - r, C), size (B, N - r)). The total size is preserved.
+  """
+  b, n, _ = validate.check_rank("x", x, 3, "(B, N, C)")
+  if size is None:
+    size = jnp.ones((b, n), jnp.float32)
+  if tuple(size.shape) != (b, n):
+    raise ValueError(f"size must have shape (B, N)={(b, n)} to match x, got {size.shape}.")
+  size = upcast(size)
+  both = jnp.concatenate([upcast(x) * size[..., None], size[..., None]], -1)
+  merged = merge_sum(both, match)
+  new_size = merged[..., -1]
+  return (merged[..., :-1] / new_size[..., None]).astype(x.dtype), new_size
+
+
+def proportional_attention_bias(size: jax.Array) -> jax.Array:
+  """`log(size)` broadcast over heads and queries: (B, N) -> (B, 1, 1, N) float32.
+
+  Added to the attention logits so a merged token counts as many.
+  """
+  validate.check_rank("size", size, 2, "(B, N)")
+  return jnp.log(upcast(size))[:, None, None, :]
