@@ -8,7 +8,6 @@ import pytest
 from absl.testing import parameterized
 
 import tps_jax
-from tps_jax.ops import squeeze as squeeze_ops
 from conftest import golden, tokens
 
 

@@ -4,7 +4,7 @@ from tps_jax.ops.attention import class_attention_scores, policy_softmax
 from tps_jax.ops.evit import evit_fuse
 from tps_jax.ops.gumbel import gumbel_softmax_hard
 from tps_jax.ops.select import gather_tokens, indices_to_mask, keep_counts, topk_split
-from tps_jax.ops.squeeze import (HostMatch, cosine_similarity, fuse, match_hosts,
+from tps_jax.ops.squeezing import (HostMatch, cosine_similarity, fuse, match_hosts,
                                  match_hosts_masked, squeeze, squeeze_masked,
                                  squeeze_masked_with_hosts, squeeze_with_hosts)
 from tps_jax.ops.tome import (ToMeMatch, bipartite_soft_matching, max_merge, merge_sum,

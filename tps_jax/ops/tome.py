@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tps_jax.ops import squeeze as squeeze_ops
+from tps_jax.ops.squeezing import cosine_similarity
 from tps_jax.ops import validate
 from tps_jax.ops.dtypes import upcast
 
@@ -52,7 +52,7 @@ def bipartite_soft_matching(metric: jax.Array, r: int, *,
   r = validate.check_count("r", r, 0, max_merge(n, class_token),
                            f"ToMe on {n} tokens (class_token={class_token})")
   metric = jax.lax.stop_gradient(metric)
-  scores = squeeze_ops.cosine_similarity(metric[:, ::2], metric[:, 1::2])  # (B, Na, Nb)
+  scores = cosine_similarity(metric[:, ::2], metric[:, 1::2])  # (B, Na, Nb)
   if class_token:
     scores = scores.at[:, 0, :].set(-jnp.inf)
   node_max = jnp.max(scores, axis=-1)  # (B, Na)
