@@ -1,0 +1,49 @@
+"""The README's demo and the op benchmark run, on real data and small shapes."""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "examples"))
+import squeeze_fashion_mnist as demo  # noqa: E402
+from benchmarks import ops as ops_bench  # noqa: E402
+from tps_jax.data import fashion_mnist  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def images():
+  im, _ = fashion_mnist.load("test")
+  return (jnp.asarray(im[:64], jnp.float32) / 255.0 - demo.MEAN) / demo.STD
+
+
+def test_demo_squeezing_keeps_more_of_the_image_than_pruning(images):
+  truth = demo.patchify(images, 4)
+  err = {}
+  for method in ("prune", "evit", "tome", "tps"):
+    rebuilt = jax.jit(lambda im, m=method: demo.reconstruct(im, 24, m, 4))(images)
+    assert rebuilt.shape == truth.shape
+    err[method] = float(jnp.mean((rebuilt - truth) ** 2))
+  assert err["tps"] < 0.5 * err["prune"], err
+  assert err["tps"] < err["evit"], err
+
+
+def test_demo_main_prints_table(capsys):
+  demo.main(["--images", "32", "--keep", "0.5"])
+  out = capsys.readouterr().out
+  assert "tps vs prune" in out and "0.5" in out
+
+
+def test_ops_benchmark_writes_json(tmp_path, capsys):
+  out = tmp_path / "ops.json"
+  ops_bench.main(["--batch", "2", "--tokens", "16", "--width", "32", "--heads", "2",
+                  "--keep", "10", "--repeats", "1", "--out", str(out)])
+  rows = {r["op"]: r for r in json.loads(out.read_text())["rows"]}
+  assert set(rows) == {"block", "topk", "evit", "tome", "tps", "tps_masked"}
+  assert all(r["median_s"] > 0 for r in rows.values())
+  assert "pct_of_block" in capsys.readouterr().out

@@ -1,0 +1,64 @@
+"""Transformer layers: big_vision names, and the policy / bias / cls-attention paths."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tps_jax.models.layers import Encoder1DBlock, MultiHeadDotProductAttention
+from conftest import tokens
+
+
+def _init_block(x, **kw):
+  block = Encoder1DBlock(mlp_dim=32, num_heads=2, **kw)
+  return block, block.init(jax.random.key(0), x)
+
+
+def test_parameter_names_follow_big_vision():
+  x = tokens(0, 2, 5, 8)
+  _, params = _init_block(x)
+  p = params["params"]
+  assert set(p) == {"LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0"}
+  attn = p["MultiHeadDotProductAttention_0"]
+  assert set(attn) == {"query", "key", "value", "out"}
+  chex.assert_shape([attn["query"]["kernel"], attn["out"]["kernel"]], [(8, 2, 4), (2, 4, 8)])
+  assert set(p["MlpBlock_0"]) == {"Dense_0", "Dense_1"}
+
+
+def test_full_policy_equals_plain_attention_and_halves_compose():
+  x = tokens(1, 2, 6, 8)
+  block, params = _init_block(x)
+  plain = block.apply(params, x)
+  with_policy = block.apply(params, x, policy=jnp.ones((2, 6)))
+  np.testing.assert_allclose(plain, with_policy, atol=1e-5)
+  halves = block.apply(params, x, method=lambda m, x: m.feed(m.attend(x)[0]))
+  np.testing.assert_allclose(plain, halves, atol=1e-6)
+
+
+def test_cls_attention_matches_full_softmax_row():
+  x = tokens(2, 2, 7, 8)
+  attn = MultiHeadDotProductAttention(num_heads=2)
+  params = attn.init(jax.random.key(1), x)
+  bias = jnp.log(jnp.arange(1.0, 8.0))[None, None, None, :].repeat(2, 0)
+  _, fast = attn.apply(params, x, bias=bias, want_cls_attn=True, want_keys=True)
+  _, full = attn.apply(params, x, bias=bias, policy=jnp.ones((2, 7)), want_cls_attn=True)
+  np.testing.assert_allclose(fast.cls_attn, full.cls_attn, atol=1e-5)
+  np.testing.assert_allclose(np.sum(fast.cls_attn, -1), 1.0, atol=1e-5)
+  chex.assert_shape(fast.keys, (2, 7, 4))
+
+
+def test_policy_drops_tokens_from_others_view():
+  # With token 3 dropped, changing it must not change what the other tokens see.
+  x = tokens(3, 1, 5, 8)
+  block, params = _init_block(x)
+  pi = jnp.array([[1.0, 1, 1, 0, 1]])
+  y1 = block.apply(params, x, policy=pi)
+  x2 = x.copy(); x2[0, 3] += 5.0
+  y2 = block.apply(params, x2, policy=pi)
+  np.testing.assert_allclose(np.delete(y1, 3, 1), np.delete(y2, 3, 1), atol=1e-4)
+
+
+def test_bfloat16_block():
+  x = jnp.asarray(tokens(4, 2, 5, 8), jnp.bfloat16)
+  block, params = _init_block(x, dtype=jnp.bfloat16)
+  chex.assert_type(block.apply(params, x), jnp.bfloat16)

@@ -1,0 +1,1 @@
+"""Input data: readers and pipelines. Knows nothing of the models."""

@@ -1,0 +1,1 @@
+"""Flax modules and models built on `tps_jax.ops`."""

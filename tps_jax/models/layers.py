@@ -1,0 +1,121 @@
+"""Transformer layers with big_vision parameter names, open for token reduction.
+
+`Encoder1DBlock` is split into its two residual halves, `attend` and `feed`, so
+an intra-block reducer (eTPS, EViT, top-k, ToMe) can act between them, and
+`attend` can run under a training policy (dTPS / DynamicViT) or a ToMe size
+bias. Parameter names match big_vision's ViT (`LayerNorm_0`,
+`MultiHeadDotProductAttention_0/{query,key,value,out}`, `LayerNorm_1`,
+`MlpBlock_0/Dense_{0,1}`), so its checkpoints load.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tps_jax import ops
+from tps_jax.ops.dtypes import upcast
+
+Dtype = Any
+# DeiT and big_vision both use the exact (erf) GELU; flax's default is the tanh one.
+gelu = lambda x: nn.gelu(x, approximate=False)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> Dense, (B, N, D) -> (B, N, D)."""
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
+    x = gelu(x)
+    return nn.Dense(d, dtype=self.dtype, name="Dense_1")(x)
+
+
+class AttentionOut(NamedTuple):
+  """What one attention call returns besides its output.
+
+  cls_attn: (B, H, N) softmax attention from token 0 to every token, float32,
+    or None when not asked for.
+  keys: (B, N, D/H) keys averaged over heads (ToMe's metric), or None.
+  """
+  cls_attn: jax.Array | None
+  keys: jax.Array | None
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with optional policy (dTPS training) or additive logit bias (ToMe).
+
+  Parameters are laid out as flax's `nn.MultiHeadDotProductAttention`:
+  query/key/value kernels (D, H, D/H), out kernel (H, D/H, D).
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, policy=None, bias=None, want_cls_attn=False,
+               want_keys=False) -> tuple[jax.Array, AttentionOut]:
+    """x (B, N, D); policy (B, N) 0/1 or None; bias (B, 1|H, 1|N, N) or None."""
+    _, _, d = x.shape
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}.")
+    head_dim = d // self.num_heads
+    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
+                                         name=name)
+    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, N, H, hd)
+    scale = head_dim ** -0.5
+
+    if policy is None:
+      y = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
+      cls_attn = None
+      if want_cls_attn:  # one query row: cheap beside the fused attention
+        logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], k,
+                            preferred_element_type=jnp.float32) * scale
+        if bias is not None:
+          logits = logits + jnp.broadcast_to(bias, logits.shape[:1] + bias.shape[1:])[:, :, 0]
+        cls_attn = jax.nn.softmax(logits, axis=-1)
+    else:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+      if bias is not None:
+        logits = logits + bias
+      attn = ops.policy_softmax(logits, policy)
+      y = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
+      cls_attn = upcast(attn[:, :, 0]) if want_cls_attn else None
+
+    out = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(y)
+    keys = jnp.mean(k, axis=2) if want_keys else None
+    return out, AttentionOut(cls_attn, keys)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm transformer block, x + Attn(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  layer_norm_eps: float = 1e-6
+
+  def setup(self):
+    ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
+    self.LayerNorm_0 = ln("LayerNorm_0")
+    self.MultiHeadDotProductAttention_0 = MultiHeadDotProductAttention(
+        self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_0")
+    self.LayerNorm_1 = ln("LayerNorm_1")
+    self.MlpBlock_0 = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")
+
+  def attend(self, x, **attn_kw) -> tuple[jax.Array, AttentionOut]:
+    """First half: (B, N, D) -> (B, N, D) plus what attention was asked to return."""
+    y, info = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), **attn_kw)
+    return x + y, info
+
+  def feed(self, x) -> jax.Array:
+    """Second half: (B, N', D) -> (B, N', D); N' may be smaller than in `attend`."""
+    return x + self.MlpBlock_0(self.LayerNorm_1(x))
+
+  def __call__(self, x, **attn_kw):
+    x, _ = self.attend(x, **attn_kw)
+    return self.feed(x)
