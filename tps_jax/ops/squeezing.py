@@ -144,14 +144,14 @@ def match_hosts_masked(x: jax.Array, keep, pruned, temperature: float = 1.0) -> 
     return HostMatch(jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0, 0), jnp.float32))
 
   sim = cosine_similarity(x, x) / temperature  # (B, N, N)
-  live_host = (keep > 0)[:, None, :] & ~jnp.eye(n, dtype=bool)[None]  # (B, 1|N, N)
+  live_host = (keep > 0.5)[:, None, :] & ~jnp.eye(n, dtype=bool)[None]  # (B, 1|N, N)
   sim = jnp.where(live_host, sim, MASKED_SIMILARITY)
   match = _one_hot_weights(sim, pruned.astype(sim.dtype))
   # The authors' code would send a token with no kept token anywhere to
   # host 0 at weight exp(-100); we give it no host at all.
   has_host = jnp.take_along_axis(live_host, match.host[..., None], axis=-1)[..., 0]
   weight = match.weight * has_host[..., None]
-  host = jnp.where(has_host & (pruned > 0), match.host, -1)
+  host = jnp.where(has_host & (pruned > 0.5), match.host, -1)
   return HostMatch(host, weight)
 
 

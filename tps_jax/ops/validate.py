@@ -61,6 +61,10 @@ def _concrete(x) -> np.ndarray | None:
   return np.asarray(x)
 
 
+# Masks are 0/1 up to this rounding; a token is live where its mask is > 0.5.
+MASK_ATOL = 1e-4
+
+
 def token_mask(name: str, mask, batch: int, num_tokens: int) -> jax.Array:
   """Validates a per-token 0/1 mask given as (B, N) or (B, N, 1); returns (B, N).
 
@@ -73,8 +77,11 @@ def token_mask(name: str, mask, batch: int, num_tokens: int) -> jax.Array:
         f"{name} must have shape (B, N)=({batch}, {num_tokens}) or "
         f"(B, N, 1)=({batch}, {num_tokens}, 1) to match the tokens, got {shape}.")
   value = _concrete(mask)
-  if value is not None and value.size and not np.all((value == 0) | (value == 1)):
-    bad = value[(value != 0) & (value != 1)].ravel()[:3]
+  # A straight-through mask is `hard - soft + soft`: 0/1 up to rounding.
+  binary = np.isclose(value, 0, atol=MASK_ATOL) | np.isclose(value, 1, atol=MASK_ATOL) \
+      if value is not None else None
+  if value is not None and value.size and not np.all(binary):
+    bad = value[~binary].ravel()[:3]
     raise ValueError(f"{name} must hold only 0 and 1, found values such as {bad.tolist()}.")
   mask = jnp.asarray(mask)
   if not jnp.issubdtype(mask.dtype, jnp.floating):
@@ -85,7 +92,7 @@ def token_mask(name: str, mask, batch: int, num_tokens: int) -> jax.Array:
 def check_disjoint(name_a: str, a, name_b: str, b) -> None:
   """For concrete 0/1 masks, checks that no token is set in both."""
   va, vb = _concrete(a), _concrete(b)
-  if va is not None and vb is not None and np.any((va > 0) & (vb > 0)):
+  if va is not None and vb is not None and np.any((va > 0.5) & (vb > 0.5)):
     raise ValueError(
         f"{name_a} and {name_b} overlap: a token cannot be both kept and pruned "
-        f"at the same stage ({int(np.sum((va > 0) & (vb > 0)))} such tokens).")
+        f"at the same stage ({int(np.sum((va > 0.5) & (vb > 0.5)))} such tokens).")

@@ -1,0 +1,86 @@
+"""Multiply-accumulates of a ViT at inference, as the papers count them (SPEC section 5).
+
+A block over N tokens of width D with MLP width M costs `4 N D^2 + 2 N^2 D`
+(attention) + `2 N D M` (MLP), i.e. `12 N D^2 + 2 N^2 D` for M = 4D. Stages add
+their score head (`~1.6 N D^2`), squeeze (`2 Np Nr D`: similarity and fusion)
+or merge. An intra-block stage (eTPS, EViT, top-k, ToMe) runs the attention on
+the tokens before it and the MLP on the tokens after it.
+
+  flops.macs(model)          -> total MACs of one image
+  flops.breakdown(model)     -> per-part dict
+  flops.xla_macs(model)      -> XLA's count for the jitted inference function
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tps_jax.models.vit import VisionTransformer
+
+
+def _attention(n: int, d: int) -> int:
+  return 4 * n * d * d + 2 * n * n * d
+
+
+def _mlp(n: int, d: int, m: int) -> int:
+  return 2 * n * d * m
+
+
+def _score_head(n: int, d: int) -> int:
+  return n * (d * d + d * (d // 2) + (d // 2) * (d // 4) + (d // 4) * 2)
+
+
+def breakdown(model: VisionTransformer) -> dict[str, int]:
+  """MACs of one image through `model` at inference, by part."""
+  d, m = model.width, model.mlp_dim
+  red = model.reduction
+  n0 = model.num_patches
+  parts = {"embedding": n0 * model.patch_size ** 2 * 3 * d, "blocks": 0, "score_heads": 0,
+           "reduction": 0, "head": d * (model.num_classes or 0)}
+  n = n0  # current patch-side tokens (cls excluded)
+  stage_at = red.stage_at
+  for i in range(model.depth):
+    s = stage_at.get(i)
+    if s is not None and red.learned:
+      parts["score_heads"] += _score_head(n, d)
+      k = red.keep_counts[s]
+      if red.squeezes:
+        parts["reduction"] += 2 * (n - k) * k * d
+      n = k
+    n_attn = n
+    if s is not None and red.method in ("etps", "evit", "topk"):
+      k = red.keep_counts[s]
+      parts["reduction"] += (n + 1) * d  # the cls attention row
+      if red.method == "etps":
+        parts["reduction"] += 2 * (n - k) * k * d
+      elif red.method == "evit":
+        parts["reduction"] += (n - k) * d
+        k += 1
+      n = k
+    elif red.tome_r and red.tome_r[i]:
+      r, t = red.tome_r[i], n + 1
+      na, nb = (t + 1) // 2, t // 2
+      parts["reduction"] += na * nb * (d // model.num_heads) + r * nb * (d + 1)
+      n -= r
+    parts["blocks"] += _attention(n_attn + 1, d) + _mlp(n + 1, d, m)
+  return parts
+
+
+def macs(model: VisionTransformer) -> int:
+  """Total multiply-accumulates of one image at inference."""
+  return sum(breakdown(model).values())
+
+
+def xla_macs(model: VisionTransformer, params: Any = None) -> float:
+  """Half of XLA's flop count for the jitted inference of one image (elementwise ops included)."""
+  image = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+  if params is None:
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(image.shape)))
+  fn = jax.jit(lambda p, x: model.apply(p, x, train=False)[0])
+  cost = fn.lower(params, image).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"]) / 2.0

@@ -1,0 +1,159 @@
+"""Which token reduction a ViT runs, where, and how many tokens each stage keeps.
+
+`Reduction.create(method=..., locations=..., keep_ratio=... | keep_counts=... | r=...)`
+checks everything against the model's depth and token count at construction,
+so a model that builds has static, valid shapes at every block.
+
+Methods (SPEC sections 2-3):
+  none        dense model
+  dtps        learned score head before each stage block; pruned tokens squeezed
+  dynamicvit  learned score head before each stage block; pruned tokens dropped
+  etps        cls-attention scores inside each stage block; pruned tokens squeezed
+  evit        cls-attention scores inside; pruned tokens fused into one extra token
+  topk        cls-attention scores inside; pruned tokens dropped
+  tome        ToMe merging of `r` tokens inside every block (or the given ones)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+from tps_jax import ops
+
+METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome")
+LEARNED = ("dtps", "dynamicvit")  # score head, between blocks
+INTRA_BLOCK = ("etps", "evit", "topk")  # cls attention, inside the block
+SQUEEZING = ("dtps", "etps")
+DEFAULT_LOCATIONS = (3, 6, 9)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduction:
+  """A validated, hashable reduction plan.
+
+  method: one of METHODS.
+  locations: block indices of the stages (dtps/dynamicvit: before that block;
+    etps/evit/topk: inside it). Empty for none/tome.
+  keep_counts: patch tokens kept after each stage (cls excluded).
+  tome_r: tokens ToMe merges in each block (length = depth), zeros elsewhere.
+  temperature: of the squeeze similarity.
+  """
+  method: str = "none"
+  locations: tuple[int, ...] = ()
+  keep_counts: tuple[int, ...] = ()
+  tome_r: tuple[int, ...] = ()
+  temperature: float = 1.0
+
+  @property
+  def stage_at(self) -> dict[int, int]:
+    """Block index -> stage index."""
+    return {loc: s for s, loc in enumerate(self.locations)}
+
+  @property
+  def learned(self) -> bool:
+    return self.method in LEARNED
+
+  @property
+  def squeezes(self) -> bool:
+    return self.method in SQUEEZING
+
+  def tokens_per_block(self, num_patches: int, depth: int) -> tuple[int, ...]:
+    """Tokens (cls included) each block's MLP runs on, at inference."""
+    n, out = num_patches, []
+    stage_at = self.stage_at
+    for i in range(depth):
+      if i in stage_at:
+        n = self.keep_counts[stage_at[i]] + (1 if self.method == "evit" else 0)
+      if self.tome_r:
+        n -= self.tome_r[i]
+      out.append(n + 1)
+    return tuple(out)
+
+  @classmethod
+  def create(cls, spec: "Reduction | Mapping[str, Any] | str | None", *, depth: int,
+             num_patches: int) -> "Reduction":
+    """Builds and validates a plan for a ViT of `depth` blocks over `num_patches` patches.
+
+    `spec` is a Reduction, a method name, None (dense) or a mapping with keys
+    `method`, `locations`, and one of `keep_ratio` (a scalar: cumulative, rho ** (s+1);
+    or one ratio per stage), `keep_counts`, or for tome `r` (int or per-block list).
+    """
+    if spec is None:
+      spec = {"method": "none"}
+    elif isinstance(spec, str):
+      spec = {"method": spec}
+    elif isinstance(spec, Reduction):
+      spec = dataclasses.asdict(spec)
+    spec = dict(spec)
+    allowed = {"method", "locations", "keep_ratio", "keep_counts", "r", "tome_r", "temperature"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+      raise ValueError(f"unknown reduction keys {unknown}; expected some of {sorted(allowed)}.")
+    method = spec.get("method", "none")
+    if method not in METHODS:
+      raise ValueError(f"unknown reduction method {method!r}; expected one of {METHODS}.")
+    temperature = float(spec.get("temperature", 1.0))
+    if not temperature > 0:
+      raise ValueError(f"reduction temperature must be > 0, got {temperature}.")
+
+    if method == "none":
+      return cls("none", temperature=temperature)
+    if method == "tome":
+      return cls("tome", tome_r=_tome_schedule(spec, depth, num_patches),
+                 temperature=temperature)
+
+    locations = tuple(int(l) for l in spec.get("locations", DEFAULT_LOCATIONS))
+    if not locations:
+      raise ValueError(f"reduction method {method!r} needs at least one location.")
+    if list(locations) != sorted(set(locations)):
+      raise ValueError(f"reduction locations must be strictly increasing, got {locations}.")
+    bad = [l for l in locations if not 0 <= l < depth]
+    if bad:
+      raise ValueError(f"reduction locations {bad} are outside the model's blocks "
+                       f"[0, {depth - 1}] (depth={depth}).")
+    if "keep_counts" in spec and "keep_ratio" in spec:
+      raise ValueError("give keep_ratio or keep_counts, not both.")
+    if "keep_counts" in spec:
+      counts = tuple(int(k) for k in spec["keep_counts"])
+      if len(counts) != len(locations):
+        raise ValueError(f"keep_counts {counts} has {len(counts)} entries for "
+                         f"{len(locations)} locations {locations}.")
+      if any(not 0 < k <= num_patches for k in counts):
+        raise ValueError(f"keep_counts {counts} must each be in [1, {num_patches}] "
+                         f"({num_patches} patch tokens).")
+      if any(b > a for a, b in zip(counts, counts[1:])):
+        raise ValueError(f"keep_counts must not increase from stage to stage, got {counts}.")
+    else:
+      ratio = spec.get("keep_ratio", 0.7)
+      counts = ops.keep_counts(num_patches, ratio, len(locations)
+                               if not isinstance(ratio, (list, tuple)) else None)
+      if len(counts) != len(locations):
+        raise ValueError(f"keep_ratio {ratio} gives {len(counts)} stages for "
+                         f"{len(locations)} locations {locations}.")
+      if min(counts) < 1:
+        raise ValueError(f"keep_ratio {ratio} keeps no token at some stage of "
+                         f"{num_patches} patches: counts {counts}.")
+    return cls(method, locations, counts, temperature=temperature)
+
+
+def _tome_schedule(spec: Mapping[str, Any], depth: int, num_patches: int) -> tuple[int, ...]:
+  r = spec.get("r", spec.get("tome_r", 0))
+  locations = spec.get("locations")
+  if isinstance(r, (list, tuple)):
+    if len(r) != depth:
+      raise ValueError(f"tome r lists {len(r)} values for a model of depth {depth}.")
+    schedule = [int(x) for x in r]
+  else:
+    blocks = range(depth) if locations is None else [int(l) for l in locations]
+    bad = [l for l in blocks if not 0 <= l < depth]
+    if bad:
+      raise ValueError(f"tome locations {bad} are outside the model's blocks [0, {depth - 1}].")
+    schedule = [int(r) if i in blocks else 0 for i in range(depth)]
+  n = num_patches + 1
+  for i, ri in enumerate(schedule):
+    if not 0 <= ri <= ops.max_merge(n):
+      raise ValueError(f"tome r={ri} at block {i} does not fit: {n} tokens there allow "
+                       f"at most {ops.max_merge(n)} merges (schedule {schedule}).")
+    n -= ri
+  return tuple(schedule)
