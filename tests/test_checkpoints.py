@@ -1,0 +1,123 @@
+"""Checkpoint import: file formats, big_vision .npz, errors that name the keys, fresh parts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tps_jax import checkpoints
+from tps_jax.models.vit import Model
+from conftest import golden
+
+
+@pytest.fixture(scope="module")
+def golden_sd():
+  g = golden("model_small")
+  return g, {k[2:]: g[k] for k in g if k.startswith("w/")}
+
+
+def _model(method="dtps", **kw):
+  return Model(10, width=96, depth=6, num_heads=3, patch_size=8, image_size=64,
+               reduction=dict(method=method, locations=(1, 3, 4), keep_ratio=0.6), **kw)
+
+
+def _x(g):
+  return jnp.asarray(g["images_nchw"].transpose(0, 2, 3, 1))
+
+
+def test_npz_file_and_nested_model_key(golden_sd, tmp_path):
+  g, sd = golden_sd
+  path = tmp_path / "tps.npz"
+  np.savez(path, **sd)
+  params = checkpoints.from_torch_state_dict(str(path), _model())
+  logits, _ = _model().apply({"params": params}, _x(g))
+  np.testing.assert_allclose(logits, g["logits_eval"], atol=1e-4)
+  nested = checkpoints.from_torch_state_dict({"model": {"module." + k: v for k, v in sd.items()}},
+                                             _model())
+  np.testing.assert_array_equal(nested["cls"], params["cls"])
+
+
+def test_missing_unexpected_and_mismatched_keys_are_named(golden_sd):
+  _, sd = golden_sd
+  broken = dict(sd)
+  del broken["blocks.2.mlp.fc1.weight"]
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match="missing.*encoderblock_2/MlpBlock_0/Dense_0/kernel"):
+    checkpoints.from_torch_state_dict(broken, _model())
+  with pytest.raises(checkpoints.CheckpointMismatchError, match=r"unexpected keys.*dist_token"):
+    checkpoints.from_torch_state_dict({**sd, "dist_token": np.zeros((1, 1, 96))}, _model())
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r"head/kernel: checkpoint \(96, 10\) vs model \(96, 7\)"):
+    checkpoints.from_torch_state_dict(sd, Model(7, width=96, depth=6, num_heads=3, patch_size=8,
+                                                image_size=64, reduction=_model().reduction))
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="65 positions.*16 patches"):
+    checkpoints.from_torch_state_dict(sd, Model(10, width=96, depth=6, num_heads=3, patch_size=8,
+                                                image_size=32))
+
+
+def test_fresh_head_and_dense_checkpoint_into_tps_model(golden_sd):
+  _, sd = golden_sd
+  dense_sd = {k: v for k, v in sd.items() if not k.startswith("score_predictor")}
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="score_head_0.*fresh="):
+    checkpoints.from_torch_state_dict(dense_sd, _model())
+  params = checkpoints.from_torch_state_dict(dense_sd, _model(), fresh=("score_heads",))
+  assert "score_head_2" in params["Transformer"]
+  np.testing.assert_array_equal(params["cls"], sd["cls_token"])
+  params = checkpoints.from_torch_state_dict(sd, Model(
+      7, width=96, depth=6, num_heads=3, patch_size=8, image_size=64,
+      reduction=_model().reduction), fresh=("head",), rng=jax.random.key(3))
+  assert params["head"]["kernel"].shape == (96, 7)
+  with pytest.raises(ValueError, match="unknown fresh groups"):
+    checkpoints.from_torch_state_dict(sd, _model(), fresh=("backbone",))
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    checkpoints.from_torch_state_dict(str(tmp_path / "nope.npz"), _model())
+  (tmp_path / "w.ckpt").write_bytes(b"x")
+  with pytest.raises(ValueError, match="unknown checkpoint format '.ckpt'"):
+    checkpoints.from_torch_state_dict(str(tmp_path / "w.ckpt"), _model())
+
+
+def test_pth_without_torch_says_so(tmp_path, monkeypatch):
+  import builtins
+  real_import = builtins.__import__
+
+  def no_torch(name, *a, **k):
+    if name == "torch":
+      raise ImportError("No module named 'torch'")
+    return real_import(name, *a, **k)
+
+  monkeypatch.setattr(builtins, "__import__", no_torch)
+  (tmp_path / "w.pth").write_bytes(b"x")
+  with pytest.raises(ImportError, match="needs PyTorch"):
+    checkpoints.from_torch_state_dict(str(tmp_path / "w.pth"), _model())
+
+
+def test_big_vision_npz_with_augreg_names(golden_sd, tmp_path):
+  """Write our params under the AugReg (vision_transformer) names, read them back."""
+  g, sd = golden_sd
+  dense = _model("none", layout="big_vision")
+  params = checkpoints.from_torch_state_dict(
+      {k: v for k, v in sd.items() if not k.startswith("score_predictor")}, dense)
+  flat = checkpoints.to_flat(params)
+  renamed = {}
+  for k, v in flat.items():
+    k = k.replace("MultiHeadDotProductAttention_0", "MultiHeadDotProductAttention_1")
+    k = k.replace("/LayerNorm_1/", "/LayerNorm_2/").replace("MlpBlock_0", "MlpBlock_3")
+    k = "Transformer/posembed_input/pos_embedding" if k == "pos_embedding" else k
+    renamed[k] = v
+  path = tmp_path / "augreg.npz"
+  np.savez(path, **renamed)
+  loaded = checkpoints.from_big_vision_npz(str(path), dense)
+  ref, _ = dense.apply({"params": params}, _x(g))
+  out, _ = dense.apply({"params": loaded}, _x(g))
+  np.testing.assert_allclose(out, ref, atol=1e-6)
+  # And into the DeiT layout, and into a dTPS model with fresh score heads.
+  deit = _model("dtps")
+  tps_params = checkpoints.from_big_vision_npz(str(path), deit, fresh=("score_heads",))
+  assert tps_params["pos_embedding"].shape == (1, 65, 96)
+  dense_deit = _model("none")
+  out, _ = dense_deit.apply({"params": checkpoints.from_big_vision_npz(str(path), dense_deit)},
+                            _x(g))
+  np.testing.assert_allclose(out, ref, atol=1e-5)
