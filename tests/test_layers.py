@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tps_jax.models.layers import Encoder1DBlock, MultiHeadDotProductAttention
 from conftest import tokens
@@ -62,3 +63,17 @@ def test_bfloat16_block():
   x = jnp.asarray(tokens(4, 2, 5, 8), jnp.bfloat16)
   block, params = _init_block(x, dtype=jnp.bfloat16)
   chex.assert_type(block.apply(params, x), jnp.bfloat16)
+
+
+def test_fused_and_einsum_attention_agree():
+  x = tokens(5, 2, 7, 12)
+  bias = jnp.log(jnp.arange(1.0, 8.0))[None, None, None, :].repeat(2, 0)
+  outs = {}
+  for impl in ("einsum", "fused"):
+    attn = MultiHeadDotProductAttention(num_heads=3, implementation=impl)
+    params = attn.init(jax.random.key(0), x)
+    outs[impl] = attn.apply(params, x, bias=bias, want_cls_attn=True)
+  np.testing.assert_allclose(outs["einsum"][0], outs["fused"][0], atol=1e-5)
+  np.testing.assert_allclose(outs["einsum"][1].cls_attn, outs["fused"][1].cls_attn, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+    MultiHeadDotProductAttention(num_heads=3, implementation="flash").init(jax.random.key(0), x)

@@ -53,9 +53,22 @@ class MultiHeadDotProductAttention(nn.Module):
 
   Parameters are laid out as flax's `nn.MultiHeadDotProductAttention`:
   query/key/value kernels (D, H, D/H), out kernel (H, D/H, D).
+
+  `implementation`: "einsum" (explicit (B, H, N, d) einsums; fastest on CPU),
+  "fused" (`jax.nn.dot_product_attention`, cuDNN / flash kernels on GPU), or
+  "auto": fused on GPU / TPU, einsum on CPU. A policy always takes the einsum path.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
+  implementation: str = "auto"
+
+  def _fused(self) -> bool:
+    if self.implementation not in ("auto", "einsum", "fused"):
+      raise ValueError(f"unknown attention implementation {self.implementation!r}; "
+                       "expected auto, einsum or fused.")
+    if self.implementation == "auto":
+      return jax.default_backend() != "cpu"
+    return self.implementation == "fused"
 
   @nn.compact
   def __call__(self, x, *, policy=None, bias=None, want_cls_attn=False,
@@ -69,10 +82,10 @@ class MultiHeadDotProductAttention(nn.Module):
                                          name=name)
     q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, N, H, hd)
     scale = head_dim ** -0.5
+    cls_attn = None
 
-    if policy is None:
+    if policy is None and self._fused():
       y = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
-      cls_attn = None
       if want_cls_attn:  # one query row: cheap beside the fused attention
         logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], k,
                             preferred_element_type=jnp.float32) * scale
@@ -80,12 +93,18 @@ class MultiHeadDotProductAttention(nn.Module):
           logits = logits + jnp.broadcast_to(bias, logits.shape[:1] + bias.shape[1:])[:, :, 0]
         cls_attn = jax.nn.softmax(logits, axis=-1)
     else:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+      heads_first = lambda t: t.transpose(0, 2, 1, 3)  # (B, H, N, hd)
+      logits = jnp.einsum("bhqd,bhkd->bhqk", heads_first(q) * jnp.asarray(scale, q.dtype),
+                          heads_first(k))
       if bias is not None:
         logits = logits + bias
-      attn = ops.policy_softmax(logits, policy)
-      y = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
-      cls_attn = upcast(attn[:, :, 0]) if want_cls_attn else None
+      if policy is None:
+        attn = jax.nn.softmax(upcast(logits), axis=-1).astype(logits.dtype)
+      else:
+        attn = ops.policy_softmax(logits, policy)
+      y = jnp.einsum("bhqk,bhkd->bhqd", attn, heads_first(v)).transpose(0, 2, 1, 3)
+      if want_cls_attn:
+        cls_attn = upcast(attn[:, :, 0])
 
     out = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(y)
     keys = jnp.mean(k, axis=2) if want_keys else None
@@ -98,12 +117,14 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   layer_norm_eps: float = 1e-6
+  attention: str = "auto"  # MultiHeadDotProductAttention.implementation
 
   def setup(self):
     ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
     self.LayerNorm_0 = ln("LayerNorm_0")
     self.MultiHeadDotProductAttention_0 = MultiHeadDotProductAttention(
-        self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_0")
+        self.num_heads, dtype=self.dtype, implementation=self.attention,
+        name="MultiHeadDotProductAttention_0")
     self.LayerNorm_1 = ln("LayerNorm_1")
     self.MlpBlock_0 = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")
 

@@ -69,6 +69,7 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   layer_norm_eps: float = 1e-6
   gumbel_noise: bool = True
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -84,7 +85,8 @@ class Encoder(nn.Module):
 
     for i in range(self.depth):
       block = Encoder1DBlock(self.mlp_dim, self.num_heads, dtype=self.dtype,
-                             layer_norm_eps=self.layer_norm_eps, name=f"encoderblock_{i}")
+                             layer_norm_eps=self.layer_norm_eps, attention=self.attention,
+                             name=f"encoderblock_{i}")
       s = stage_at.get(i)
 
       if s is not None and red.learned:  # between blocks, before block i
@@ -150,6 +152,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   layer_norm_eps: float = 1e-6
   gumbel_noise: bool = True
+  attention: str = "auto"  # "auto" | "einsum" | "fused"; see layers.MultiHeadDotProductAttention
 
   @property
   def num_patches(self) -> int:
@@ -180,7 +183,8 @@ class VisionTransformer(nn.Module):
 
     x, enc_out = Encoder(self.depth, self.mlp_dim, self.num_heads, self.reduction, n0,
                          dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
-                         gumbel_noise=self.gumbel_noise, name="Transformer")(x, train=train)
+                         gumbel_noise=self.gumbel_noise, attention=self.attention,
+                         name="Transformer")(x, train=train)
     out.update(enc_out)
     out["encoded"] = x
     out["pre_logits"] = x[:, 0]

@@ -1,0 +1,77 @@
+"""Inference throughput (images/s) of the dense ViT and each token-reduction method.
+
+For each model (DeiT-Ti/16, DeiT-S/16 at 224), batch size, dtype and method,
+times the jitted `model.apply(..., train=False)` (compile excluded, median of
+repeats) and prints images/s with the analytic GMACs and the speed-up over the
+dense model of the same row group. Writes JSON to benchmarks/results/.
+
+  python -m benchmarks.throughput [--models Ti/16 S/16] [--batches 32 1]
+      [--dtypes float32 bfloat16] [--methods none dtps ...] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from tps_jax import flops
+from tps_jax.models.vit import Model
+
+METHODS = {
+    "none": dict(method="none"),
+    "dtps": dict(method="dtps", keep_ratio=0.7),
+    "dynamicvit": dict(method="dynamicvit", keep_ratio=0.7),
+    "etps": dict(method="etps", keep_ratio=0.7),
+    "evit": dict(method="evit", keep_ratio=0.7),
+    "topk": dict(method="topk", keep_ratio=0.7),
+    "tome": dict(method="tome", r=13),
+}
+
+
+def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_size: int):
+  model = Model(1000, variant=variant, image_size=image_size, reduction=METHODS[method],
+                dtype=jnp.dtype(dtype))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)),
+                  jnp.dtype(dtype))
+  params = jax.jit(model.init)(jax.random.key(0), x[:1])
+  fn = jax.jit(lambda p, x: model.apply(p, x, train=False)[0])
+  t = common.time_jitted(fn, params, x, repeats=repeats, warmup=1)
+  return {"model": variant, "batch": batch, "dtype": dtype, "method": method,
+          "gmacs": flops.macs(model) / 1e9, "img_per_s": batch / t["median_s"], **t}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", nargs="+", default=["Ti/16", "S/16"])
+  parser.add_argument("--batches", nargs="+", type=int, default=[32, 1])
+  parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+  parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+  parser.add_argument("--image-size", type=int, default=224)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+
+  rows = []
+  for variant in args.models:
+    for batch in args.batches:
+      for dtype in args.dtypes:
+        dense = None
+        for method in args.methods:
+          row = run(variant, batch, dtype, method, args.repeats, args.image_size)
+          dense = row["img_per_s"] if method == "none" else dense
+          row["speedup_vs_dense"] = row["img_per_s"] / dense if dense else float("nan")
+          rows.append(row)
+          print(f"  {variant} b={batch} {dtype} {method}: {row['img_per_s']:.1f} img/s",
+                flush=True)
+  print(f"\non {common.machine()['device_kind']} ({common.machine()['cpu_count']} cpus)")
+  common.print_table(rows, ["model", "batch", "dtype", "method", "gmacs", "img_per_s",
+                            "speedup_vs_dense"])
+  common.write_json("throughput", {"args": vars(args), "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+  main()
