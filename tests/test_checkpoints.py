@@ -37,6 +37,18 @@ def test_npz_file_and_nested_model_key(golden_sd, tmp_path):
   np.testing.assert_array_equal(nested["cls"], params["cls"])
 
 
+def test_safetensors_file(golden_sd, tmp_path):
+  from safetensors.numpy import save_file
+  g, sd = golden_sd
+  path = tmp_path / "tps.safetensors"
+  save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))
+  params = checkpoints.from_torch_state_dict(path, _model())
+  np.testing.assert_array_equal(params["Transformer"]["score_head_1"]["Dense_3"]["kernel"],
+                                sd["score_predictor.1.out_conv.4.weight"].T)
+  np.testing.assert_array_equal(params["embedding"]["kernel"],
+                                sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+
+
 def test_missing_unexpected_and_mismatched_keys_are_named(golden_sd):
   _, sd = golden_sd
   broken = dict(sd)

@@ -223,9 +223,9 @@ def assemble(flat: Mapping[str, np.ndarray], model: VisionTransformer, *,
   params = {k: jnp.asarray(flat[k], expected[k].dtype) for k in expected if _group(k) not in fresh}
   if fresh:
     dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+    rng = rng if rng is not None else jax.random.key(0)
     init = flax.traverse_util.flatten_dict(
-        flax.core.unfreeze(model.init(rng if rng is not None else jax.random.key(0),
-                                      dummy)["params"]), sep="/")
+        flax.core.unfreeze(jax.jit(model.init)(rng, dummy)["params"]), sep="/")
     params.update({k: v for k, v in init.items() if _group(k) in fresh})
   return flax.traverse_util.unflatten_dict(params, sep="/")
 
