@@ -174,9 +174,12 @@ def _adapt_layout(flat: dict[str, np.ndarray], model: VisionTransformer, source:
         f"or build the model at the checkpoint's image size.")
 
 
+def _dummy_image(model: VisionTransformer) -> jax.Array:
+  return jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+
+
 def _expected(model: VisionTransformer) -> dict[str, jax.ShapeDtypeStruct]:
-  dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy)["params"])
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_image(model))["params"])
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes), sep="/")
 
 
@@ -222,10 +225,9 @@ def assemble(flat: Mapping[str, np.ndarray], model: VisionTransformer, *,
 
   params = {k: jnp.asarray(flat[k], expected[k].dtype) for k in expected if _group(k) not in fresh}
   if fresh:
-    dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
     rng = rng if rng is not None else jax.random.key(0)
     init = flax.traverse_util.flatten_dict(
-        flax.core.unfreeze(jax.jit(model.init)(rng, dummy)["params"]), sep="/")
+        flax.core.unfreeze(jax.jit(model.init)(rng, _dummy_image(model))["params"]), sep="/")
     params.update({k: v for k, v in init.items() if _group(k) in fresh})
   return flax.traverse_util.unflatten_dict(params, sep="/")
 

@@ -51,7 +51,7 @@ def breakdown(model: VisionTransformer) -> dict[str, int]:
         parts["reduction"] += 2 * (n - k) * k * d
       n = k
     n_attn = n
-    if s is not None and red.method in ("etps", "evit", "topk"):
+    if s is not None and red.intra_block:
       k = red.keep_counts[s]
       parts["reduction"] += (n + 1) * d  # the cls attention row
       if red.method == "etps":

@@ -55,6 +55,11 @@ class Reduction:
     return self.method in LEARNED
 
   @property
+  def intra_block(self) -> bool:
+    """Scores from cls attention inside the stage block (etps, evit, topk)."""
+    return self.method in INTRA_BLOCK
+
+  @property
   def squeezes(self) -> bool:
     return self.method in SQUEEZING
 

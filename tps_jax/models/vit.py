@@ -107,7 +107,7 @@ class Encoder(nn.Module):
           x, positions = st.x, st.positions
           decisions.append(st.decision); hosts.append(st.hosts); keep_positions.append(positions)
 
-      if s is not None and red.method in ("etps", "evit", "topk"):  # inside block i
+      if s is not None and red.intra_block:  # inside block i
         y, info = block.attend(x, want_cls_attn=True)
         scores = jnp.mean(info.cls_attn[:, :, 1:], axis=1)  # (B, N)
         method = {"etps": "squeeze", "evit": "fuse", "topk": "drop"}[red.method]

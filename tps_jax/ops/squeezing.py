@@ -42,18 +42,22 @@ class HostMatch(NamedTuple):
   weight: jax.Array
 
 
-def _normalize(x: jax.Array) -> jax.Array:
-  """x / (|x| + 1e-6) along channels, float32, with a finite gradient at x = 0."""
-  x = upcast(x)
-  sq = jnp.sum(x * x, axis=-1, keepdims=True)
-  safe = jnp.where(sq > 0, sq, 1.0)
-  norm = jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
-  return x / (norm + NORM_EPS)
+def _inverse_norm(x: jax.Array) -> jax.Array:
+  """1 / (|x| + 1e-6) over channels, (B, N, C) -> (B, N), finite gradient at x = 0."""
+  sq = jnp.sum(x * x, axis=-1)
+  norm = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+  return 1.0 / (norm + NORM_EPS)
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Pairwise cosine, (B, Na, C), (B, Nb, C) -> (B, Na, Nb) float32."""
-  return jnp.einsum("bic,bjc->bij", _normalize(a), _normalize(b))
+  """Pairwise cosine, (B, Na, C), (B, Nb, C) -> (B, Na, Nb), at least float32.
+
+  Computed as `(a . b) / ((|a| + eps)(|b| + eps))`: the same value as normalising
+  first, but the dot runs on the raw tokens, which keeps XLA's fast matmul path.
+  """
+  a, b = upcast(a), upcast(b)
+  dots = jnp.einsum("bic,bjc->bij", a, b)
+  return dots * _inverse_norm(a)[:, :, None] * _inverse_norm(b)[:, None, :]
 
 
 def _one_hot_weights(sim: jax.Array, guest: jax.Array | None) -> HostMatch:
