@@ -3,8 +3,12 @@
 import os
 import pathlib
 
-import numpy as np
-import pytest
+# Eight simulated CPU devices for the sharding tests; set before JAX starts its backend.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The project's shared folder sits beside the checkout (../shared); TPS_SHARED overrides.

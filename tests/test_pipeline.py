@@ -1,0 +1,287 @@
+"""Input pipeline on real bytes: Fashion-MNIST files, an image folder, tfds datasets."""
+
+import gzip
+import itertools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tps_jax import data
+from tps_jax.data import fashion_mnist
+
+FMNIST = data.Preprocess(size=28, channels=1, crop="pad_random", pad=2, randaugment=(2, 9),
+                         erasing=0.25, mean=(0.286,), std=(0.353,))
+PLAIN = data.Preprocess(size=28, channels=1, crop="none", flip=False, randaugment=None,
+                        erasing=0.0, crop_pct=1.0, mean=(0.0,), std=(1 / 255,))
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+  return data.get_source("fashion_mnist", prefer="idx")
+
+
+def _take(iterator, n):
+  return list(itertools.islice(iterator, n))
+
+
+def _rows(batches):
+  """(image bytes, label) of every real row."""
+  out = []
+  for b in batches:
+    mask = b.get("mask", np.ones(len(b["label"]), bool))
+    for image, label in zip(b["image"][mask], b["label"][mask]):
+      out.append((np.round(image).astype(np.uint8).tobytes(), int(label)))
+  return out
+
+
+def test_eval_batches_align_with_raw_idx_bytes(fmnist):
+  root = fashion_mnist.data_dir()
+  with gzip.open(root / "t10k-images-idx3-ubyte.gz") as f:
+    raw_images = f.read()
+  with gzip.open(root / "t10k-labels-idx1-ubyte.gz") as f:
+    raw_labels = f.read()
+  batches = list(data.eval_batches(fmnist, "test", PLAIN, local_batch=4096, shard=(0, 1)))
+  assert [len(b["label"]) for b in batches] == [4096, 4096, 4096]
+  rows = _rows(batches)
+  assert len(rows) == 10000 and sum(b["mask"].sum() for b in batches) == 10000
+  for i in (0, 1, 777, 9999):
+    assert rows[i][0] == raw_images[16 + 784 * i: 16 + 784 * (i + 1)]
+    assert rows[i][1] == raw_labels[8 + i]
+  assert not batches[-1]["mask"][10000 - 8192:].any()
+
+
+def test_train_batches_shapes_determinism_and_resume(fmnist):
+  kw = dict(local_batch=256, seed=3)
+  a = _take(data.train_batches(fmnist, "train", FMNIST, **kw), 4)
+  b = _take(data.train_batches(fmnist, "train", FMNIST, **kw), 4)
+  c = _take(data.train_batches(fmnist, "train", FMNIST, local_batch=256, seed=4), 1)
+  assert a[0]["image"].shape == (256, 28, 28, 1) and a[0]["image"].dtype == np.float32
+  assert a[0]["label"].dtype == np.int32
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+  resumed = _take(data.train_batches(fmnist, "train", FMNIST, start_step=2, **kw), 2)
+  for x, y in zip(a[2:], resumed):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  # Normalised with the Fashion-MNIST statistics: roughly zero mean, unit spread.
+  images = np.concatenate([x["image"] for x in a])
+  assert abs(images.mean()) < 0.3 and 0.7 < images.std() < 1.3
+
+
+def test_train_epochs_are_permutations_and_resume_across_epochs():
+  images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1).repeat(4, 1).repeat(4, 2)
+  source = data.ArraySource({"train": (images, np.arange(40) % 5)}, num_classes=5)
+  plain = data.Preprocess(size=4, channels=1, crop="none", flip=False, randaugment=None,
+                          erasing=0.0, mean=(0.0,), std=(1 / 255,))
+  batches = _take(data.train_batches(source, "train", plain, local_batch=8, seed=0), 10)
+  ids = [np.round(b["image"][:, 0, 0, 0]).astype(int) for b in batches]
+  epoch0, epoch1 = np.concatenate(ids[:5]), np.concatenate(ids[5:])
+  assert sorted(epoch0) == list(range(40)) == sorted(epoch1)
+  assert not np.array_equal(epoch0, epoch1)  # reshuffled
+  np.testing.assert_array_equal(np.concatenate(ids[:5]) % 5,
+                                np.concatenate([b["label"] for b in batches[:5]]))
+  resumed = _take(data.train_batches(source, "train", plain, local_batch=8, seed=0,
+                                     start_step=4), 3)
+  for x, y in zip(batches[4:7], resumed):
+    np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_two_processes_read_disjoint_shards(fmnist):
+  parts = [_rows(data.eval_batches(fmnist, "test", PLAIN, local_batch=1000, shard=(i, 2)))
+           for i in range(2)]
+  assert [len(p) for p in parts] == [5000, 5000]
+  whole = _rows(data.eval_batches(fmnist, "test", PLAIN, local_batch=5000, shard=(0, 1)))
+  assert parts[0] + parts[1] == whole
+  # Training epochs of the two shards are disjoint too (images 0..39 as ids).
+  images = np.arange(42, dtype=np.uint8).reshape(42, 1, 1, 1)
+  source = data.ArraySource({"train": (images, np.zeros(42))}, num_classes=1)
+  plain = data.Preprocess(size=1, channels=1, crop="none", flip=False, randaugment=None,
+                          erasing=0.0, mean=(0.0,), std=(1 / 255,))
+  seen = []
+  for i in range(2):
+    batches = _take(data.train_batches(source, "train", plain, local_batch=5, seed=1,
+                                       shard=(i, 2)), 4)  # 21 per shard -> 4 full batches
+    seen.append({int(round(v)) for b in batches for v in b["image"].ravel()})
+  assert not seen[0] & seen[1] and seen[0] | seen[1] <= set(range(42))
+  assert seen[0] <= set(range(21)) and seen[1] <= set(range(21, 42))
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_eval_covers_each_example_once_over_devices(devices):
+  assert len(jax.devices()) >= devices
+  mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.P("data"))
+  n = 37
+  images = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1).repeat(2, 1).repeat(2, 2)
+  source = data.ArraySource({"test": (images, np.arange(n))}, num_classes=n)
+  plain = data.Preprocess(size=2, channels=1, crop="none", flip=False, randaugment=None,
+                          erasing=0.0, crop_pct=1.0, mean=(0.0,), std=(1 / 255,))
+  local = data.local_batch_size(16, sharding)
+  seen = []
+  for batch in data.device_prefetch(data.eval_batches(source, "test", plain,
+                                                      local_batch=local), sharding):
+    assert batch["image"].sharding.is_equivalent_to(sharding, 4)
+    assert len(batch["image"].addressable_shards) == devices
+    mask = np.asarray(batch["mask"])
+    seen.extend(np.asarray(batch["label"])[mask].tolist())
+  assert sorted(seen) == list(range(n))
+  with pytest.raises(ValueError, match="does not divide over the 8 devices"):
+    data.local_batch_size(12, jax.sharding.NamedSharding(
+        jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,)), jax.P("data")))
+
+
+def test_device_prefetch_reraises_pipeline_errors():
+  def broken():
+    yield {"x": np.zeros((8, 2), np.float32)}
+    raise RuntimeError("corrupt record 7")
+
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  it = data.device_prefetch(broken(), sharding)
+  assert next(it)["x"].shape == (8, 2)
+  with pytest.raises(RuntimeError, match="corrupt record 7"):
+    next(it)
+
+
+def test_mixing_targets_sum_to_one_and_match_the_pixels():
+  rng = jax.random.key(0)
+  images = jnp.stack([jnp.full((16, 16, 3), float(i)) for i in range(8)])
+  labels = jnp.arange(8) % 4
+  for seed in range(6):
+    mixed, targets = jax.jit(data.mix, static_argnums=(3, 4))(
+        jax.random.fold_in(rng, seed), images, labels, 4, data.Mixing(smoothing=0.1))
+    np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
+    # Image i is mixed only with image 7 - i; the weight of its own label is the
+    # fraction of its own pixels (CutMix) or its coefficient (mixup).
+    own = (mixed[0] - 7.0) / (0.0 - 7.0)  # pixel values of image 0 mixed with image 7
+    frac = float(jnp.mean(own))
+    lam = (float(targets[0, 0]) - 0.1 / 4) / 0.9  # labels 0 and 3 differ
+    assert abs(frac - lam) < 1e-5, (seed, frac, lam)
+  none, t = data.mix(rng, images, labels, 4, data.Mixing(prob=0.0, smoothing=0.0))
+  np.testing.assert_array_equal(none, images)
+  np.testing.assert_array_equal(t, jax.nn.one_hot(labels, 4))
+
+
+def _write_folder(root, corrupt=True):
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 6), ("val", 3)):
+    for c, name in enumerate(("cat", "dog")):
+      d = root / split / name
+      d.mkdir(parents=True)
+      for i in range(count):
+        image = rng.integers(0, 255, (40 + 8 * i, 48, 3), dtype=np.uint8)
+        image[0, 0] = (c * 100, i, 7)
+        if i % 2:
+          (d / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+        else:
+          (d / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(image, quality=95).numpy())
+      if split == "train" and corrupt:
+        (d / "broken.jpg").write_bytes(b"not an image at all")
+        (d / "notes.txt").write_text("ignored: not an image extension")
+
+
+def test_image_folder_source_and_bad_files(tmp_path, caplog):
+  _write_folder(tmp_path)
+  with caplog.at_level(logging.WARNING):
+    source = data.get_source("folder", data_dir=tmp_path)
+    assert source.num_examples("train") == 12
+  assert "skipped 2 unreadable image file" in caplog.text and "broken.jpg" in caplog.text
+  assert source.num_classes == 2 and source.classes == ["cat", "dog"]
+  preprocess = data.Preprocess(size=32)  # DeiT's full train recipe at 32 px
+  batch = next(data.train_batches(source, "train", preprocess, local_batch=4, seed=0))
+  assert batch["image"].shape == (4, 32, 32, 3) and np.isfinite(batch["image"]).all()
+  rows = list(data.eval_batches(source, "val", data.Preprocess(size=32), local_batch=4,
+                                shard=(0, 1)))
+  assert sum(r["mask"].sum() for r in rows) == 6
+  assert sorted(np.concatenate([r["label"][r["mask"]] for r in rows])) == [0, 0, 0, 1, 1, 1]
+
+
+def test_image_folder_errors(tmp_path):
+  with pytest.raises(ValueError, match="needs data_dir"):
+    data.get_source("folder")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    data.get_source("folder", data_dir=tmp_path / "nope")
+  (tmp_path / "train" / "empty_class").mkdir(parents=True)
+  source = data.get_source("folder", data_dir=tmp_path)
+  with pytest.raises(ValueError, match="holds no readable images"):
+    source.num_examples("train")
+  with pytest.raises(FileNotFoundError, match="no split folder 'val'"):
+    source.num_examples("val")
+  # A truncated JPEG passes the header check; verify="decode" skips it.
+  good = tmp_path / "v" / "train" / "a"
+  good.mkdir(parents=True)
+  jpeg = tf.io.encode_jpeg(np.zeros((16, 16, 3), np.uint8)).numpy()
+  (good / "ok.jpg").write_bytes(jpeg)
+  (good / "cut.jpg").write_bytes(jpeg[:20])
+  assert data.get_source("folder", data_dir=tmp_path / "v").num_examples("train") == 2
+  assert data.get_source("folder", data_dir=tmp_path / "v",
+                         verify="decode").num_examples("train") == 1
+
+
+def test_tfds_names_through_mock_data():
+  with tfds.testing.mock_data(num_examples=24):
+    source = data.get_source("cifar10")
+    assert source.num_classes == 10 and source.num_examples("train") == 24
+    batch = next(data.train_batches(source, "train", data.Preprocess(size=32, erasing=0.0),
+                                    local_batch=8, seed=0, shard=(0, 1)))
+    assert batch["image"].shape == (8, 32, 32, 3) and np.isfinite(batch["image"]).all()
+  with pytest.raises(ValueError, match="unknown dataset 'no_such_dataset'"):
+    data.get_source("no_such_dataset")
+
+
+class TinyIds(tfds.core.GeneratorBasedBuilder):
+  """A real (prepared on disk) tfds dataset whose pixel (0, 0) is the example id."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(8, 8, 1)),
+            "label": tfds.features.ClassLabel(num_classes=3)}),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(30), "test": self._generate_examples(11)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      image = np.zeros((8, 8, 1), np.uint8)
+      image[0, 0, 0] = i
+      yield i, {"image": image, "label": i % 3}
+
+
+def test_prepared_tfds_dataset_shards_eval_and_resume(tmp_path):
+  TinyIds(data_dir=tmp_path).download_and_prepare()
+  source = data.get_source("tiny_ids", data_dir=tmp_path)
+  plain = data.Preprocess(size=8, channels=1, crop="none", flip=False, randaugment=None,
+                          erasing=0.0, crop_pct=1.0, mean=(0.0,), std=(1 / 255,))
+  ids = []
+  for i in range(2):
+    rows = _rows(data.eval_batches(source, "test", plain, local_batch=4, shard=(i, 2)))
+    ids.append([r[0][0] for r in rows])
+  assert sorted(ids[0] + ids[1]) == list(range(11)) and not set(ids[0]) & set(ids[1])
+  kw = dict(local_batch=4, seed=5, shard=(1, 2))
+  first = _take(data.train_batches(source, "train", plain, **kw), 5)  # 3 per epoch
+  resumed = _take(data.train_batches(source, "train", plain, start_step=2, **kw), 3)
+  for x, y in zip(first[2:], resumed):
+    np.testing.assert_array_equal(x["image"], y["image"])
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="not prepared"):
+    list(data.eval_batches(data.get_source("tiny_ids", data_dir=tmp_path / "empty"),
+                           "test", plain, local_batch=4, shard=(0, 1)))
+
+
+def test_preprocess_config_errors():
+  with pytest.raises(ValueError, match="unknown crop 'centre'"):
+    data.Preprocess(crop="centre")
+  with pytest.raises(ValueError, match="mean has 2 values for 3 channels"):
+    data.Preprocess(mean=(0.5, 0.5))
+  with pytest.raises(ValueError, match="do not fill one batch"):
+    data.steps_per_epoch(10, 8, 2)
