@@ -111,13 +111,27 @@ class MultiHeadDotProductAttention(nn.Module):
     return out, AttentionOut(cls_attn, keys)
 
 
+def drop_path(module: nn.Module, y: jax.Array, rate: float, deterministic: bool) -> jax.Array:
+  """Stochastic depth: zero a residual branch y (B, ...) per example, scale the rest."""
+  if deterministic or rate == 0.0:
+    return y
+  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, (y.shape[0],))
+  return y * (keep.astype(y.dtype) / (1.0 - rate)).reshape((-1,) + (1,) * (y.ndim - 1))
+
+
 class Encoder1DBlock(nn.Module):
-  """Pre-norm transformer block, x + Attn(LN(x)), then x + MLP(LN(x))."""
+  """Pre-norm transformer block, x + Attn(LN(x)), then x + MLP(LN(x)).
+
+  `drop_path` > 0 with `deterministic=False` drops each residual branch per
+  example (rng stream "dropout").
+  """
   mlp_dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
   layer_norm_eps: float = 1e-6
   attention: str = "auto"  # MultiHeadDotProductAttention.implementation
+  drop_path: float = 0.0
+  deterministic: bool = True
 
   def setup(self):
     ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
@@ -131,11 +145,12 @@ class Encoder1DBlock(nn.Module):
   def attend(self, x, **attn_kw) -> tuple[jax.Array, AttentionOut]:
     """First half: (B, N, D) -> (B, N, D) plus what attention was asked to return."""
     y, info = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), **attn_kw)
-    return x + y, info
+    return x + drop_path(self, y, self.drop_path, self.deterministic), info
 
   def feed(self, x) -> jax.Array:
     """Second half: (B, N', D) -> (B, N', D); N' may be smaller than in `attend`."""
-    return x + self.MlpBlock_0(self.LayerNorm_1(x))
+    y = self.MlpBlock_0(self.LayerNorm_1(x))
+    return x + drop_path(self, y, self.drop_path, self.deterministic)
 
   def __call__(self, x, **attn_kw):
     x, _ = self.attend(x, **attn_kw)

@@ -38,12 +38,16 @@ class Reduction:
   keep_counts: patch tokens kept after each stage (cls excluded).
   tome_r: tokens ToMe merges in each block (length = depth), zeros elsewhere.
   temperature: of the squeeze similarity.
+  keep_ratios: the ratio each stage aims at (rho_s of the keep-ratio loss):
+    rho ** (s + 1) for a scalar keep_ratio, the list as given, or
+    keep_counts / num_patches.
   """
   method: str = "none"
   locations: tuple[int, ...] = ()
   keep_counts: tuple[int, ...] = ()
   tome_r: tuple[int, ...] = ()
   temperature: float = 1.0
+  keep_ratios: tuple[float, ...] = ()
 
   @property
   def stage_at(self) -> dict[int, int]:
@@ -91,7 +95,8 @@ class Reduction:
     elif isinstance(spec, Reduction):
       spec = dataclasses.asdict(spec)
     spec = dict(spec)
-    allowed = {"method", "locations", "keep_ratio", "keep_counts", "r", "tome_r", "temperature"}
+    allowed = {"method", "locations", "keep_ratio", "keep_counts", "keep_ratios", "r",
+               "tome_r", "temperature"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
       raise ValueError(f"unknown reduction keys {unknown}; expected some of {sorted(allowed)}.")
@@ -129,6 +134,7 @@ class Reduction:
                          f"({num_patches} patch tokens).")
       if any(b > a for a, b in zip(counts, counts[1:])):
         raise ValueError(f"keep_counts must not increase from stage to stage, got {counts}.")
+      ratios = spec.get("keep_ratios") or tuple(k / num_patches for k in counts)
     else:
       ratio = spec.get("keep_ratio", 0.7)
       counts = ops.keep_counts(num_patches, ratio, len(locations)
@@ -139,7 +145,10 @@ class Reduction:
       if min(counts) < 1:
         raise ValueError(f"keep_ratio {ratio} keeps no token at some stage of "
                          f"{num_patches} patches: counts {counts}.")
-    return cls(method, locations, counts, temperature=temperature)
+      ratios = (tuple(float(r) for r in ratio) if isinstance(ratio, (list, tuple)) else
+                tuple(float(ratio) ** (s + 1) for s in range(len(locations))))
+    return cls(method, locations, counts, temperature=temperature,
+               keep_ratios=tuple(float(r) for r in ratios))
 
 
 def _tome_schedule(spec: Mapping[str, Any], depth: int, num_patches: int) -> tuple[int, ...]:

@@ -70,6 +70,8 @@ class Encoder(nn.Module):
   layer_norm_eps: float = 1e-6
   gumbel_noise: bool = True
   attention: str = "auto"
+  drop_path: float = 0.0
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -83,10 +85,12 @@ class Encoder(nn.Module):
     decisions, hosts, keep_positions = [], [], []
     stage_at = red.stage_at
 
+    block_cls = nn.remat(Encoder1DBlock) if self.remat else Encoder1DBlock
     for i in range(self.depth):
-      block = Encoder1DBlock(self.mlp_dim, self.num_heads, dtype=self.dtype,
-                             layer_norm_eps=self.layer_norm_eps, attention=self.attention,
-                             name=f"encoderblock_{i}")
+      rate = self.drop_path * i / max(self.depth - 1, 1)  # linear in depth, as DeiT
+      block = block_cls(self.mlp_dim, self.num_heads, dtype=self.dtype,
+                        layer_norm_eps=self.layer_norm_eps, attention=self.attention,
+                        drop_path=rate, deterministic=not train, name=f"encoderblock_{i}")
       s = stage_at.get(i)
 
       if s is not None and red.learned:  # between blocks, before block i
@@ -153,6 +157,8 @@ class VisionTransformer(nn.Module):
   layer_norm_eps: float = 1e-6
   gumbel_noise: bool = True
   attention: str = "auto"  # "auto" | "einsum" | "fused"; see layers.MultiHeadDotProductAttention
+  drop_path: float = 0.0  # stochastic depth of the last block (linear from 0), train only
+  remat: bool = False  # rematerialise the blocks (nn.remat) to save activation memory
 
   @property
   def num_patches(self) -> int:
@@ -184,6 +190,7 @@ class VisionTransformer(nn.Module):
     x, enc_out = Encoder(self.depth, self.mlp_dim, self.num_heads, self.reduction, n0,
                          dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
                          gumbel_noise=self.gumbel_noise, attention=self.attention,
+                         drop_path=self.drop_path, remat=self.remat,
                          name="Transformer")(x, train=train)
     out.update(enc_out)
     out["encoded"] = x

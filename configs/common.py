@@ -1,0 +1,97 @@
+"""The config schema every recipe fills, and big_vision-style argument parsing.
+
+  config = common.base()                      # every key the trainer reads, with defaults
+  arg = common.parse_arg("method=dtps,keep=0.5", method="none", keep=0.7)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """"a=1,b=x,flag" -> ConfigDict, typed like the defaults; unknown keys are errors."""
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}.")
+    default = defaults[key]
+    if isinstance(default, bool):
+      out[key] = value.lower() in ("", "1", "true", "yes")
+    elif isinstance(default, (int, float)) and not isinstance(default, bool):
+      out[key] = type(default)(float(value)) if isinstance(default, int) else float(value)
+    else:
+      out[key] = value
+  return out
+
+
+def reduction(method: str, keep: float, locations=(3, 6, 9), tome_r: int = 0) -> dict | None:
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
+  if method == "none":
+    return None
+  if method == "tome":
+    return {"method": "tome", "r": tome_r}
+  return {"method": method, "keep_ratio": keep, "locations": tuple(locations)}
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_classes = 0  # 0: take it from the dataset
+  c.total_epochs = 1.0
+  c.total_steps = 0  # > 0 overrides total_epochs
+  c.mixed_precision = False  # bfloat16 compute, float32 parameters and optimizer state
+  c.log_every_steps = 50
+  c.eval_every_steps = 0  # 0: evaluate at the end only
+  c.tensorboard = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = ml_collections.FieldReference(None, field_type=str)
+  c.model.image_size = 224
+  c.model.layout = "deit"
+  c.model.reduction = ml_collections.FieldReference(None, field_type=dict)
+  c.model.drop_path = 0.0
+  c.model.remat = False
+
+  c.input = ml_collections.ConfigDict()
+  c.input.dataset = "fashion_mnist"
+  c.input.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.input.train_split = "train"
+  c.input.eval_split = "test"
+  c.input.batch_size = 128  # global, over all processes and devices
+  c.input.eval_batch_size = 500
+  c.input.preprocess = ml_collections.ConfigDict(dict(
+      size=224, channels=3, crop="random_resized", flip=True, randaugment=(2, 9.0),
+      erasing=0.25, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+
+  c.mixing = ml_collections.ConfigDict(dict(
+      mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0, smoothing=0.1))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=5e-4, backbone_lr_scale=1.0, weight_decay=0.05, warmup_epochs=5.0,
+      warmup_init_lr=1e-6, min_lr=1e-5, clip_norm=0.0))
+
+  c.loss = ml_collections.ConfigDict(dict(keep_weight=0.0, distill_weight=0.0,
+                                          token_distill=True))
+  c.init = ml_collections.ConfigDict(dict(checkpoint="", fresh=()))
+  c.teacher = ml_collections.ConfigDict(dict(checkpoint=""))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+  return c
+
+
+def finetune(c: ml_collections.ConfigDict, method: str) -> None:
+  """SPEC section 4 on top of `c`: backbone lr x 0.01 for learned scorers, distillation."""
+  learned = method in ("dtps", "dynamicvit")
+  c.optim.backbone_lr_scale = 0.01 if learned else 1.0
+  c.loss.keep_weight = 2.0 if learned else 0.0
+  c.loss.distill_weight = 0.5
+  c.init.fresh = ("score_heads",) if learned else ()

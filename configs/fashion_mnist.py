@@ -1,0 +1,51 @@
+"""Fashion-MNIST recipes (the offline default data): a small ViT teacher and each method.
+
+  python train.py --config configs/fashion_mnist.py --workdir runs/teacher
+  python train.py --config configs/fashion_mnist.py:method=dtps,keep=0.5,init=runs/teacher \
+      --workdir runs/dtps_0.5
+
+The model: 28x28 grey images, patch 4 (49 tokens), width 96, depth 8, 3 heads;
+stages before/in blocks 2, 4, 6. Without `init` it trains from scratch (the
+dense teacher); with `init` it fine-tunes from that checkpoint with SPEC
+section 4's losses, the same checkpoint serving as the frozen teacher.
+`tiny` shrinks everything for tests.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, method="none", keep=0.7, init="", epochs=0.0, steps=0,
+                         batch=128, lr=0.0, seed=0, width=96, depth=8, heads=3, tiny=False,
+                         tome_r=4)
+  c = common.base()
+  c.seed = arg.seed
+  depth = 2 if arg.tiny else arg.depth
+  locations = (0, 1) if arg.tiny else tuple(range(2, depth - 1, 2))[:3]
+  c.model = dict(width=16 if arg.tiny else arg.width, depth=depth,
+                 num_heads=2 if arg.tiny else arg.heads,
+                 mlp_dim=4 * (16 if arg.tiny else arg.width), patch_size=4, image_size=28,
+                 layout="deit", drop_path=0.0 if arg.tiny else 0.05, remat=False,
+                 reduction=common.reduction(arg.method, arg.keep, locations, arg.tome_r))
+
+  c.input.dataset = "fashion_mnist"
+  c.input.batch_size = arg.batch
+  c.input.eval_batch_size = 1000
+  c.input.preprocess = dict(size=28, channels=1, crop="pad_random", pad=2, flip=True,
+                            randaugment=None, erasing=0.0, crop_pct=1.0,
+                            mean=(0.286,), std=(0.353,))
+  c.mixing = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=0.0, smoothing=0.1)
+
+  finetuning = bool(arg.init)
+  c.total_epochs = arg.epochs or (2.0 if finetuning else 30.0)
+  c.total_steps = arg.steps
+  c.optim = dict(lr=arg.lr or (5e-4 if finetuning else 2e-3), backbone_lr_scale=1.0,
+                 weight_decay=0.05, warmup_epochs=0.2 if finetuning else 2.0,
+                 warmup_init_lr=1e-6, min_lr=1e-5, clip_norm=1.0)
+  if finetuning:
+    common.finetune(c, arg.method)
+    c.init.checkpoint = arg.init
+    c.teacher.checkpoint = arg.init
+  c.log_every_steps = 5 if arg.tiny else 50
+  c.checkpoint.every_steps = 10 if arg.tiny else 200
+  return c

@@ -1,0 +1,54 @@
+"""ImageNet-1k recipes: DeiT-Ti/S/B dense (DeiT) and TPS fine-tuning (SPEC section 4).
+
+  python train.py --config configs/imagenet.py:variant=S,data_dir=/data/tfds --workdir runs/deit_s
+  python train.py --config configs/imagenet.py:variant=S,method=dtps,keep=0.7,\
+init=deit_small_patch16_224-cd65a155.pth,data_dir=/data/tfds --workdir runs/dtps_s
+
+imagenet2012 is read through tfds from `data_dir` (prepare it once with
+`tfds build imagenet2012 --manual_dir=...`). Fine-tuning: 30 epochs, batch
+1024, lr 2.5e-4 (no linear scaling), backbone lr x 0.01 for dtps/dynamicvit,
+weight decay 0.05, 5 warm-up epochs from 1e-6, cosine, keep-ratio loss x 2,
+KL + token distillation x 0.5 against the frozen dense model, DeiT
+augmentation. Dense: DeiT's 300 epochs at lr 5e-4 x batch / 512.
+"""
+
+from configs import common
+
+DROP_PATH = {"Ti": 0.0, "S": 0.1, "B": 0.1}
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, variant="S", method="none", keep=0.7, init="", data_dir="",
+                         batch=1024, epochs=0.0, fsdp=1, bf16=True, remat=False, seed=0,
+                         tome_r=13)
+  if arg.variant not in DROP_PATH:
+    raise ValueError(f"unknown DeiT variant {arg.variant!r}; expected one of {sorted(DROP_PATH)}.")
+  c = common.base()
+  c.seed = arg.seed
+  c.num_classes = 1000
+  c.mixed_precision = arg.bf16
+  c.model = dict(variant=f"{arg.variant}/16", image_size=224, layout="deit",
+                 drop_path=DROP_PATH[arg.variant], remat=arg.remat,
+                 reduction=common.reduction(arg.method, arg.keep, (3, 6, 9), arg.tome_r))
+  c.input.dataset = "imagenet2012"
+  c.input.data_dir = arg.data_dir or None
+  c.input.train_split = "train"
+  c.input.eval_split = "validation"
+  c.input.batch_size = arg.batch
+  c.input.eval_batch_size = 1000
+  c.mesh = dict(data=-1, fsdp=arg.fsdp)
+  finetuning = bool(arg.init)
+  if finetuning:
+    c.total_epochs = arg.epochs or 30.0
+    c.optim = dict(lr=2.5e-4, backbone_lr_scale=1.0, weight_decay=0.05, warmup_epochs=5.0,
+                   warmup_init_lr=1e-6, min_lr=1e-6, clip_norm=0.0)
+    common.finetune(c, arg.method)
+    c.init.checkpoint = arg.init
+    c.teacher.checkpoint = arg.init
+  else:
+    c.total_epochs = arg.epochs or 300.0
+    c.optim = dict(lr=5e-4 * arg.batch / 512, backbone_lr_scale=1.0, weight_decay=0.05,
+                   warmup_epochs=5.0, warmup_init_lr=1e-6, min_lr=1e-5, clip_norm=0.0)
+  c.log_every_steps = 100
+  c.checkpoint.every_steps = 1000
+  return c

@@ -1,0 +1,378 @@
+"""The training loop: one jitted, sharded step; Orbax checkpoints; evaluation and summary.
+
+  summary = train_and_evaluate(config, workdir)
+  summary = evaluate(config, checkpoint)     # top-1, MACs and images/s of a checkpoint
+
+`config` is an ml_collections ConfigDict shaped as `configs/common.py` builds it.
+A workdir that already holds checkpoints resumes at its latest step: the
+same parameters, optimizer state, rng and data position (the input stream is
+a function of the step), on whatever mesh this run has.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from tps_jax import data, flops
+from tps_jax.models.vit import Model, VisionTransformer
+from tps_jax.trainer import losses, metrics as metrics_lib, optim, sharding, state as state_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradients became NaN / inf; the last good checkpoint is kept."""
+
+
+def _to_dict(cfg) -> dict:
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+
+
+def build_model(model_cfg, num_classes: int, *, mixed_precision: bool = False,
+                **overrides) -> VisionTransformer:
+  kw = {**_to_dict(model_cfg), **overrides}
+  kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()}
+  if mixed_precision:
+    kw["dtype"] = jnp.bfloat16  # compute; parameters stay float32
+  return Model(num_classes, **kw)
+
+
+def _dummy(model: VisionTransformer, channels: int):
+  return jnp.zeros((1, model.image_size, model.image_size, channels), jnp.float32)
+
+
+class _Stop:
+  """Set by SIGTERM / SIGINT: the loop saves a checkpoint at the current step and returns."""
+
+  def __init__(self):
+    self.event = threading.Event()
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, lambda *_: self.event.set())
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _input(config):
+  inp = config.input
+  kw = _to_dict(inp.get("source_kw", {}))
+  source = data.get_source(inp.dataset, data_dir=inp.get("data_dir"), **kw)
+  pre = _to_dict(inp.preprocess)
+  pre = {k: (tuple(v) if isinstance(v, list) else v) for k, v in pre.items()}
+  return source, data.Preprocess(**pre)
+
+
+def _total_steps(config, steps_per_epoch: int) -> int:
+  if config.get("total_steps"):
+    return int(config.total_steps)
+  return max(1, int(round(config.total_epochs * steps_per_epoch)))
+
+
+def _host(tree):
+  """Device arrays -> numpy on every process (gathers shards that live on other hosts)."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
+def make_train_step(model: VisionTransformer, tx, *, num_classes: int, mixing: data.Mixing,
+                    loss_cfg: dict, teacher: VisionTransformer | None):
+  """(state, batch, teacher_params) -> (state, metrics); updates are skipped if not finite."""
+  reduction = model.reduction
+
+  def step_fn(state, batch, teacher_params):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    k_mix, k_gumbel, k_drop = jax.random.split(rng, 3)
+    images, targets = data.mix(k_mix, batch["image"], batch["label"], num_classes, mixing)
+    teacher_out = None
+    if teacher is not None:
+      t_logits, t_out = teacher.apply({"params": teacher_params}, images, train=False)
+      teacher_out = (t_logits, t_out["encoded"])
+
+    def loss_fn(params):
+      logits, out = model.apply({"params": params}, images, train=True,
+                                rngs={"gumbel": k_gumbel, "dropout": k_drop})
+      loss, terms = losses.objective(
+          logits, out, targets, keep_ratios=reduction.keep_ratios,
+          keep_weight=loss_cfg.get("keep_weight", 0.0), teacher=teacher_out,
+          distill_weight=loss_cfg.get("distill_weight", 0.0),
+          token_distill=loss_cfg.get("token_distill", True))
+      return loss, (terms, logits)
+
+    (loss, (terms, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {"step": state["step"] + 1,
+                 "params": keep_old(params, state["params"]),
+                 "opt_state": keep_old(opt_state, state["opt_state"]),
+                 "rng": state["rng"]}
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
+    out = {"loss": loss, "grad_norm": grad_norm, "accuracy": accuracy,
+           "nonfinite": 1.0 - finite.astype(jnp.float32), **terms}
+    return new_state, out
+
+  return step_fn
+
+
+def make_eval_step(model: VisionTransformer):
+  def eval_fn(params, batch):
+    logits, _ = model.apply({"params": params}, batch["image"], train=False)
+    correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
+    return jnp.sum(correct), jnp.sum(batch["mask"])
+  return eval_fn
+
+
+def run_eval(eval_step, params, source, split, preprocess, *, global_batch: int,
+             data_sharding) -> dict[str, float]:
+  """Top-1 over every example of `split` exactly once (padding masked out)."""
+  local = data.local_batch_size(global_batch, data_sharding)
+  correct = total = 0
+  for batch in data.device_prefetch(
+      data.eval_batches(source, split, preprocess, local_batch=local), data_sharding):
+    c, n = eval_step(params, batch)
+    correct, total = correct + c, total + n
+  correct, total = int(correct), int(total)
+  return {"top1": correct / max(total, 1), "examples": total}
+
+
+def images_per_second(model: VisionTransformer, params, *, batch: int, channels: int,
+                      data_sharding, repeats: int = 5) -> float:
+  """Inference images/s of the jitted model on a batch (compile excluded)."""
+  images = jax.device_put(
+      jnp.zeros((batch, model.image_size, model.image_size, channels), jnp.float32),
+      data_sharding)
+  fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
+  jax.block_until_ready(fwd(params, images))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    jax.block_until_ready(fwd(params, images))
+  return batch * repeats / (time.perf_counter() - start)
+
+
+class Run:
+  """Everything one config needs, built once: mesh, data, model, optimizer, jitted steps."""
+
+  def __init__(self, config):
+    self.config = config
+    mesh_cfg = _to_dict(config.get("mesh", {}))
+    self.mesh = sharding.make_mesh(**mesh_cfg)
+    self.min_shard_size = mesh_cfg.get("min_shard_size", 2**14)
+    self.data_sharding = sharding.batch_sharding(self.mesh)
+    self.source, self.preprocess = _input(config)
+    inp = config.input
+    self.num_classes = config.get("num_classes") or self.source.num_classes
+    self.local_batch = data.local_batch_size(inp.batch_size, self.data_sharding)
+    self.steps_per_epoch = data.steps_per_epoch(
+        self.source.num_examples(inp.train_split), self.local_batch, jax.process_count())
+    self.total_steps = _total_steps(config, self.steps_per_epoch)
+    mp = config.get("mixed_precision", False)
+    self.model = build_model(config.model, self.num_classes, mixed_precision=mp)
+    self.eval_model = build_model(config.model, self.num_classes)
+    opt = _to_dict(config.optim)
+    warmup_epochs = opt.pop("warmup_epochs", 0.0)
+    opt.setdefault("warmup_steps", int(round(warmup_epochs * self.steps_per_epoch)))
+    self.tx, self.schedule = None, None
+    self._opt = opt
+    self.teacher, self.teacher_params = None, None
+    self.mixing = data.Mixing(**_to_dict(config.get("mixing", {})))
+
+  def _init_params(self, rng):
+    params = self.model.init({"params": rng}, _dummy(self.model, self.preprocess.channels))
+    return params["params"]
+
+  def init_state(self):
+    """A fresh state (from `config.init.checkpoint` if given), laid out by the rules."""
+    cfg = self.config
+    rng = jax.random.key(cfg.seed)
+    k_init, k_train = jax.random.split(rng)
+    abstract_params = jax.eval_shape(self._init_params, k_init)
+    self.tx, self.schedule = optim.make_optimizer(abstract_params, total_steps=self.total_steps,
+                                                  **self._opt)
+
+    def make(params):
+      return {"step": jnp.zeros((), jnp.int32), "params": params,
+              "opt_state": self.tx.init(params), "rng": jax.random.key_data(k_train)}
+
+    abstract = jax.eval_shape(make, abstract_params)
+    self.state_shardings = sharding.tree_shardings(abstract, self.mesh, self.min_shard_size)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        self.state_shardings)
+    init = cfg.get("init", {}) or {}
+    if init.get("checkpoint"):
+      params = state_lib.load_params(init.checkpoint, self.eval_model,
+                                     fresh=tuple(init.get("fresh", ())), rng=k_init)
+      params = jax.device_put(params, self.state_shardings["params"])
+    else:
+      params = jax.jit(self._init_params, out_shardings=self.state_shardings["params"])(k_init)
+    return jax.jit(make, out_shardings=self.state_shardings)(params)
+
+  def load_teacher(self):
+    cfg = self.config
+    teacher_cfg = cfg.get("teacher", {}) or {}
+    if not teacher_cfg.get("checkpoint"):
+      return
+    model_cfg = teacher_cfg.get("model") or {**_to_dict(cfg.model), "reduction": None,
+                                             "drop_path": 0.0}
+    self.teacher = build_model(model_cfg, self.num_classes,
+                               mixed_precision=cfg.get("mixed_precision", False))
+    params = state_lib.load_params(teacher_cfg.checkpoint, build_model(model_cfg,
+                                                                       self.num_classes))
+    self.teacher_params = jax.device_put(
+        params, sharding.tree_shardings(params, self.mesh, self.min_shard_size))
+
+  def compile(self):
+    cfg = self.config
+    step_fn = make_train_step(self.model, self.tx, num_classes=self.num_classes,
+                              mixing=self.mixing, loss_cfg=_to_dict(cfg.get("loss", {})),
+                              teacher=self.teacher)
+    teacher_sh = (sharding.tree_shardings(self.teacher_params, self.mesh, self.min_shard_size)
+                  if self.teacher_params is not None else None)
+    repl = sharding.replicated(self.mesh)
+    self.train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.data_sharding,
+                                                     teacher_sh),
+                              out_shardings=(self.state_shardings, repl), donate_argnums=0)
+    self.eval_step = jax.jit(make_eval_step(self.eval_model),
+                             in_shardings=(self.state_shardings["params"], self.data_sharding),
+                             out_shardings=(repl, repl))
+
+  def evaluate(self, params) -> dict[str, float]:
+    inp = self.config.input
+    return run_eval(self.eval_step, params, self.source, inp.eval_split, self.preprocess,
+                    global_batch=inp.get("eval_batch_size", inp.batch_size),
+                    data_sharding=self.data_sharding)
+
+  def summary(self, params) -> dict[str, Any]:
+    inp = self.config.input
+    result = self.evaluate(params)
+    result["gmacs"] = flops.macs(self.eval_model) / 1e9
+    result["images_per_s"] = images_per_second(
+        self.eval_model, params, batch=inp.get("eval_batch_size", inp.batch_size),
+        channels=self.preprocess.channels, data_sharding=self.data_sharding)
+    result["method"] = self.eval_model.reduction.method
+    return result
+
+
+def _check_finite(step: int, fetched: list[dict], writer, ckpt) -> None:
+  bad = [m for m in fetched if m["nonfinite"] > 0]
+  if bad:
+    last = ckpt.latest_step()
+    writer.message(f"non-finite loss or gradients near step {step} (loss={bad[0]['loss']}); "
+                   f"stopping. The last good checkpoint is step {last}.")
+    raise NonFiniteLossError(
+        f"loss became NaN/inf near step {step}; the last good checkpoint (step {last}) is "
+        f"kept in {ckpt.directory}. Lower the learning rate or enable clip_norm.")
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains (or resumes) to config's total steps, evaluates, returns the summary."""
+  workdir = pathlib.Path(workdir)
+  run = Run(config)
+  ckpt_cfg = _to_dict(config.get("checkpoint", {}))
+  ckpt = state_lib.Checkpoints(workdir, every_steps=ckpt_cfg.get("every_steps", 1000),
+                               keep=ckpt_cfg.get("keep", 3),
+                               async_save=ckpt_cfg.get("async_save", True))
+  writer = metrics_lib.Writer(workdir, run.total_steps,
+                              tensorboard=config.get("tensorboard", True))
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+  state = run.init_state()
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(run.abstract_state)
+    writer.message(f"resuming from {ckpt.directory}/{start}")
+  start = int(state["step"])
+  run.load_teacher()
+  run.compile()
+
+  inp = config.input
+  batches = data.device_prefetch(
+      data.train_batches(run.source, inp.train_split, run.preprocess,
+                         local_batch=run.local_batch, seed=config.seed, start_step=start),
+      run.data_sharding)
+  log_every = config.get("log_every_steps", 50)
+  eval_every = config.get("eval_every_steps", 0)
+  pending: list = []
+  t_last, step_last = time.perf_counter(), start
+  preempted = False
+  with _Stop() as stop:
+    for step in range(start + 1, run.total_steps + 1):
+      batch = next(batches)
+      state, m = run.train_step(state, batch, run.teacher_params)
+      pending.append(m)
+      last = step == run.total_steps
+      if step % log_every == 0 or last or ckpt.due(step) or stop.event.is_set():
+        fetched = jax.device_get(pending)
+        pending = []
+        _check_finite(step, fetched, writer, ckpt)
+        mean = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[0]}
+        mean["lr"] = float(run.schedule(step))
+        now = time.perf_counter()
+        rate = (step - step_last) * inp.batch_size / max(now - t_last, 1e-9)
+        mean["images_per_s"] = rate
+        writer.write(step, mean)
+        writer.progress(step, mean, rate, (run.total_steps - step) * inp.batch_size / rate)
+        t_last, step_last = now, step
+        if ckpt.due(step) or last or stop.event.is_set():
+          ckpt.save(step, state, wait=stop.event.is_set())
+      if eval_every and step % eval_every == 0 and not last:
+        writer.write(step, run.evaluate(state["params"]), kind="eval")
+      if stop.event.is_set():
+        writer.message(f"stopped by signal at step {step}; checkpoint saved, rerun to resume.")
+        preempted = True
+        break
+  ckpt.close()
+  if preempted:
+    writer.close()
+    return {"preempted": True, "step": int(state["step"])}
+
+  summary = run.summary(state["params"])
+  summary["step"] = int(state["step"])
+  writer.write(summary["step"], {k: v for k, v in summary.items()
+                                 if isinstance(v, (int, float))}, kind="final")
+  params = _host(state["params"])
+  if jax.process_index() == 0:
+    state_lib.save_params_npz(params, workdir / "params.npz")
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  writer.message(f"done: top-1 {100 * summary['top1']:.2f}% on {summary['examples']} examples | "
+                 f"{summary['gmacs']:.3f} GMACs | {summary['images_per_s']:.0f} img/s "
+                 f"({summary['method']})")
+  writer.close()
+  return summary
+
+
+def evaluate(config, checkpoint: str | pathlib.Path | None = None) -> dict[str, Any]:
+  """Top-1, MACs and images/s of the model in `config` with parameters from `checkpoint`."""
+  run = Run(config)
+  path = checkpoint or (config.get("init", {}) or {}).get("checkpoint")
+  if not path:
+    raise ValueError("evaluate needs a checkpoint (a workdir, params.npz or a state dict).")
+  params = state_lib.load_params(path, run.eval_model)
+  run.state_shardings = {"params": sharding.tree_shardings(params, run.mesh)}
+  params = jax.device_put(params, run.state_shardings["params"])
+  run.eval_step = jax.jit(make_eval_step(run.eval_model),
+                          in_shardings=(run.state_shardings["params"], run.data_sharding))
+  summary = run.summary(params)
+  summary["checkpoint"] = str(path)
+  return summary
+

@@ -1,0 +1,84 @@
+"""The fine-tuning objective of SPEC section 4, as small pure functions.
+
+  L = CE(soft targets) + keep_weight * keep-ratio loss
+      + distill_weight * (KL(teacher || student) + token MSE)
+
+Every term is a float32 scalar averaged over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """logits (B, K), soft targets (B, K) summing to 1 -> mean_b -sum_k t log softmax."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.sum(targets * logp, axis=-1))
+
+
+def keep_ratio_loss(decisions: Sequence[jax.Array], ratios: Sequence[float]) -> jax.Array:
+  """(1/S) sum_s mean_b (mean_i D_s[b, i] - rho_s)^2 over per-stage decisions (B, N0)."""
+  if len(decisions) != len(ratios):
+    raise ValueError(f"{len(decisions)} stages of decisions for {len(ratios)} keep ratios.")
+  terms = [jnp.mean((jnp.mean(d.astype(jnp.float32), axis=-1) - r) ** 2)
+           for d, r in zip(decisions, ratios)]
+  return sum(terms) / len(terms)
+
+
+def distill_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+  """KL(p_teacher || p_student), summed over classes, mean over the batch (T = 1)."""
+  logp_s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+  logp_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+  return jnp.mean(jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1))
+
+
+def token_mse(student: jax.Array, teacher: jax.Array, live: jax.Array) -> jax.Array:
+  """Mean squared error over live tokens: student/teacher (B, N, D), live (B, N) 0/1."""
+  live = live.astype(jnp.float32)
+  err = jnp.sum((student.astype(jnp.float32) - teacher.astype(jnp.float32)) ** 2, axis=-1)
+  return jnp.sum(err * live) / (jnp.maximum(jnp.sum(live), 1.0) * student.shape[-1])
+
+
+def final_patch_tokens(out: dict, teacher_encoded: jax.Array):
+  """Student final patch tokens, the teacher's at the same patches, and their live mask.
+
+  Masked training path (dtps/dynamicvit): all N0 patches, live as decided.
+  Gather path (etps/evit/topk): the k kept patches (EViT's fused token left
+  out), the teacher's gathered at their original positions. ToMe: None
+  (merged tokens have no single position).
+  """
+  encoded = out["encoded"]
+  teacher_patches = teacher_encoded[:, 1:]
+  if out["keep_indices"]:
+    positions = out["keep_indices"][-1]  # (B, k) original patch positions
+    k = positions.shape[1]
+    teacher_kept = jnp.take_along_axis(teacher_patches, positions[..., None], axis=1)
+    return encoded[:, 1:1 + k], teacher_kept, jnp.ones(positions.shape, jnp.float32)
+  if "token_sizes" in out:
+    return None
+  return encoded[:, 1:], teacher_patches, out["live_mask"][:, 1:]
+
+
+def objective(logits: jax.Array, out: dict, targets: jax.Array, *,
+              keep_ratios: Sequence[float] = (), keep_weight: float = 0.0,
+              teacher: tuple[jax.Array, jax.Array] | None = None,
+              distill_weight: float = 0.0, token_distill: bool = True):
+  """Total loss and its terms. `teacher` is (logits (B, K), encoded (B, 1 + N0, D)) or None."""
+  terms = {"ce": soft_cross_entropy(logits, targets)}
+  loss = terms["ce"]
+  if keep_weight and out["decisions"] and keep_ratios:
+    terms["keep"] = keep_ratio_loss(out["decisions"], keep_ratios)
+    loss = loss + keep_weight * terms["keep"]
+  if teacher is not None and distill_weight:
+    t_logits, t_encoded = (jax.lax.stop_gradient(t) for t in teacher)
+    terms["kl"] = distill_kl(logits, t_logits)
+    loss = loss + distill_weight * terms["kl"]
+    tokens = final_patch_tokens(out, t_encoded) if token_distill else None
+    if tokens is not None:
+      terms["token"] = token_mse(*tokens)
+      loss = loss + distill_weight * terms["token"]
+  return loss, terms

@@ -1,0 +1,73 @@
+"""What a person sees: a progress line, JSON lines and TensorBoard events (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+
+import jax
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Writer:
+  """Writes `metrics.jsonl` and TensorBoard event files under `workdir`; prints progress."""
+
+  def __init__(self, workdir: str | pathlib.Path, total_steps: int, *, tensorboard: bool = True,
+               stream=None):
+    self.active = jax.process_index() == 0
+    self.total_steps = total_steps
+    self.stream = stream or sys.stderr
+    self._tb = None
+    if not self.active:
+      return
+    self.workdir = pathlib.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+    if tensorboard:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
+    if not self.active:
+      return
+    record = {"step": int(step), "kind": kind, "time": time.time(),
+              **{k: float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      with self._tb.as_default(step=int(step)):
+        for k, v in metrics.items():
+          self._tf.summary.scalar(f"{kind}/{k}", float(v))
+      self._tb.flush()
+
+  def progress(self, step: int, metrics: dict[str, float], images_per_s: float,
+               eta_s: float) -> None:
+    if not self.active:
+      return
+    frac = step / max(self.total_steps, 1)
+    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+    shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "ce", "keep", "kl", "token",
+                                                         "accuracy") if k in metrics)
+    line = (f"[{bar}] step {step}/{self.total_steps} {shown} | {images_per_s:.0f} img/s "
+            f"| eta {_fmt_time(eta_s)}")
+    end = "\r" if self.stream.isatty() else "\n"
+    print(line, end=end, file=self.stream, flush=True)
+
+  def message(self, text: str) -> None:
+    if self.active:
+      print(text, file=self.stream, flush=True)
+
+  def close(self) -> None:
+    if self.active:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()

@@ -1,0 +1,69 @@
+"""AdamW with warm-up + cosine, the paper's backbone/score-head learning rates, no decay on
+biases, norms, `pos_embedding` and `cls`.
+
+  tx, schedule = make_optimizer(params, total_steps=..., lr=..., ...)
+"""
+
+from __future__ import annotations
+
+import re
+
+import flax
+import optax
+
+SCORER = re.compile(r"(^|/)score_head_\d+/")
+NO_DECAY_NAMES = ("pos_embedding", "cls")
+
+
+def _paths(params):
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  return flat
+
+
+def _tree_like(params, fn):
+  flat = _paths(params)
+  labels = {k: fn(k, v) for k, v in flat.items()}
+  return flax.traverse_util.unflatten_dict(labels, sep="/")
+
+
+def decay_mask(params):
+  """True where weight decay applies: matrices and kernels, not biases/norms/pos/cls."""
+  return _tree_like(params, lambda k, v: getattr(v, "ndim", 0) > 1 and k.split("/")[-1] not in NO_DECAY_NAMES)
+
+
+def lr_groups(params):
+  """'scorer' for score-head parameters, 'backbone' for the rest."""
+  return _tree_like(params, lambda k, v: "scorer" if SCORER.search(k) else "backbone")
+
+
+def schedule(*, lr: float, total_steps: int, warmup_steps: int, warmup_init_lr: float = 1e-6,
+             min_lr: float = 1e-5):
+  """Linear warm-up from warmup_init_lr to lr, then cosine to min_lr at total_steps."""
+  if total_steps <= 0:
+    raise ValueError(f"total_steps must be > 0, got {total_steps}.")
+  warmup_steps = min(warmup_steps, total_steps)
+  return optax.join_schedules([
+      optax.linear_schedule(warmup_init_lr, lr, max(warmup_steps, 1)),
+      optax.cosine_decay_schedule(lr, max(total_steps - warmup_steps, 1),
+                                  alpha=min_lr / lr if lr else 0.0)], [max(warmup_steps, 1)])
+
+
+def make_optimizer(params, *, total_steps: int, lr: float, warmup_steps: int = 0,
+                   warmup_init_lr: float = 1e-6, min_lr: float = 1e-5,
+                   weight_decay: float = 0.05, backbone_lr_scale: float = 1.0,
+                   clip_norm: float | None = None, b1: float = 0.9, b2: float = 0.999):
+  """Returns (optax transform, lr schedule of the score heads / full-lr group)."""
+  if lr <= 0:
+    raise ValueError(f"lr must be > 0, got {lr}.")
+  if not 0 < backbone_lr_scale <= 1:
+    raise ValueError(f"backbone_lr_scale must be in (0, 1], got {backbone_lr_scale}.")
+  sched = schedule(lr=lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                   warmup_init_lr=warmup_init_lr, min_lr=min_lr)
+  adamw = lambda s: optax.adamw(s, b1=b1, b2=b2, weight_decay=weight_decay,
+                                mask=decay_mask)
+  tx = optax.multi_transform(
+      {"backbone": adamw(lambda step: sched(step) * backbone_lr_scale),
+       "scorer": adamw(sched)}, lr_groups)
+  if clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+  return tx, sched
