@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.model = dict(width=16 if arg.tiny else arg.width, depth=depth,
                  num_heads=2 if arg.tiny else arg.heads,
                  mlp_dim=4 * (16 if arg.tiny else arg.width), patch_size=4, image_size=28,
-                 layout="deit", drop_path=0.0 if arg.tiny else 0.05, remat=False,
+                 layout="deit", channels=1, drop_path=0.0 if arg.tiny else 0.05, remat=False,
                  reduction=common.reduction(arg.method, arg.keep, locations, arg.tome_r))
 
   c.input.dataset = "fashion_mnist"

@@ -76,40 +76,46 @@ def _torch_to_flat(sd: Mapping[str, np.ndarray], model: VisionTransformer) -> di
   d, h = model.width, model.num_heads
   hd = d // h
   out: dict[str, np.ndarray] = {}
-  unexpected = []
+  unexpected, misfit = [], []
   for name, w in sd.items():
     w = np.asarray(w)
-    if name == "cls_token":
-      out["cls"] = w.reshape(1, 1, d)
-    elif name == "pos_embed":
-      out["pos_embedding"] = w
-    elif name == "patch_embed.proj.weight":  # (D, C, p, p) -> (p, p, C, D)
-      out["embedding/kernel"] = w.transpose(2, 3, 1, 0)
-    elif name == "patch_embed.proj.bias":
-      out["embedding/bias"] = w
-    elif name in ("norm.weight", "norm.bias"):
-      out["Transformer/encoder_norm/" + ("scale" if name.endswith("weight") else "bias")] = w
-    elif name == "head.weight":
-      out["head/kernel"] = w.T
-    elif name == "head.bias":
-      out["head/bias"] = w
-    elif m := re.fullmatch(r"blocks\.(\d+)\.(.+)", name):
-      _map_block(out, f"Transformer/encoderblock_{m.group(1)}", m.group(2), w, d, h, hd, name,
-                 unexpected)
-    elif m := re.fullmatch(r"score_predictor\.(\d+)\.(in_conv|out_conv)\.(\d)\.(weight|bias)", name):
-      layer = {("in_conv", "0"): "LayerNorm_0", ("in_conv", "1"): "Dense_0",
-               ("out_conv", "0"): "Dense_1", ("out_conv", "2"): "Dense_2",
-               ("out_conv", "4"): "Dense_3"}.get((m.group(2), m.group(3)))
-      if layer is None:
-        unexpected.append(name)
-        continue
-      prefix = f"Transformer/score_head_{m.group(1)}/{layer}/"
-      if layer.startswith("LayerNorm"):
-        out[prefix + ("scale" if m.group(4) == "weight" else "bias")] = w
+    try:
+      if name == "cls_token":
+        out["cls"] = w.reshape(1, 1, d)
+      elif name == "pos_embed":
+        out["pos_embedding"] = w
+      elif name == "patch_embed.proj.weight":  # (D, C, p, p) -> (p, p, C, D)
+        out["embedding/kernel"] = w.transpose(2, 3, 1, 0)
+      elif name == "patch_embed.proj.bias":
+        out["embedding/bias"] = w
+      elif name in ("norm.weight", "norm.bias"):
+        out["Transformer/encoder_norm/" + ("scale" if name.endswith("weight") else "bias")] = w
+      elif name == "head.weight":
+        out["head/kernel"] = w.T
+      elif name == "head.bias":
+        out["head/bias"] = w
+      elif m := re.fullmatch(r"blocks\.(\d+)\.(.+)", name):
+        _map_block(out, f"Transformer/encoderblock_{m.group(1)}", m.group(2), w, d, h, hd, name,
+                   unexpected)
+      elif m := re.fullmatch(r"score_predictor\.(\d+)\.(in_conv|out_conv)\.(\d)\.(weight|bias)", name):
+        layer = {("in_conv", "0"): "LayerNorm_0", ("in_conv", "1"): "Dense_0",
+                 ("out_conv", "0"): "Dense_1", ("out_conv", "2"): "Dense_2",
+                 ("out_conv", "4"): "Dense_3"}.get((m.group(2), m.group(3)))
+        if layer is None:
+          unexpected.append(name)
+          continue
+        prefix = f"Transformer/score_head_{m.group(1)}/{layer}/"
+        if layer.startswith("LayerNorm"):
+          out[prefix + ("scale" if m.group(4) == "weight" else "bias")] = w
+        else:
+          out[prefix + ("kernel" if m.group(4) == "weight" else "bias")] = w.T if w.ndim == 2 else w
       else:
-        out[prefix + ("kernel" if m.group(4) == "weight" else "bias")] = w.T if w.ndim == 2 else w
-    else:
-      unexpected.append(name)
+        unexpected.append(name)
+    except ValueError:  # a reshape that the model's width / heads cannot take
+      misfit.append(f"{name} {tuple(w.shape)}")
+  if misfit:
+    raise CheckpointMismatchError(
+        f"state dict arrays that do not fit a model of width {d} with {h} heads: {misfit}")
   if unexpected:
     raise CheckpointMismatchError(
         f"unexpected keys in the state dict (no place in this model): {sorted(unexpected)}")
@@ -175,7 +181,7 @@ def _adapt_layout(flat: dict[str, np.ndarray], model: VisionTransformer, source:
 
 
 def _dummy_image(model: VisionTransformer) -> jax.Array:
-  return jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  return jnp.zeros((1, model.image_size, model.image_size, model.channels), jnp.float32)
 
 
 def _expected(model: VisionTransformer) -> dict[str, jax.ShapeDtypeStruct]:

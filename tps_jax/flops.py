@@ -76,7 +76,8 @@ def macs(model: VisionTransformer) -> int:
 
 def xla_macs(model: VisionTransformer, params: Any = None) -> float:
   """Half of XLA's flop count for the jitted inference of one image (elementwise ops included)."""
-  image = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+  image = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.channels),
+                               jnp.float32)
   if params is None:
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(image.shape)))
   fn = jax.jit(lambda p, x: model.apply(p, x, train=False)[0])

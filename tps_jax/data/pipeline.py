@@ -131,7 +131,8 @@ def device_prefetch(batches: Iterator[Batch], sharding: jax.sharding.Sharding,
   """Global arrays built `size` batches ahead on a background thread.
 
   An error in the input pipeline is raised in the consumer, at the batch where
-  it happened.
+  it happened. Closing the returned generator (or leaving a `for` loop over it)
+  stops the thread and closes `batches`, so no reader outlives the loop.
   """
   queue: collections.deque = collections.deque()
   ready = threading.Semaphore(0)
@@ -144,15 +145,18 @@ def device_prefetch(batches: Iterator[Batch], sharding: jax.sharding.Sharding,
       for batch in batches:
         room.acquire()
         if stop.is_set():
-          return
+          break
         queue.append(to_global(batch, sharding))
+        ready.release()
+      else:
+        queue.append(done)
         ready.release()
     except BaseException as e:  # pylint: disable=broad-except
       queue.append(e)
       ready.release()
-      return
-    queue.append(done)
-    ready.release()
+    finally:
+      if hasattr(batches, "close"):
+        batches.close()
 
   thread = threading.Thread(target=produce, daemon=True, name="device_prefetch")
   thread.start()
@@ -169,3 +173,4 @@ def device_prefetch(batches: Iterator[Batch], sharding: jax.sharding.Sharding,
   finally:
     stop.set()
     room.release()
+    thread.join(timeout=60)

@@ -159,6 +159,7 @@ class VisionTransformer(nn.Module):
   attention: str = "auto"  # "auto" | "einsum" | "fused"; see layers.MultiHeadDotProductAttention
   drop_path: float = 0.0  # stochastic depth of the last block (linear from 0), train only
   remat: bool = False  # rematerialise the blocks (nn.remat) to save activation memory
+  channels: int = 3  # input image channels
 
   @property
   def num_patches(self) -> int:
@@ -166,10 +167,11 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, image, *, train: bool = False):
-    """image (B, H, W, 3) NHWC -> (logits (B, num_classes), out dict)."""
-    if image.ndim != 4 or image.shape[1:3] != (self.image_size, self.image_size):
-      raise ValueError(f"image must be (B, {self.image_size}, {self.image_size}, C) NHWC for "
-                       f"this model, got shape {image.shape}.")
+    """image (B, H, W, C) NHWC -> (logits (B, num_classes), out dict)."""
+    want = (self.image_size, self.image_size, self.channels)
+    if image.ndim != 4 or image.shape[1:] != want:
+      raise ValueError(f"image must be (B, {', '.join(map(str, want))}) NHWC for this model, "
+                       f"got shape {image.shape}.")
     out = {}
     p = self.patch_size
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,

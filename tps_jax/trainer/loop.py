@@ -11,6 +11,7 @@ a function of the step), on whatever mesh this run has.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import signal
@@ -46,8 +47,8 @@ def build_model(model_cfg, num_classes: int, *, mixed_precision: bool = False,
   return Model(num_classes, **kw)
 
 
-def _dummy(model: VisionTransformer, channels: int):
-  return jnp.zeros((1, model.image_size, model.image_size, channels), jnp.float32)
+def _dummy(model: VisionTransformer):
+  return jnp.zeros((1, model.image_size, model.image_size, model.channels), jnp.float32)
 
 
 class _Stop:
@@ -115,7 +116,7 @@ def make_train_step(model: VisionTransformer, tx, *, num_classes: int, mixing: d
       return loss, (terms, logits)
 
     (loss, (terms, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -153,11 +154,11 @@ def run_eval(eval_step, params, source, split, preprocess, *, global_batch: int,
   return {"top1": correct / max(total, 1), "examples": total}
 
 
-def images_per_second(model: VisionTransformer, params, *, batch: int, channels: int,
-                      data_sharding, repeats: int = 5) -> float:
+def images_per_second(model: VisionTransformer, params, *, batch: int, data_sharding,
+                      repeats: int = 5) -> float:
   """Inference images/s of the jitted model on a batch (compile excluded)."""
   images = jax.device_put(
-      jnp.zeros((batch, model.image_size, model.image_size, channels), jnp.float32),
+      jnp.zeros((batch, model.image_size, model.image_size, model.channels), jnp.float32),
       data_sharding)
   fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
   jax.block_until_ready(fwd(params, images))
@@ -185,6 +186,10 @@ class Run:
     self.total_steps = _total_steps(config, self.steps_per_epoch)
     mp = config.get("mixed_precision", False)
     self.model = build_model(config.model, self.num_classes, mixed_precision=mp)
+    if self.model.channels != self.preprocess.channels:
+      raise ValueError(f"the model takes {self.model.channels}-channel images but the input "
+                       f"pipeline makes {self.preprocess.channels} (config.input.preprocess."
+                       f"channels vs config.model.channels).")
     self.eval_model = build_model(config.model, self.num_classes)
     opt = _to_dict(config.optim)
     warmup_epochs = opt.pop("warmup_epochs", 0.0)
@@ -195,7 +200,7 @@ class Run:
     self.mixing = data.Mixing(**_to_dict(config.get("mixing", {})))
 
   def _init_params(self, rng):
-    params = self.model.init({"params": rng}, _dummy(self.model, self.preprocess.channels))
+    params = self.model.init({"params": rng}, _dummy(self.model))
     return params["params"]
 
   def init_state(self):
@@ -266,7 +271,7 @@ class Run:
     result["gmacs"] = flops.macs(self.eval_model) / 1e9
     result["images_per_s"] = images_per_second(
         self.eval_model, params, batch=inp.get("eval_batch_size", inp.batch_size),
-        channels=self.preprocess.channels, data_sharding=self.data_sharding)
+        data_sharding=self.data_sharding)
     result["method"] = self.eval_model.reduction.method
     return result
 
@@ -315,7 +320,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   pending: list = []
   t_last, step_last = time.perf_counter(), start
   preempted = False
-  with _Stop() as stop:
+  # Leaving the block (normally, by signal or by error) stops the prefetch thread and
+  # the tf.data readers before anything else is torn down.
+  with _Stop() as stop, contextlib.closing(batches):
     for step in range(start + 1, run.total_steps + 1):
       batch = next(batches)
       state, m = run.train_step(state, batch, run.teacher_params)

@@ -1,0 +1,30 @@
+"""One JAX process of a multi-process run: trains a tiny config, prints a JSON report.
+
+  python -m tests.helpers.distributed_train PORT NUM_PROCESSES PROCESS_ID WORKDIR
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # pylint: disable=wrong-import-position
+
+
+def main():
+  port, count, index, workdir = sys.argv[1:5]
+  jax.distributed.initialize(f"localhost:{port}", int(count), int(index))
+  from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
+  from tps_jax.trainer import loop  # pylint: disable=g-import-not-at-top
+  config = fashion_mnist.get_config("tiny,steps=3,batch=32,method=dtps")
+  config.tensorboard = False
+  summary = loop.train_and_evaluate(config, workdir)
+  report = {"process": jax.process_index(), "processes": jax.process_count(),
+            "devices": jax.device_count(), "top1": summary["top1"],
+            "examples": summary["examples"], "step": summary["step"]}
+  print("REPORT " + json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+  main()

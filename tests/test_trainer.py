@@ -1,0 +1,248 @@
+"""The trainer: loss goes down, one trace per step, sharding, multi-process, resume, errors."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common, fashion_mnist, imagenet
+from conftest import ROOT
+from tps_jax import checkpoints as foreign, data
+from tps_jax.trainer import loop, sharding, state as state_lib
+
+
+def _config(arg="tiny", **overrides):
+  c = fashion_mnist.get_config(arg)
+  c.tensorboard = False
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _batches(run, n, start=0):
+  it = data.train_batches(run.source, "train", run.preprocess, local_batch=run.local_batch,
+                          seed=run.config.seed, start_step=start)
+  return [data.to_global(next(it), run.data_sharding) for _ in range(n)]
+
+
+def _prepare(config):
+  run = loop.Run(config)
+  state = run.init_state()
+  run.load_teacher()
+  run.compile()
+  return run, state
+
+
+def test_steps_lower_the_loss_and_trace_once():
+  run, state = _prepare(_config("tiny,method=dtps,batch=64",
+                                **{"optim.lr": 3e-3, "optim.warmup_epochs": 0.0}))
+  step_fn = loop.make_train_step(run.model, run.tx, num_classes=10, mixing=run.mixing,
+                                 loss_cfg={}, teacher=None)
+  chex.clear_trace_counter()
+  step = jax.jit(chex.assert_max_traces(step_fn, n=1), donate_argnums=0)
+  batch = _batches(run, 1)[0]
+  losses = []
+  for _ in range(25):  # the same batch: the loss must fall
+    state, m = step(state, batch, None)
+    losses.append(float(m["loss"]))
+  assert losses[-1] < 0.8 * losses[0], losses
+  assert int(state["step"]) == 25 and all(np.isfinite(losses))
+
+
+def test_eight_devices_data_by_fsdp_match_one_device():
+  overrides = {"model.width": 64, "model.mlp_dim": 256, "mesh.min_shard_size": 4096}
+  results = {}
+  for name, mesh in (("one", dict(data=1, fsdp=1, num_devices=1)),
+                     ("eight", dict(data=2, fsdp=4))):
+    config = _config("tiny,method=dtps,batch=32", **overrides)
+    config.mesh = {**mesh, "min_shard_size": 4096}
+    run, state = _prepare(config)
+    for batch in _batches(run, 3):
+      state, m = run.train_step(state, batch, None)
+    results[name] = (float(m["loss"]), jax.device_get(state["params"]), state, run)
+  assert results["one"][0] == pytest.approx(results["eight"][0], rel=1e-5)
+  chex.assert_trees_all_close(results["one"][1], results["eight"][1], atol=2e-5, rtol=1e-4)
+  # The rules: large kernels split over fsdp (4 ways), small arrays replicated.
+  state, run = results["eight"][2], results["eight"][3]
+  kernel = state["params"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert kernel.shape == (64, 256) and kernel.sharding.spec == jax.P(None, "fsdp")
+  assert {s.data.shape for s in kernel.addressable_shards} == {(64, 64)}
+  mu = state["opt_state"][0]  # clip_by_global_norm state comes first in the chain
+  bias = state["params"]["head"]["bias"]
+  assert bias.sharding.spec == jax.P() and len(bias.sharding.device_set) == 8
+  moments = jax.tree.leaves(state["opt_state"])
+  assert any(getattr(x, "sharding", None) is not None and x.sharding.spec == jax.P(None, "fsdp")
+             for x in moments)
+  del mu
+
+
+def test_rules_and_mesh_errors():
+  assert sharding.spec_for((384, 1536), 4) == jax.P(None, "fsdp")
+  assert sharding.spec_for((384,), 4) == jax.P()
+  assert sharding.spec_for((7, 7777), 4, min_size=1) == jax.P()  # nothing divides
+  with pytest.raises(ValueError, match="fsdp=3 does not divide the 8 devices"):
+    sharding.make_mesh(fsdp=3)
+  with pytest.raises(ValueError, match="does not divide over the 8 devices"):
+    loop.Run(_config("tiny,batch=12"))
+
+
+def test_config_and_checkpoint_errors(tmp_path):
+  with pytest.raises(ValueError, match="unknown config argument 'methd'"):
+    fashion_mnist.get_config("methd=dtps")
+  with pytest.raises(ValueError, match="unknown method 'pruning'"):
+    fashion_mnist.get_config("method=pruning")
+  with pytest.raises(ValueError, match="unknown DeiT variant"):
+    imagenet.get_config("variant=XL")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    loop.Run(_config("tiny", **{"init.checkpoint": str(tmp_path / "nope.npz")})).init_state()
+  # A dense Ti/16 state dict does not fit the tiny model: named mismatches.
+  np.savez(tmp_path / "other.npz", **{"cls_token": np.zeros((1, 1, 192), np.float32)})
+  with pytest.raises(foreign.CheckpointMismatchError, match="do not fit a model of width 16"):
+    loop.Run(_config("tiny", **{"init.checkpoint": str(tmp_path / "other.npz")})).init_state()
+
+
+def test_train_resume_init_and_mismatch(tmp_path):
+  config = _config("tiny,steps=12")
+  summary = loop.train_and_evaluate(config, tmp_path / "dense")
+  assert summary["step"] == 12 and summary["examples"] == 10000
+  assert 0.0 <= summary["top1"] <= 1.0 and summary["gmacs"] > 0
+  lines = [json.loads(l) for l in (tmp_path / "dense" / "metrics.jsonl").read_text().splitlines()]
+  assert lines[-1]["kind"] == "final" and any(l["kind"] == "train" for l in lines)
+  # Fine-tune dTPS from it (teacher = the same checkpoint, fresh score heads).
+  ft = _config(f"tiny,steps=4,method=dtps,init={tmp_path / 'dense'}")
+  out = loop.train_and_evaluate(ft, tmp_path / "dtps")
+  assert out["method"] == "dtps" and out["step"] == 4
+  record = [json.loads(l) for l in (tmp_path / "dtps" / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in record if r["kind"] == "train"]
+  assert all(k in train[-1] for k in ("keep", "kl", "token"))
+  # The dense checkpoint cannot resume a dTPS run: a clear mismatch.
+  with pytest.raises(foreign.CheckpointMismatchError, match="does not match"):
+    loop.train_and_evaluate(_config("tiny,steps=14,method=dtps"), tmp_path / "dense")
+  # Evaluate entry point on the exported params.
+  ev = loop.evaluate(_config("tiny"), tmp_path / "dense" / "params.npz")
+  assert ev["top1"] == pytest.approx(summary["top1"]) and ev["images_per_s"] > 0
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = _config("tiny,steps=20", **{"optim.lr": 1e30, "optim.clip_norm": 0.0,
+                                       "optim.warmup_epochs": 0.0,
+                                       "checkpoint.every_steps": 1, "log_every_steps": 1})
+  with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint"):
+    loop.train_and_evaluate(config, tmp_path)
+  ckpt = state_lib.Checkpoints(tmp_path)
+  last = ckpt.latest_step()
+  assert last is not None and last < 20
+  ckpt.close()
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices):
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), TF_CPP_MIN_LOG_LEVEL="2",
+             PYTHONPATH=str(ROOT))
+  return env
+
+
+def test_two_processes_with_jax_distributed_agree(tmp_path):
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.distributed_train",
+                             str(port), "2", str(i), str(tmp_path)], cwd=ROOT, env=_env(2),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  reports = [json.loads(next(l for l in o.splitlines() if l.startswith("REPORT "))[7:])
+             for o in outs]
+  assert [r["process"] for r in reports] == [0, 1]
+  assert all(r["processes"] == 2 and r["devices"] == 4 and r["step"] == 3 for r in reports)
+  assert reports[0]["top1"] == reports[1]["top1"]
+  assert reports[0]["examples"] == 10000  # each process evaluated its half, once
+  assert (tmp_path / "params.npz").exists()
+
+
+def _train_cmd(workdir, steps):
+  return [sys.executable, "train.py", "--config",
+          f"configs/fashion_mnist.py:tiny,steps={steps},batch=32",
+          "--workdir", str(workdir), "--config.tensorboard=False",
+          "--config.checkpoint.every_steps=50", "--config.log_every_steps=5"]
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
+  steps = 300
+  full = subprocess.run(_train_cmd(tmp_path / "full", steps), cwd=ROOT, env=_env(1),
+                        capture_output=True, text=True, timeout=300)
+  assert full.returncode == 0, full.stderr[-3000:]
+  proc = subprocess.Popen(_train_cmd(tmp_path / "cut", steps), cwd=ROOT, env=_env(1),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "cut" / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and any(json.loads(l)["step"] >= 20 for l in metrics.read_text().splitlines()):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "stopped by signal" in err
+  stopped = state_lib.Checkpoints(tmp_path / "cut")
+  cut_step = stopped.latest_step()
+  stopped.close()
+  assert 20 <= cut_step < steps and cut_step % 50 != 0  # saved at the signal, not a schedule
+  again = subprocess.run(_train_cmd(tmp_path / "cut", steps), cwd=ROOT, env=_env(1),
+                         capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resuming from {tmp_path / 'cut' / 'checkpoints'}/{cut_step}" in again.stderr
+  a, b = np.load(tmp_path / "full" / "params.npz"), np.load(tmp_path / "cut" / "params.npz")
+  assert sorted(a.files) == sorted(b.files)
+  for k in a.files:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+  overrides = {"model.width": 64, "model.mlp_dim": 256}
+  config = _config("tiny,steps=2,batch=32", **overrides)
+  config.mesh = dict(data=2, fsdp=4, min_shard_size=4096)
+  loop.train_and_evaluate(config, tmp_path)
+  other = _config("tiny,steps=2,batch=32", **overrides)
+  other.mesh = dict(data=1, fsdp=1, num_devices=1)
+  run = loop.Run(other)
+  run.init_state()
+  ckpt = state_lib.Checkpoints(tmp_path)
+  restored = ckpt.restore(run.abstract_state)
+  ckpt.close()
+  kernel = restored["params"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert len(kernel.sharding.device_set) == 1 and int(restored["step"]) == 2
+  saved = np.load(tmp_path / "params.npz")
+  np.testing.assert_array_equal(
+      np.asarray(kernel), saved["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"])
+
+
+def test_imagenet_recipes_follow_the_spec():
+  c = imagenet.get_config("variant=S,method=dtps,init=deit_s.pth")
+  assert c.optim.lr == 2.5e-4 and c.optim.backbone_lr_scale == 0.01
+  assert c.loss.keep_weight == 2.0 and c.loss.distill_weight == 0.5
+  assert c.total_epochs == 30 and c.input.batch_size == 1024 and c.optim.warmup_epochs == 5
+  assert c.mixing.mixup_alpha == 0.8 and c.mixing.cutmix_alpha == 1.0
+  assert c.mixing.smoothing == 0.1 and c.input.preprocess.erasing == 0.25
+  assert c.teacher.checkpoint == "deit_s.pth" and tuple(c.init.fresh) == ("score_heads",)
+  e = imagenet.get_config("variant=Ti,method=etps,keep=0.5,init=x.pth")
+  assert e.optim.backbone_lr_scale == 1.0 and e.loss.keep_weight == 0.0
+  assert common.reduction("etps", 0.5)["keep_ratio"] == 0.5
