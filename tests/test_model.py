@@ -188,5 +188,7 @@ def test_variants_and_bad_variant():
 def test_wrong_image_shape():
   model = small()
   params = model.init(jax.random.key(0), images())
-  with pytest.raises(ValueError, match=r"image must be \(B, 32, 32, C\) NHWC.*\(2, 3, 32, 32\)"):
+  with pytest.raises(ValueError, match=r"image must be \(B, 32, 32, 3\) NHWC.*\(2, 3, 32, 32\)"):
     model.apply(params, jnp.zeros((2, 3, 32, 32)))
+  with pytest.raises(ValueError, match=r"image must be \(B, 32, 32, 3\) NHWC.*\(2, 32, 32, 1\)"):
+    model.apply(params, jnp.zeros((2, 32, 32, 1)))

@@ -180,13 +180,13 @@ def test_two_processes_with_jax_distributed_agree(tmp_path):
 
 def _train_cmd(workdir, steps):
   return [sys.executable, "train.py", "--config",
-          f"configs/fashion_mnist.py:tiny,steps={steps},batch=32",
+          f"configs/fashion_mnist.py:tiny,steps={steps},batch=16",
           "--workdir", str(workdir), "--config.tensorboard=False",
           "--config.checkpoint.every_steps=50", "--config.log_every_steps=5"]
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
-  steps = 300
+  steps = 120
   full = subprocess.run(_train_cmd(tmp_path / "full", steps), cwd=ROOT, env=_env(1),
                         capture_output=True, text=True, timeout=300)
   assert full.returncode == 0, full.stderr[-3000:]
@@ -195,7 +195,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
   metrics = tmp_path / "cut" / "metrics.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and any(json.loads(l)["step"] >= 20 for l in metrics.read_text().splitlines()):
+    if metrics.exists() and any(json.loads(l)["step"] >= 10 for l in metrics.read_text().splitlines()):
       break
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
@@ -205,7 +205,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
   stopped = state_lib.Checkpoints(tmp_path / "cut")
   cut_step = stopped.latest_step()
   stopped.close()
-  assert 20 <= cut_step < steps and cut_step % 50 != 0  # saved at the signal, not a schedule
+  assert 10 <= cut_step < steps and cut_step % 50 != 0  # saved at the signal, not a schedule
   again = subprocess.run(_train_cmd(tmp_path / "cut", steps), cwd=ROOT, env=_env(1),
                          capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]

@@ -17,7 +17,7 @@ def main():
   jax.distributed.initialize(f"localhost:{port}", int(count), int(index))
   from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
   from tps_jax.trainer import loop  # pylint: disable=g-import-not-at-top
-  config = fashion_mnist.get_config("tiny,steps=3,batch=32,method=dtps")
+  config = fashion_mnist.get_config("tiny,steps=3,batch=32")
   config.tensorboard = False
   summary = loop.train_and_evaluate(config, workdir)
   report = {"process": jax.process_index(), "processes": jax.process_count(),
