@@ -6,12 +6,6 @@ import pathlib
 # Eight simulated CPU devices for the sharding tests; set before JAX starts its backend.
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One persistent compilation cache for this test session and the subprocesses it starts
-# (training runs that compile the same steps again read them back).
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  import tempfile  # pylint: disable=g-import-not-at-top
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tps_jax_xla_cache_")
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -30,7 +30,7 @@ def test_npz_file_and_nested_model_key(golden_sd, tmp_path):
   path = tmp_path / "tps.npz"
   np.savez(path, **sd)
   params = checkpoints.from_torch_state_dict(str(path), _model())
-  logits, _ = _model().apply({"params": params}, _x(g))
+  logits, _ = jax.jit(_model().apply)({"params": params}, _x(g))
   np.testing.assert_allclose(logits, g["logits_eval"], atol=1e-4)
   nested = checkpoints.from_torch_state_dict({"model": {"module." + k: v for k, v in sd.items()}},
                                              _model())

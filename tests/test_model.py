@@ -129,7 +129,8 @@ def test_learned_training_path(method):
     logits, out = model.apply({"params": p}, x, train=True, rngs={"gumbel": rng})
     return jnp.mean(logits ** 2) + sum(jnp.mean(d) for d in out["decisions"]), out
 
-  (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params, jax.random.key(2))
+  (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params,
+                                                                   jax.random.key(2))
   chex.assert_tree_all_finite(grads)
   # The keep decisions reach the score heads through the straight-through estimator.
   assert np.abs(np.asarray(grads["Transformer"]["score_head_0"]["Dense_3"]["kernel"])).sum() > 0

@@ -180,14 +180,14 @@ class GradientTest(chex.TestCase):
     keep = np.array([[1, 1, 1, 0, 0, 0, 1, 0, 0, 1]] * 2, np.float32)
     pruned = np.array([[0, 0, 0, 1, 1, 0, 0, 1, 1, 0]] * 2, np.float32)
     with jax.enable_x64():
-      f = lambda x: tps_jax.squeeze_masked(x, keep, pruned)
+      f = jax.jit(lambda x: tps_jax.squeeze_masked(x, keep, pruned))
       jax.test_util.check_grads(f, (x.astype(np.float64),), order=2, modes=["fwd", "rev"],
                                 atol=1e-5, rtol=1e-5)
 
   def test_check_grads_squeeze(self):
     r, p = tokens(31, 2, 6, 5), tokens(32, 2, 4, 5)
     with jax.enable_x64():
-      jax.test_util.check_grads(tps_jax.squeeze, (r.astype(np.float64), p.astype(np.float64)),
+      jax.test_util.check_grads(jax.jit(tps_jax.squeeze), (r.astype(np.float64), p.astype(np.float64)),
                                 order=2, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
 
   def test_gradient_reaches_pruned_mask(self):

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import chex
@@ -155,10 +156,14 @@ def _free_port():
     return s.getsockname()[1]
 
 
+# Training subprocesses compile the same steps again: they share a persistent XLA cache.
+_XLA_CACHE = tempfile.mkdtemp(prefix="tps_jax_xla_cache_")
+
+
 def _env(devices):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), TF_CPP_MIN_LOG_LEVEL="2",
-             PYTHONPATH=str(ROOT))
-  return env
+  return dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), TF_CPP_MIN_LOG_LEVEL="2",
+              PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=_XLA_CACHE,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def test_two_processes_with_jax_distributed_agree(tmp_path):
