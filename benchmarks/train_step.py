@@ -21,7 +21,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 from benchmarks import common  # pylint: disable=wrong-import-position
-from configs import fashion_mnist  # pylint: disable=wrong-import-position
+from configs import common as common_cfg, fashion_mnist  # pylint: disable=wrong-import-position
 from tps_jax import data  # pylint: disable=wrong-import-position
 from tps_jax.trainer import loop, optim  # pylint: disable=wrong-import-position
 
@@ -29,10 +29,8 @@ LOSS = {"keep_weight": 2.0, "distill_weight": 0.5, "token_distill": True}
 
 
 def _case(name, model_cfg, *, method, batch, channels, teacher, repeats, mixed_precision):
-  cfg = {**model_cfg, "reduction": None if method == "none" else
-         {"method": method, "keep_ratio": 0.7,
-          "locations": model_cfg.pop("locations", (3, 6, 9))}}
-  cfg.pop("locations", None)
+  locations = model_cfg.pop("locations")
+  cfg = {**model_cfg, "reduction": common_cfg.reduction(method, 0.7, locations)}
   model = loop.build_model(cfg, 10 if channels == 1 else 1000, mixed_precision=mixed_precision)
   size = model.image_size
   rng = jax.random.key(0)

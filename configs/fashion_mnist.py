@@ -20,11 +20,10 @@ def get_config(arg=None):
                          tome_r=4)
   c = common.base()
   c.seed = arg.seed
-  depth = 2 if arg.tiny else arg.depth
+  width, depth, heads = (16, 2, 2) if arg.tiny else (arg.width, arg.depth, arg.heads)
   locations = (0, 1) if arg.tiny else tuple(range(2, depth - 1, 2))[:3]
-  c.model = dict(width=16 if arg.tiny else arg.width, depth=depth,
-                 num_heads=2 if arg.tiny else arg.heads,
-                 mlp_dim=4 * (16 if arg.tiny else arg.width), patch_size=4, image_size=28,
+  c.model = dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width,
+                 patch_size=4, image_size=28,
                  layout="deit", channels=1, drop_path=0.0 if arg.tiny else 0.05, remat=False,
                  reduction=common.reduction(arg.method, arg.keep, locations, arg.tome_r))
 

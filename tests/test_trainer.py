@@ -228,8 +228,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
   loop.train_and_evaluate(config, tmp_path)
   other = _config("tiny,steps=2,batch=32", **overrides)
   other.mesh = dict(data=1, fsdp=1, num_devices=1)
-  run = loop.Run(other)
-  run.init_state()
+  run = loop.Run(other)  # knows the state's layout without building a fresh state
   ckpt = state_lib.Checkpoints(tmp_path)
   restored = ckpt.restore(run.abstract_state)
   ckpt.close()

@@ -126,6 +126,7 @@ class FolderSource(IndexedSource):
     self.verify, self.channels = verify, channels
     self._files: dict[str, dict[str, np.ndarray]] = {}
     self.classes = None
+    self.skipped: dict[str, list[str]] = {}  # split -> files left out
 
   def _split_dir(self, split):
     path = self.root / split
@@ -135,7 +136,7 @@ class FolderSource(IndexedSource):
                               f"(it has {have}); expected ROOT/<split>/<class>/<image>.")
     return path
 
-  def _list(self, split):
+  def _columns(self, split):
     if split in self._files:
       return self._files[split]
     path = self._split_dir(split)
@@ -150,17 +151,18 @@ class FolderSource(IndexedSource):
       for f in sorted((path / name).rglob("*")):
         if not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
           continue
-        ok = _looks_like_image(f) and (self.verify != "decode" or _decodes(f))
-        (files if ok else skipped).append(str(f))
-        if ok:
+        if _looks_like_image(f) and (self.verify != "decode" or _decodes(f)):
+          files.append(str(f))
           labels.append(label)
+        else:
+          skipped.append(str(f))
     if skipped:
       logging.warning("skipped %d unreadable image file(s) in %s: %s", len(skipped), path,
                       ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
     if not files:
       raise ValueError(f"image folder {path} holds no readable images in class sub-folders "
                        f"(looked for {', '.join(IMAGE_EXTENSIONS)}).")
-    self.skipped = getattr(self, "skipped", {}) | {split: skipped}
+    self.skipped[split] = skipped
     self._files[split] = {"image": np.array(files), "label": np.array(labels, np.int32)}
     return self._files[split]
 
@@ -169,14 +171,11 @@ class FolderSource(IndexedSource):
     if self.classes is None:
       for split in ("train", "val", "validation", "test"):
         if (self.root / split).is_dir():
-          self._list(split)
+          self._columns(split)
           break
       else:
         raise FileNotFoundError(f"image folder {self.root} has no train/val/test split folder.")
     return len(self.classes)
-
-  def _columns(self, split):
-    return self._list(split)
 
   def _load(self, record):
     return {"image": tf.io.read_file(record["image"]), "label": record["label"]}
@@ -230,6 +229,7 @@ class TfdsSource:
 
   def epoch(self, split, shard, *, epoch, seed, shuffle, skip=0):
     """One epoch of a shard; skipped records are read but not decoded."""
+    shard_bounds(self.num_examples(split), *shard)  # a clear error for a bad shard
     sub = self._tfds.even_splits(split, n=shard[1])[shard[0]]
     read = self._tfds.ReadConfig(shuffle_seed=seed + epoch, shuffle_reshuffle_each_iteration=False)
     ds = self._dataset(sub, shuffle_files=shuffle, read_config=read)
@@ -257,7 +257,7 @@ def fashion_mnist_source(data_dir: str | os.PathLike | None = None, prefer: str 
     builder = tfds.builder("fashion_mnist", data_dir=data_dir)
     if builder.is_prepared() or prefer == "tfds":
       return TfdsSource("fashion_mnist", data_dir)
-  splits = {s: fashion_mnist.load(s, os.environ.get("TPS_FASHION_MNIST_DIR")) for s in ("train", "test")}
+  splits = {s: fashion_mnist.load(s) for s in ("train", "test")}  # $TPS_FASHION_MNIST_DIR
   return ArraySource(splits, num_classes=len(fashion_mnist.CLASSES), name="fashion_mnist")
 
 

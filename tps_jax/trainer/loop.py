@@ -35,13 +35,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _to_dict(cfg) -> dict:
-  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+  """A ConfigDict or mapping -> plain dict, lists (from JSON-like configs) as tuples."""
+  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+  return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
 
 
 def build_model(model_cfg, num_classes: int, *, mixed_precision: bool = False,
                 **overrides) -> VisionTransformer:
   kw = {**_to_dict(model_cfg), **overrides}
-  kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()}
   if mixed_precision:
     kw["dtype"] = jnp.bfloat16  # compute; parameters stay float32
   return Model(num_classes, **kw)
@@ -73,9 +74,7 @@ def _input(config):
   inp = config.input
   kw = _to_dict(inp.get("source_kw", {}))
   source = data.get_source(inp.dataset, data_dir=inp.get("data_dir"), **kw)
-  pre = _to_dict(inp.preprocess)
-  pre = {k: (tuple(v) if isinstance(v, list) else v) for k, v in pre.items()}
-  return source, data.Preprocess(**pre)
+  return source, data.Preprocess(**_to_dict(inp.preprocess))
 
 
 def _total_steps(config, steps_per_epoch: int) -> int:
@@ -169,13 +168,17 @@ def images_per_second(model: VisionTransformer, params, *, batch: int, data_shar
 
 
 class Run:
-  """Everything one config needs, built once: mesh, data, model, optimizer, jitted steps."""
+  """Everything one config needs, built once: mesh, data, model, optimizer, state layout.
+
+  After construction `abstract_state` (shapes and shardings) is known, so a
+  checkpoint can be restored without building a fresh state first.
+  """
 
   def __init__(self, config):
     self.config = config
     mesh_cfg = _to_dict(config.get("mesh", {}))
+    self.min_shard_size = mesh_cfg.pop("min_shard_size", 2**14)
     self.mesh = sharding.make_mesh(**mesh_cfg)
-    self.min_shard_size = mesh_cfg.get("min_shard_size", 2**14)
     self.data_sharding = sharding.batch_sharding(self.mesh)
     self.source, self.preprocess = _input(config)
     inp = config.input
@@ -194,41 +197,37 @@ class Run:
     opt = _to_dict(config.optim)
     warmup_epochs = opt.pop("warmup_epochs", 0.0)
     opt.setdefault("warmup_steps", int(round(warmup_epochs * self.steps_per_epoch)))
-    self.tx, self.schedule = None, None
-    self._opt = opt
     self.teacher, self.teacher_params = None, None
     self.mixing = data.Mixing(**_to_dict(config.get("mixing", {})))
 
-  def _init_params(self, rng):
-    params = self.model.init({"params": rng}, _dummy(self.model))
-    return params["params"]
-
-  def init_state(self):
-    """A fresh state (from `config.init.checkpoint` if given), laid out by the rules."""
-    cfg = self.config
-    rng = jax.random.key(cfg.seed)
-    k_init, k_train = jax.random.split(rng)
-    abstract_params = jax.eval_shape(self._init_params, k_init)
+    self._k_init, self._k_train = jax.random.split(jax.random.key(config.seed))
+    abstract_params = jax.eval_shape(self._init_params, self._k_init)
     self.tx, self.schedule = optim.make_optimizer(abstract_params, total_steps=self.total_steps,
-                                                  **self._opt)
-
-    def make(params):
-      return {"step": jnp.zeros((), jnp.int32), "params": params,
-              "opt_state": self.tx.init(params), "rng": jax.random.key_data(k_train)}
-
-    abstract = jax.eval_shape(make, abstract_params)
+                                                  **opt)
+    abstract = jax.eval_shape(self._make_state, abstract_params)
     self.state_shardings = sharding.tree_shardings(abstract, self.mesh, self.min_shard_size)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         self.state_shardings)
-    init = cfg.get("init", {}) or {}
+
+  def _init_params(self, rng):
+    return self.model.init({"params": rng}, _dummy(self.model))["params"]
+
+  def _make_state(self, params):
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": self.tx.init(params), "rng": jax.random.key_data(self._k_train)}
+
+  def init_state(self):
+    """A fresh state (from `config.init.checkpoint` if given), laid out by the rules."""
+    init = self.config.get("init", {}) or {}
     if init.get("checkpoint"):
       params = state_lib.load_params(init.checkpoint, self.eval_model,
-                                     fresh=tuple(init.get("fresh", ())), rng=k_init)
+                                     fresh=tuple(init.get("fresh", ())), rng=self._k_init)
       params = jax.device_put(params, self.state_shardings["params"])
     else:
-      params = jax.jit(self._init_params, out_shardings=self.state_shardings["params"])(k_init)
-    return jax.jit(make, out_shardings=self.state_shardings)(params)
+      params = jax.jit(self._init_params,
+                       out_shardings=self.state_shardings["params"])(self._k_init)
+    return jax.jit(self._make_state, out_shardings=self.state_shardings)(params)
 
   def load_teacher(self):
     cfg = self.config
@@ -239,8 +238,8 @@ class Run:
                                              "drop_path": 0.0}
     self.teacher = build_model(model_cfg, self.num_classes,
                                mixed_precision=cfg.get("mixed_precision", False))
-    params = state_lib.load_params(teacher_cfg.checkpoint, build_model(model_cfg,
-                                                                       self.num_classes))
+    # Parameters are float32 whatever the compute dtype, so the teacher itself says what to load.
+    params = state_lib.load_params(teacher_cfg.checkpoint, self.teacher)
     self.teacher_params = jax.device_put(
         params, sharding.tree_shardings(params, self.mesh, self.min_shard_size))
 
@@ -255,6 +254,10 @@ class Run:
     self.train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.data_sharding,
                                                      teacher_sh),
                               out_shardings=(self.state_shardings, repl), donate_argnums=0)
+    self.compile_eval()
+
+  def compile_eval(self):
+    repl = sharding.replicated(self.mesh)
     self.eval_step = jax.jit(make_eval_step(self.eval_model),
                              in_shardings=(self.state_shardings["params"], self.data_sharding),
                              out_shardings=(repl, repl))
@@ -301,11 +304,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-  state = run.init_state()
   start = ckpt.latest_step()
   if start is not None:
     state = ckpt.restore(run.abstract_state)
     writer.message(f"resuming from {ckpt.directory}/{start}")
+  else:
+    state = run.init_state()
   start = int(state["step"])
   run.load_teacher()
   run.compile()
@@ -328,7 +332,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
       state, m = run.train_step(state, batch, run.teacher_params)
       pending.append(m)
       last = step == run.total_steps
-      if step % log_every == 0 or last or ckpt.due(step) or stop.event.is_set():
+      stopping = stop.event.is_set()  # read once: a signal between two reads must not skip the save
+      save = ckpt.due(step) or last or stopping
+      if step % log_every == 0 or save:
         fetched = jax.device_get(pending)
         pending = []
         _check_finite(step, fetched, writer, ckpt)
@@ -340,11 +346,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
         writer.write(step, mean)
         writer.progress(step, mean, rate, (run.total_steps - step) * inp.batch_size / rate)
         t_last, step_last = now, step
-        if ckpt.due(step) or last or stop.event.is_set():
-          ckpt.save(step, state, wait=stop.event.is_set())
+        if save:
+          ckpt.save(step, state, wait=stopping)
       if eval_every and step % eval_every == 0 and not last:
         writer.write(step, run.evaluate(state["params"]), kind="eval")
-      if stop.event.is_set():
+      if stopping:
         writer.message(f"stopped by signal at step {step}; checkpoint saved, rerun to resume.")
         preempted = True
         break
@@ -374,11 +380,9 @@ def evaluate(config, checkpoint: str | pathlib.Path | None = None) -> dict[str, 
   path = checkpoint or (config.get("init", {}) or {}).get("checkpoint")
   if not path:
     raise ValueError("evaluate needs a checkpoint (a workdir, params.npz or a state dict).")
-  params = state_lib.load_params(path, run.eval_model)
-  run.state_shardings = {"params": sharding.tree_shardings(params, run.mesh)}
-  params = jax.device_put(params, run.state_shardings["params"])
-  run.eval_step = jax.jit(make_eval_step(run.eval_model),
-                          in_shardings=(run.state_shardings["params"], run.data_sharding))
+  params = jax.device_put(state_lib.load_params(path, run.eval_model),
+                          run.state_shardings["params"])
+  run.compile_eval()
   summary = run.summary(params)
   summary["checkpoint"] = str(path)
   return summary

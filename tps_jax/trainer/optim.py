@@ -15,20 +15,17 @@ SCORER = re.compile(r"(^|/)score_head_\d+/")
 NO_DECAY_NAMES = ("pos_embedding", "cls")
 
 
-def _paths(params):
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-  return flat
-
-
 def _tree_like(params, fn):
-  flat = _paths(params)
-  labels = {k: fn(k, v) for k, v in flat.items()}
-  return flax.traverse_util.unflatten_dict(labels, sep="/")
+  """A tree shaped like `params` with fn("a/b/c", leaf) at each leaf."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  return flax.traverse_util.unflatten_dict({k: fn(k, v) for k, v in flat.items()}, sep="/")
 
 
 def decay_mask(params):
   """True where weight decay applies: matrices and kernels, not biases/norms/pos/cls."""
-  return _tree_like(params, lambda k, v: getattr(v, "ndim", 0) > 1 and k.split("/")[-1] not in NO_DECAY_NAMES)
+  # Leaves may be optax.MaskedNode (no ndim) inside multi_transform: no decay there.
+  return _tree_like(params, lambda k, v: getattr(v, "ndim", 0) > 1
+                    and k.split("/")[-1] not in NO_DECAY_NAMES)
 
 
 def lr_groups(params):

@@ -17,11 +17,10 @@ AXES = ("data", "fsdp")
 BATCH = P(AXES)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices=None, num_devices: int = 0,
-              min_shard_size: int = 2**14) -> jax.sharding.Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None,
+              num_devices: int = 0) -> jax.sharding.Mesh:
   """A (data, fsdp) mesh over all devices (or the first `num_devices`); data=-1 takes what
-  fsdp leaves. `min_shard_size` belongs to the parameter rules (see tree_shardings)."""
-  del min_shard_size
+  fsdp leaves."""
   devices = list(devices if devices is not None else jax.devices())
   if num_devices:
     if num_devices > len(devices):

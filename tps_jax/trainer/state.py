@@ -60,9 +60,6 @@ class Checkpoints:
           f"checkpoint {self.directory}/{step} does not match this run's model or optimizer "
           f"(was the config changed?): {e}") from e
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
@@ -70,22 +67,17 @@ class Checkpoints:
 
 def _orbax_params(path: pathlib.Path) -> dict[str, np.ndarray]:
   """Flat params of the latest step under a workdir, a checkpoints dir, or a step dir."""
-  candidates = [path / "checkpoints", path]
-  for root in candidates:
-    if not root.is_dir():
-      continue
-    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
-    step_dir = root / str(steps[0]) if steps else None
-    if step_dir is None and (root / "default").is_dir():
-      step_dir = root
-    if step_dir is not None:
-      item = step_dir / "default" if (step_dir / "default").is_dir() else step_dir
-      restored = ocp.StandardCheckpointer().restore(item.absolute())
-      if "params" not in restored:
-        raise foreign.CheckpointMismatchError(f"{item} holds no 'params' entry.")
-      flat = flax.traverse_util.flatten_dict(restored["params"], sep="/")
-      return {k: np.asarray(v) for k, v in flat.items()}
-  raise FileNotFoundError(f"no tps_jax checkpoint under {path} (expected WORKDIR/checkpoints/STEP).")
+  root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
+  item = (root / str(max(steps)) if steps else path) / "default"  # Checkpoints' item name
+  if not item.is_dir():
+    raise FileNotFoundError(f"no tps_jax checkpoint under {path} "
+                            f"(expected WORKDIR/checkpoints/STEP).")
+  restored = ocp.StandardCheckpointer().restore(item.absolute())
+  if "params" not in restored:
+    raise foreign.CheckpointMismatchError(f"{item} holds no 'params' entry.")
+  flat = flax.traverse_util.flatten_dict(restored["params"], sep="/")
+  return {k: np.asarray(v) for k, v in flat.items()}
 
 
 def load_params(path: str | os.PathLike, model: VisionTransformer, *,
@@ -100,11 +92,9 @@ def load_params(path: str | os.PathLike, model: VisionTransformer, *,
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"checkpoint {path} does not exist.")
-  if path.is_dir():
-    flat = _orbax_params(path)
-    if "head" in set(fresh):
-      flat = {k: v for k, v in flat.items() if not k.startswith("head/")}
-    return foreign.assemble(flat, model, fresh=fresh, rng=rng, source=f"checkpoint {path}")
+  if path.is_dir():  # assemble ignores (and re-initialises) the `fresh` groups itself
+    return foreign.assemble(_orbax_params(path), model, fresh=fresh, rng=rng,
+                            source=f"checkpoint {path}")
   flat = foreign.load_state_dict(path)
   if any("/" in k for k in flat):
     return foreign.from_big_vision_npz(flat, model, fresh=fresh, rng=rng)
