@@ -36,7 +36,7 @@ def get_config(arg=None):
   c.mixing = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=0.0, smoothing=0.1)
 
   finetuning = bool(arg.init)
-  c.total_epochs = arg.epochs or (2.0 if finetuning else 20.0)
+  c.total_epochs = arg.epochs or (2.0 if finetuning else 12.0)
   c.total_steps = arg.steps
   c.optim = dict(lr=arg.lr or (5e-4 if finetuning else 2e-3), backbone_lr_scale=1.0,
                  weight_decay=0.05, warmup_epochs=0.2 if finetuning else 2.0,

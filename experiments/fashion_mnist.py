@@ -1,0 +1,238 @@
+"""Does TPS beat pruning when pruning gets aggressive? The Fashion-MNIST study.
+
+  python -m experiments.fashion_mnist quick       # the README's main job (minutes)
+  python -m experiments.fashion_mnist teacher     # the dense teacher (about 70 min, 2 cores)
+  python -m experiments.fashion_mnist offshelf    # training-free eTPS / EViT / top-k / ToMe
+  python -m experiments.fashion_mnist finetune    # dTPS vs DynamicViT, eTPS vs EViT, seeds
+  python -m experiments.fashion_mnist pictures    # kept / pruned / host pictures per stage
+
+Every step reads the committed teacher (results/fmnist_teacher/params.npz) and
+writes JSON and PNG under results/ (quick: under --out). Fine-tuning runs
+live in runs/ft/<method>_<keep>_s<seed>: a run that finished is not redone and
+one that was killed resumes, so `finetune` can be rerun until it is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from experiments import study  # noqa: E402
+
+KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+OFFSHELF_METHODS = ("etps", "evit", "topk", "tome")
+TOME_RS = (1, 2, 3, 4, 5)
+FINETUNE_PAIRS = (("dtps", "dynamicvit"), ("etps", "evit"))
+
+
+def _floats(s: str) -> tuple[float, ...]:
+  return tuple(float(v) for v in s.split(",") if v)
+
+
+def _ints(s: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in s.split(",") if v)
+
+
+def _strs(s: str) -> tuple[str, ...]:
+  return tuple(v for v in s.split(",") if v)
+
+
+def teacher(args) -> None:
+  summary = study.finetune("", study.ROOT / "runs" / "fmnist_teacher")
+  dest = study.TEACHER.parent
+  dest.mkdir(parents=True, exist_ok=True)
+  for name in ("params.npz", "summary.json", "config.json"):
+    shutil.copy(study.ROOT / "runs" / "fmnist_teacher" / name, dest / name)
+  print(f"teacher: top-1 {100 * summary['top1']:.2f}% -> {dest}")
+
+
+def offshelf(args) -> None:
+  cfg = study.fashion_mnist_config(args.arg)
+  params = study.load_dense(cfg, args.teacher)
+  print(f"training-free methods on {args.teacher}:")
+  points = study.offshelf_sweep(cfg, params, locations=study.stage_locations(args.arg),
+                                methods=args.methods, keeps=args.keeps, tome_rs=args.tome_rs)
+  dense = points[0]
+  out = pathlib.Path(args.results)
+  study.write_json(out / "fmnist_offshelf.json", {
+      "what": "training-free token reduction on the dense Fashion-MNIST teacher, whole test set",
+      "teacher": str(args.teacher), "locations": list(study.stage_locations(args.arg)),
+      "dense": dense, "points": points[1:]})
+  png = study.plot_curves(points[1:], out / "fmnist_offshelf.png", dense=dense,
+                          title="Fashion-MNIST, off the shelf (no fine-tuning): top-1 vs MACs")
+  print(f"wrote {out / 'fmnist_offshelf.json'} and {png}")
+
+
+def finetune(args) -> None:
+  teacher_path = pathlib.Path(args.teacher).resolve()
+  runs = []
+  for seed in args.seeds:  # seed-major: one full comparison lands before the next seed starts
+    for keep in args.keeps:
+      for method in args.methods:
+        name = f"{method}_{keep}_s{seed}"
+        arg = f"method={method},keep={keep},init={teacher_path},seed={seed},steps={args.steps}"
+        if args.arg:
+          arg += "," + args.arg
+        print(f"fine-tune {name}:")
+        s = study.finetune(arg, pathlib.Path(args.workdir) / name,
+                           overrides=["--config.tensorboard=False"])
+        runs.append({**s, "keep": keep, "seed": seed, "steps": args.steps, "workdir": name})
+  rows = study.aggregate(runs)
+  cfg = study.fashion_mnist_config(args.arg)
+  dense = json.loads((teacher_path.parent / "summary.json").read_text()) \
+      if (teacher_path.parent / "summary.json").exists() else None
+  out = pathlib.Path(args.results)
+  study.write_json(out / "fmnist_finetune.json", {
+      "what": f"fine-tuned {args.steps} steps of batch {cfg.input.batch_size} from the teacher "
+              "with SPEC section 4's losses; whole test set",
+      "teacher": str(args.teacher), "dense": dense, "rows": rows, "runs": runs})
+  png = study.plot_curves(rows, out / "fmnist_finetune.png", dense=dense, y_key="top1_mean",
+                          error_key="top1_std", pairs=FINETUNE_PAIRS,
+                          title=f"Fashion-MNIST, fine-tuned {args.steps} steps: mean top-1 "
+                                f"± std over {len(args.seeds)} seeds vs MACs")
+  _print_rows(rows)
+  print(f"wrote {out / 'fmnist_finetune.json'} and {png}")
+
+
+def _print_rows(rows) -> None:
+  from benchmarks.common import print_table  # pylint: disable=g-import-not-at-top
+  table = [{"method": r["method"], "keep": r["keep"], "seeds": r["seeds"],
+            "top-1 %": f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}",
+            "MMACs": f"{1e3 * r['gmacs']:.2f}", "img/s": f"{r['images_per_s']:.0f}"}
+           for r in rows]
+  print_table(table, ["method", "keep", "seeds", "top-1 %", "MMACs", "img/s"])
+
+
+def pictures(args) -> None:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tps_jax import visualize  # pylint: disable=g-import-not-at-top
+  from tps_jax.data import fashion_mnist as fm  # pylint: disable=g-import-not-at-top
+  from tps_jax.trainer import loop, state as state_lib  # pylint: disable=g-import-not-at-top
+
+  images, labels = fm.load("test")
+  pick = np.asarray(args.images)
+  raw = images[pick][..., None].astype(np.float32) / 255.0
+  cfg = study.fashion_mnist_config(args.arg)
+  pre = cfg.input.preprocess
+  x = (raw - pre.mean[0]) / pre.std[0]
+  out = pathlib.Path(args.results)
+  for method in args.methods:
+    mcfg = study.fashion_mnist_config(",".join(a for a in (args.arg, f"method={method}",
+                                                            f"keep={args.keep}") if a))
+    model = loop.build_model(mcfg.model, 10)
+    source = args.teacher
+    if method in ("dtps", "dynamicvit"):  # needs its fine-tuned score heads
+      source = pathlib.Path(args.workdir) / f"{method}_{args.keep}_s0" / "params.npz"
+    params = state_lib.load_params(source, model)
+    path = out / f"fmnist_tokens_{method}.png"
+    visualize.token_pictures(model, params, x, path, display_images=raw,
+                             title=f"{method}, keep {args.keep} ({source})")
+    print(f"wrote {path}")
+
+
+def quick(args) -> None:
+  """Brief fine-tunes from the committed teacher; dense vs dTPS vs pruning; table and plot."""
+  from benchmarks.common import print_table  # pylint: disable=g-import-not-at-top
+  from tps_jax import visualize  # pylint: disable=g-import-not-at-top
+  from tps_jax.trainer import loop, state as state_lib  # pylint: disable=g-import-not-at-top
+
+  start = time.perf_counter()
+  out = pathlib.Path(args.out)
+  shutil.rmtree(out, ignore_errors=True)  # a fresh run every time
+  teacher_path = pathlib.Path(args.teacher).resolve()
+  cfg = study.fashion_mnist_config(args.arg)
+  params = study.load_dense(cfg, teacher_path)
+  locations = study.stage_locations(args.arg)
+  keep = args.keep
+  rows = []
+
+  def add(label, training, r):
+    rows.append({"model": label, "training": training, **r})
+    print(f"{label}: top-1 {100 * r['top1']:.2f}%  {1e3 * r['gmacs']:.2f} MMACs  "
+          f"{r['images_per_s']:.0f} img/s   [{time.perf_counter() - start:.0f}s]")
+
+  print(f"1/3 the dense teacher ({teacher_path})")
+  add("dense", "teacher", study.evaluate_reduction(cfg, params, None))
+  print(f"2/3 fine-tune {args.steps} steps from the teacher, keep {keep}")
+  for method in ("dtps", "dynamicvit"):
+    arg = ",".join(a for a in (args.arg, f"method={method}", f"keep={keep}",
+                               f"init={teacher_path}", f"steps={args.steps}") if a)
+    fcfg = study.fashion_mnist_config(arg)
+    fcfg.optim.warmup_epochs = min(fcfg.optim.warmup_epochs, 0.2 * args.steps / 468)
+    fcfg.tensorboard = False
+    fcfg.checkpoint.every_steps = 10**9  # the final step only
+    add(method, f"fine-tuned {args.steps} steps", loop.train_and_evaluate(fcfg, out / method))
+  print(f"3/3 training-free baselines on the teacher, keep {keep}")
+  for method in ("etps", "topk"):
+    red = study.config_common.reduction(method, keep, locations)
+    add(method, "none (off the shelf)", study.evaluate_reduction(cfg, params, red))
+
+  dense = rows[0]
+  table = [{"model": r["model"], "training": r["training"], "top-1 %": f"{100 * r['top1']:.2f}",
+            "MMACs": f"{1e3 * r['gmacs']:.2f}",
+            "MACs vs dense": f"{r['gmacs'] / dense['gmacs']:.2f}",
+            "img/s": f"{r['images_per_s']:.0f}",
+            "speed-up": f"{r['images_per_s'] / dense['images_per_s']:.2f}x"} for r in rows]
+  print()
+  print_table(table, list(table[0]))
+  payload = {"keep": keep, "steps": args.steps, "teacher": str(args.teacher), "rows": rows,
+             "seconds": time.perf_counter() - start}
+  study.write_json(out / "quick.json", payload)
+  png = study.plot_curves([{**r, "method": r["model"]} for r in rows[1:]], out / "quick.png",
+                          dense=dense, title=f"Fashion-MNIST, keep {keep}: dTPS vs pruning "
+                                             f"({args.steps} fine-tuning steps)")
+  model = loop.build_model(study.fashion_mnist_config(
+      ",".join(a for a in (args.arg, f"method=dtps,keep={keep}") if a)).model, 10)
+  from tps_jax.data import fashion_mnist as fm  # pylint: disable=g-import-not-at-top
+  images, _ = fm.load("test")
+  raw = images[:4][..., None].astype("float32") / 255.0
+  pre = cfg.input.preprocess
+  visualize.token_pictures(model, state_lib.load_params(out / "dtps" / "params.npz", model),
+                           (raw - pre.mean[0]) / pre.std[0], out / "tokens_dtps.png",
+                           display_images=raw, title=f"dTPS, keep {keep}")
+  print(f"wrote {out / 'quick.json'}, {png} and {out / 'tokens_dtps.png'} "
+        f"in {time.perf_counter() - start:.0f}s")
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--teacher", default=str(study.TEACHER), help="dense teacher checkpoint")
+  p.add_argument("--arg", default="", help="extra configs/fashion_mnist.py arguments, "
+                                           "e.g. 'tiny' (tests)")
+  p.add_argument("--results", default=str(study.RESULTS), help="where JSON and PNG go")
+  p.add_argument("--workdir", default=str(study.ROOT / "runs" / "ft"),
+                 help="fine-tuning workdirs")
+  sub = p.add_subparsers(dest="command", required=True)
+  sub.add_parser("teacher", help="train the dense teacher and copy it into results/")
+  s = sub.add_parser("offshelf", help="training-free methods at several keep ratios")
+  s.add_argument("--methods", type=_strs, default=OFFSHELF_METHODS)
+  s.add_argument("--keeps", type=_floats, default=KEEPS)
+  s.add_argument("--tome_rs", type=_ints, default=TOME_RS)
+  s = sub.add_parser("finetune", help="fine-tuned comparisons over seeds")
+  s.add_argument("--methods", type=_strs, default=tuple(m for pr in FINETUNE_PAIRS for m in pr))
+  s.add_argument("--keeps", type=_floats, default=(0.7, 0.5))
+  s.add_argument("--seeds", type=_ints, default=(0, 1))
+  s.add_argument("--steps", type=int, default=200)
+  s = sub.add_parser("pictures", help="kept / pruned / host pictures")
+  s.add_argument("--methods", type=_strs, default=("dtps", "etps", "evit", "topk"))
+  s.add_argument("--keep", type=float, default=0.5)
+  s.add_argument("--images", type=_ints, default=(0, 1, 2, 3))
+  s = sub.add_parser("quick", help="the main job: a short end-to-end comparison")
+  s.add_argument("--keep", type=float, default=0.5)
+  s.add_argument("--steps", type=int, default=100)
+  s.add_argument("--out", default=str(study.ROOT / "runs" / "quick"))
+  args = p.parse_args(argv)
+  {"teacher": teacher, "offshelf": offshelf, "finetune": finetune, "pictures": pictures,
+   "quick": quick}[args.command](args)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,217 @@
+"""The pieces of a TPS-vs-pruning study: evaluate reductions, fine-tune, tabulate, plot.
+
+  cfg = fashion_mnist_config()                          # the dense teacher's config
+  params = load_dense(cfg, "results/fmnist_teacher/params.npz")
+  point = evaluate_reduction(cfg, params, reduction("etps", keep=0.5, locations=...))
+  summary = finetune(config_arg, workdir)               # train.py in a subprocess, resumable
+  plot_curves(points, "curves.png", title=...)
+
+Everything here drives the library (`tps_jax.trainer.loop`); nothing here is
+specific to one dataset except `fashion_mnist_config`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Iterable, Sequence
+
+import jax
+
+from configs import common as config_common
+from configs import fashion_mnist as fmnist_config
+from tps_jax import flops
+from tps_jax.trainer import loop, state as state_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+TEACHER = RESULTS / "fmnist_teacher" / "params.npz"
+TEACHER_COMMAND = ("python train.py --config configs/fashion_mnist.py --workdir "
+                   "runs/fmnist_teacher && mkdir -p results/fmnist_teacher && cp "
+                   "runs/fmnist_teacher/{params.npz,summary.json,config.json} "
+                   "results/fmnist_teacher/")
+# One style per method, the same in every plot.
+STYLE = {
+    "none": dict(color="black", marker="*", label="dense"),
+    "dtps": dict(color="tab:red", marker="o", label="dTPS (squeeze)"),
+    "dynamicvit": dict(color="tab:blue", marker="s", label="DynamicViT (drop)"),
+    "etps": dict(color="tab:orange", marker="o", label="eTPS (squeeze)"),
+    "evit": dict(color="tab:green", marker="s", label="EViT (fuse)"),
+    "topk": dict(color="tab:purple", marker="v", label="top-k (drop)"),
+    "tome": dict(color="tab:gray", marker="D", label="ToMe (merge)"),
+}
+
+
+def fashion_mnist_config(arg: str = ""):
+  """configs/fashion_mnist.py with `arg` ("method=etps,keep=0.5", ...)."""
+  return fmnist_config.get_config(arg or None)
+
+
+def stage_locations(arg: str = "") -> tuple[int, ...]:
+  """The stage blocks configs/fashion_mnist.py:`arg` uses for every staged method."""
+  probe = fashion_mnist_config(",".join(a for a in (arg, "method=topk") if a))
+  return tuple(probe.model.reduction["locations"])
+
+
+def load_dense(config, checkpoint: str | os.PathLike):
+  """Parameters of the dense model of `config` from `checkpoint` (host arrays)."""
+  path = pathlib.Path(checkpoint)
+  if not path.exists():
+    raise FileNotFoundError(f"teacher checkpoint {path} does not exist; train it with\n  "
+                            f"{TEACHER_COMMAND}")
+  cfg = config.copy_and_resolve_references()
+  cfg.model.reduction = None
+  model = loop.build_model(cfg.model, _num_classes(cfg))
+  return state_lib.load_params(path, model)
+
+
+def _num_classes(config) -> int:
+  return config.get("num_classes") or 10
+
+
+def evaluate_reduction(config, params, reduction: dict | None, *,
+                       throughput: bool = True) -> dict[str, Any]:
+  """Top-1 (whole eval split), MACs and inference images/s of `params` run with `reduction`.
+
+  `params` must fit the reduced model (dense parameters do for every training-free
+  method: etps, evit, topk, tome, none).
+  """
+  cfg = config.copy_and_resolve_references()
+  cfg.model.reduction = reduction
+  run = loop.Run(cfg)
+  placed = jax.device_put(params, run.state_shardings["params"])
+  run.compile_eval()
+  result = run.evaluate(placed)
+  result["gmacs"] = flops.macs(run.eval_model) / 1e9
+  red = run.eval_model.reduction
+  result.update(method=red.method, keep_counts=list(red.keep_counts),
+                tome_r=max(red.tome_r) if red.tome_r else 0)
+  if reduction and "keep_ratio" in reduction:
+    result["keep"] = reduction["keep_ratio"]
+  if throughput:
+    result["images_per_s"] = loop.images_per_second(
+        run.eval_model, placed, batch=cfg.input.eval_batch_size, data_sharding=run.data_sharding,
+        repeats=3)
+  return result
+
+
+def offshelf_sweep(config, params, *, locations: Sequence[int], methods: Sequence[str],
+                   keeps: Sequence[float], tome_rs: Sequence[int],
+                   log=print) -> list[dict[str, Any]]:
+  """Training-free methods on the same parameters: one point per (method, keep) or ToMe r,
+  plus the dense model first."""
+  points = []
+  todo = [("none", None)] + [(m, k) for m in methods if m != "tome" for k in keeps]
+  todo += [("tome", r) for r in tome_rs] if "tome" in methods else []
+  for method, arg in todo:
+    if method == "none":
+      red = None
+    elif method == "tome":
+      red = config_common.reduction("tome", 0.0, tome_r=arg)
+    else:
+      red = config_common.reduction(method, arg, locations)
+    t = time.perf_counter()
+    p = evaluate_reduction(config, params, red)
+    points.append(p)
+    what = f"r={arg}" if method == "tome" else (f"keep={arg}" if arg else "")
+    log(f"  {method:6s} {what:9s} top-1 {100 * p['top1']:6.2f}%  {p['gmacs'] * 1e3:7.2f} MMACs"
+        f"  {p['images_per_s']:7.0f} img/s  ({time.perf_counter() - t:.0f}s)")
+  return points
+
+
+def finetune(arg: str, workdir: str | os.PathLike, *, config: str = "configs/fashion_mnist.py",
+             overrides: Iterable[str] = (), log=print) -> dict[str, Any]:
+  """Runs train.py for `config:arg` in a subprocess into `workdir`; returns its summary.
+
+  A workdir that already holds a summary is not run again; one with
+  checkpoints resumes. The subprocess's output goes to `workdir`.log.
+  """
+  workdir = pathlib.Path(workdir)
+  done = workdir / "summary.json"
+  if done.exists():
+    return json.loads(done.read_text())
+  workdir.parent.mkdir(parents=True, exist_ok=True)
+  cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / config}:{arg}",
+         f"--workdir={workdir}", *overrides]
+  log(f"  $ {' '.join(cmd[1:])}")
+  t = time.perf_counter()
+  with open(workdir.with_suffix(".log"), "a") as f:
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+  if proc.returncode != 0 or not done.exists():
+    raise RuntimeError(f"training {arg!r} failed (exit {proc.returncode}); see "
+                       f"{workdir.with_suffix('.log')}")
+  summary = json.loads(done.read_text())
+  log(f"    top-1 {100 * summary['top1']:.2f}%  ({time.perf_counter() - t:.0f}s)")
+  return summary
+
+
+def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Runs of several seeds -> one row per (method, keep): mean, spread, per-seed top-1."""
+  groups: dict[tuple, list] = {}
+  for r in runs:
+    groups.setdefault((r["method"], r["keep"]), []).append(r)
+  rows = []
+  for (method, keep), rs in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+    top1 = [r["top1"] for r in rs]
+    rows.append({"method": method, "keep": keep, "seeds": len(rs),
+                 "top1_mean": statistics.fmean(top1),
+                 "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                 "top1_min": min(top1), "top1_max": max(top1), "top1_runs": top1,
+                 "gmacs": rs[0]["gmacs"],
+                 "images_per_s": statistics.fmean(r["images_per_s"] for r in rs)})
+  return rows
+
+
+def plot_curves(points: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str,
+                dense: dict[str, Any] | None = None, error_key: str | None = None,
+                y_key: str = "top1", pairs: Sequence[tuple[str, str]] = ()):
+  """Top-1 (%) vs MMACs, one line per method; error bars from `error_key` if given.
+
+  `pairs` (a, b): draw the methods side by side in subplots, one per pair.
+  """
+  import matplotlib
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt
+
+  groups = [tuple(p) for p in pairs] or [tuple(dict.fromkeys(p["method"] for p in points))]
+  fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4), squeeze=False)
+  for ax, group in zip(axes[0], groups):
+    for method in group:
+      pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["gmacs"])
+      if not pts:
+        continue
+      x = [p["gmacs"] * 1e3 for p in pts]
+      y = [100 * p[y_key] for p in pts]
+      err = [100 * p[error_key] for p in pts] if error_key else None
+      style = STYLE.get(method, dict(label=method))
+      ax.errorbar(x, y, yerr=err, capsize=3, lw=1.5, ms=5, **style)
+    if dense:
+      ax.axhline(100 * dense["top1"], color="black", ls="--", lw=0.8)
+      ax.plot([dense["gmacs"] * 1e3], [100 * dense["top1"]], **STYLE["none"], ls="none", ms=10)
+    ax.set_xlabel("MMACs per image")
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> pathlib.Path:
+  """Writes `payload` plus the machine it ran on, atomically."""
+  from benchmarks.common import machine  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+  os.replace(tmp, path)
+  return path

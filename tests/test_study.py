@@ -1,0 +1,118 @@
+"""The Fashion-MNIST study: token pictures, the committed teacher, and the main job end to end."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import fashion_mnist as cli
+from experiments import study
+from tps_jax import visualize
+from tps_jax.data import fashion_mnist as fm
+from tps_jax.models.vit import Model
+from tps_jax.trainer import loop, state as state_lib
+
+
+def test_patch_status_follows_patches_through_stages():
+  # 2 stages over 4 patches: stage 1 squeezes patch 3 into 0; stage 2 drops patch 2.
+  decisions = [np.array([[1, 1, 1, 0]]), np.array([[1, 1, 0, 0]])]
+  hosts = [np.array([[-1, -1, -1, 0]]), np.array([[-1, -1, -1, -1]])]
+  status, host = visualize.patch_status(decisions, hosts)
+  np.testing.assert_array_equal(status[:, 0], [[0, 0, 0, 1], [0, 0, 1, 2]])
+  np.testing.assert_array_equal(host[0, 0], [-1, -1, -1, 0])
+  with pytest.raises(ValueError, match="not kept"):  # a host must itself be kept
+    visualize.patch_status([np.array([[0, 1, 1, 0]])], [np.array([[-1, -1, -1, 0]])])
+  with pytest.raises(ValueError, match="not pruned"):
+    visualize.patch_status([np.array([[1, 1, 1, 1]])], [np.array([[-1, -1, -1, 0]])])
+  with pytest.raises(ValueError, match="one decisions and one hosts"):
+    visualize.patch_status(decisions, hosts[:1])
+
+
+@pytest.mark.parametrize("method", ["dtps", "evit"])
+def test_token_pictures_of_a_model(method, tmp_path):
+  model = Model(10, width=16, depth=3, num_heads=2, patch_size=4, image_size=16, channels=1,
+                reduction=dict(method=method, keep_ratio=0.5, locations=(1, 2)))
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 1)), jnp.float32)
+  params = jax.jit(model.init)(jax.random.key(0), images)["params"]
+  _, out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
+  status, host = visualize.patch_status(out["decisions"], out["hosts"])
+  assert status.shape == host.shape == (2, 2, 16)
+  assert ((status[0] == visualize.KEPT).sum(-1) == 8).all()  # floor(16 * 0.5)
+  assert ((status[1] == visualize.KEPT).sum(-1) == 4).all()  # floor(16 * 0.25)
+  squeezed = (host >= 0).sum()
+  assert squeezed == (12 * 2 if method == "dtps" else 0)  # every pruned patch, or none
+  visualize.token_pictures(model, params, images, tmp_path / "t.png")
+  assert (tmp_path / "t.png").stat().st_size > 5_000
+  with pytest.raises(ValueError, match="no stages"):
+    visualize.token_pictures(Model(10, width=16, depth=2, num_heads=2, patch_size=4,
+                                   image_size=16, channels=1), params, images)
+
+
+def test_committed_teacher_is_accurate():
+  """The committed Fashion-MNIST teacher loads into the recipe's model and is >= 90%."""
+  cfg = study.fashion_mnist_config()
+  params = study.load_dense(cfg, study.TEACHER)
+  model = loop.build_model({**cfg.model.to_dict(), "reduction": None}, 10)
+  images, labels = fm.load("test")
+  x = (images[:2000, ..., None].astype(np.float32) / 255.0 - 0.286) / 0.353
+  logits = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])(params, x)
+  top1 = float(np.mean(np.argmax(logits, -1) == labels[:2000]))
+  assert top1 >= 0.90, top1
+  summary = json.loads((study.TEACHER.parent / "summary.json").read_text())
+  assert summary["top1"] >= 0.90 and summary["examples"] == 10_000, summary
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+  """An (untrained) dense tiny model saved as a teacher checkpoint."""
+  path = tmp_path_factory.mktemp("teacher") / "params.npz"
+  cfg = study.fashion_mnist_config("tiny")
+  model = loop.build_model(cfg.model, 10)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  state_lib.save_params_npz(params, path)
+  return path
+
+
+def test_main_job_end_to_end(tiny_teacher, tmp_path, capsys):
+  cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "quick", "--steps", "3",
+            "--out", str(tmp_path / "quick")])
+  printed = capsys.readouterr().out
+  assert "MMACs" in printed and "speed-up" in printed
+  result = json.loads((tmp_path / "quick" / "quick.json").read_text())
+  rows = {r["model"]: r for r in result["rows"]}
+  assert list(rows) == ["dense", "dtps", "dynamicvit", "etps", "topk"]
+  assert all(r["examples"] == 10_000 for r in rows.values())
+  for m in ("dtps", "dynamicvit", "etps", "topk"):
+    assert rows[m]["gmacs"] < rows["dense"]["gmacs"]
+  assert rows["dtps"]["step"] == 3
+  for png in ("quick.png", "tokens_dtps.png"):
+    assert (tmp_path / "quick" / png).stat().st_size > 5_000
+
+
+def test_offshelf_sweep_writes_curves(tiny_teacher, tmp_path):
+  cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "--results", str(tmp_path),
+            "offshelf", "--methods", "topk,tome", "--keeps", "0.5", "--tome_rs", "2"])
+  result = json.loads((tmp_path / "fmnist_offshelf.json").read_text())
+  got = [(p["method"], p.get("keep"), p["tome_r"]) for p in result["points"]]
+  assert got == [("topk", 0.5, 0), ("tome", None, 2)]
+  assert all(p["gmacs"] < result["dense"]["gmacs"] for p in result["points"])
+  assert all(p["examples"] == 10_000 for p in result["points"])
+  assert (tmp_path / "fmnist_offshelf.png").stat().st_size > 5_000
+
+
+def test_study_aggregates_seeds():
+  runs = [{"method": "dtps", "keep": 0.5, "top1": t, "gmacs": 1.0, "images_per_s": 10.0}
+          for t in (0.8, 0.9)] + [{"method": "evit", "keep": 0.7, "top1": 0.7, "gmacs": 2.0,
+                                   "images_per_s": 5.0}]
+  rows = study.aggregate(runs)
+  assert [(r["method"], r["keep"], r["seeds"]) for r in rows] == [("evit", 0.7, 1),
+                                                                  ("dtps", 0.5, 2)]
+  assert rows[1]["top1_mean"] == pytest.approx(0.85)
+  assert rows[1]["top1_std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+
+
+def test_missing_teacher_names_the_command(tmp_path):
+  with pytest.raises(FileNotFoundError, match="train.py --config configs/fashion_mnist.py"):
+    study.load_dense(study.fashion_mnist_config("tiny"), tmp_path / "nope.npz")
