@@ -13,6 +13,8 @@ section 4's losses, the same checkpoint serving as the frozen teacher.
 
 from configs import common
 
+TRAIN_EXAMPLES = 60_000
+
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="none", keep=0.7, init="", epochs=0.0, steps=0,
@@ -36,10 +38,13 @@ def get_config(arg=None):
   c.mixing = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=0.0, smoothing=0.1)
 
   finetuning = bool(arg.init)
+  warmup_epochs = 0.2 if finetuning else 2.0
+  if arg.steps:  # a short run warms up over at most a fifth of its steps
+    warmup_epochs = min(warmup_epochs, 0.2 * arg.steps * arg.batch / TRAIN_EXAMPLES)
   c.total_epochs = arg.epochs or (2.0 if finetuning else 12.0)
   c.total_steps = arg.steps
   c.optim = dict(lr=arg.lr or (5e-4 if finetuning else 2e-3), backbone_lr_scale=1.0,
-                 weight_decay=0.05, warmup_epochs=0.2 if finetuning else 2.0,
+                 weight_decay=0.05, warmup_epochs=warmup_epochs,
                  warmup_init_lr=1e-6, min_lr=1e-5, clip_norm=1.0)
   if finetuning:
     common.finetune(c, arg.method)

@@ -45,8 +45,13 @@ def _strs(s: str) -> tuple[str, ...]:
   return tuple(v for v in s.split(",") if v)
 
 
+def _join(*parts: str) -> str:
+  """Config arguments -> "a=1,b=2" (empty parts left out)."""
+  return ",".join(p for p in parts if p)
+
+
 def teacher(args) -> None:
-  summary = study.finetune("", study.ROOT / "runs" / "fmnist_teacher")
+  summary = study.train("", study.ROOT / "runs" / "fmnist_teacher")
   dest = study.TEACHER.parent
   dest.mkdir(parents=True, exist_ok=True)
   for name in ("params.npz", "summary.json", "config.json"):
@@ -78,11 +83,10 @@ def finetune(args) -> None:
     for keep in args.keeps:
       for method in args.methods:
         name = f"{method}_{keep}_s{seed}"
-        arg = f"method={method},keep={keep},init={teacher_path},seed={seed},steps={args.steps}"
-        if args.arg:
-          arg += "," + args.arg
+        arg = _join(args.arg, f"method={method}", f"keep={keep}", f"init={teacher_path}",
+                    f"seed={seed}", f"steps={args.steps}")
         print(f"fine-tune {name}:")
-        s = study.finetune(arg, pathlib.Path(args.workdir) / name,
+        s = study.train(arg, pathlib.Path(args.workdir) / name,
                            overrides=["--config.tensorboard=False"])
         runs.append({**s, "keep": keep, "seed": seed, "steps": args.steps, "workdir": name})
   rows = study.aggregate(runs)
@@ -112,22 +116,16 @@ def _print_rows(rows) -> None:
 
 
 def pictures(args) -> None:
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from tps_jax import visualize  # pylint: disable=g-import-not-at-top
   from tps_jax.data import fashion_mnist as fm  # pylint: disable=g-import-not-at-top
-  from tps_jax.trainer import loop, state as state_lib  # pylint: disable=g-import-not-at-top
+  from tps_jax.trainer import state as state_lib  # pylint: disable=g-import-not-at-top
 
-  images, labels = fm.load("test")
-  pick = np.asarray(args.images)
-  raw = images[pick][..., None].astype(np.float32) / 255.0
-  cfg = study.fashion_mnist_config(args.arg)
-  pre = cfg.input.preprocess
-  x = (raw - pre.mean[0]) / pre.std[0]
+  images, _ = fm.load("test")
+  x, raw = study.normalise(images[list(args.images)], study.fashion_mnist_config(args.arg))
   out = pathlib.Path(args.results)
   for method in args.methods:
-    mcfg = study.fashion_mnist_config(",".join(a for a in (args.arg, f"method={method}",
-                                                            f"keep={args.keep}") if a))
-    model = loop.build_model(mcfg.model, 10)
+    model = study.build_model(study.fashion_mnist_config(_join(args.arg, f"method={method}",
+                                                               f"keep={args.keep}")))
     source = args.teacher
     if method in ("dtps", "dynamicvit"):  # needs its fine-tuned score heads
       source = pathlib.Path(args.workdir) / f"{method}_{args.keep}_s0" / "params.npz"
@@ -142,6 +140,7 @@ def quick(args) -> None:
   """Brief fine-tunes from the committed teacher; dense vs dTPS vs pruning; table and plot."""
   from benchmarks.common import print_table  # pylint: disable=g-import-not-at-top
   from tps_jax import visualize  # pylint: disable=g-import-not-at-top
+  from tps_jax.data import fashion_mnist as fm  # pylint: disable=g-import-not-at-top
   from tps_jax.trainer import loop, state as state_lib  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
@@ -163,10 +162,8 @@ def quick(args) -> None:
   add("dense", "teacher", study.evaluate_reduction(cfg, params, None))
   print(f"2/3 fine-tune {args.steps} steps from the teacher, keep {keep}")
   for method in ("dtps", "dynamicvit"):
-    arg = ",".join(a for a in (args.arg, f"method={method}", f"keep={keep}",
-                               f"init={teacher_path}", f"steps={args.steps}") if a)
-    fcfg = study.fashion_mnist_config(arg)
-    fcfg.optim.warmup_epochs = min(fcfg.optim.warmup_epochs, 0.2 * args.steps / 468)
+    fcfg = study.fashion_mnist_config(_join(args.arg, f"method={method}", f"keep={keep}",
+                                            f"init={teacher_path}", f"steps={args.steps}"))
     fcfg.tensorboard = False
     fcfg.checkpoint.every_steps = 10**9  # the final step only
     add(method, f"fine-tuned {args.steps} steps", loop.train_and_evaluate(fcfg, out / method))
@@ -189,15 +186,12 @@ def quick(args) -> None:
   png = study.plot_curves([{**r, "method": r["model"]} for r in rows[1:]], out / "quick.png",
                           dense=dense, title=f"Fashion-MNIST, keep {keep}: dTPS vs pruning "
                                              f"({args.steps} fine-tuning steps)")
-  model = loop.build_model(study.fashion_mnist_config(
-      ",".join(a for a in (args.arg, f"method=dtps,keep={keep}") if a)).model, 10)
-  from tps_jax.data import fashion_mnist as fm  # pylint: disable=g-import-not-at-top
-  images, _ = fm.load("test")
-  raw = images[:4][..., None].astype("float32") / 255.0
-  pre = cfg.input.preprocess
+  model = study.build_model(study.fashion_mnist_config(_join(args.arg, "method=dtps",
+                                                            f"keep={keep}")))
+  x, raw = study.normalise(fm.load("test")[0][:4], cfg)
   visualize.token_pictures(model, state_lib.load_params(out / "dtps" / "params.npz", model),
-                           (raw - pre.mean[0]) / pre.std[0], out / "tokens_dtps.png",
-                           display_images=raw, title=f"dTPS, keep {keep}")
+                           x, out / "tokens_dtps.png", display_images=raw,
+                           title=f"dTPS, keep {keep}, fine-tuned {args.steps} steps")
   print(f"wrote {out / 'quick.json'}, {png} and {out / 'tokens_dtps.png'} "
         f"in {time.perf_counter() - start:.0f}s")
 
@@ -220,7 +214,7 @@ def main(argv=None) -> None:
   s.add_argument("--methods", type=_strs, default=tuple(m for pr in FINETUNE_PAIRS for m in pr))
   s.add_argument("--keeps", type=_floats, default=(0.7, 0.5))
   s.add_argument("--seeds", type=_ints, default=(0, 1))
-  s.add_argument("--steps", type=int, default=200)
+  s.add_argument("--steps", type=int, default=120)
   s = sub.add_parser("pictures", help="kept / pruned / host pictures")
   s.add_argument("--methods", type=_strs, default=("dtps", "etps", "evit", "topk"))
   s.add_argument("--keep", type=float, default=0.5)

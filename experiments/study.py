@@ -3,7 +3,7 @@
   cfg = fashion_mnist_config()                          # the dense teacher's config
   params = load_dense(cfg, "results/fmnist_teacher/params.npz")
   point = evaluate_reduction(cfg, params, reduction("etps", keep=0.5, locations=...))
-  summary = finetune(config_arg, workdir)               # train.py in a subprocess, resumable
+  summary = train(config_arg, workdir)                  # train.py in a subprocess, resumable
   plot_curves(points, "curves.png", title=...)
 
 Everything here drives the library (`tps_jax.trainer.loop`); nothing here is
@@ -22,10 +22,11 @@ import time
 from typing import Any, Iterable, Sequence
 
 import jax
+import numpy as np
 
 from configs import common as config_common
 from configs import fashion_mnist as fmnist_config
-from tps_jax import flops
+from tps_jax import data, flops
 from tps_jax.trainer import loop, state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -58,20 +59,28 @@ def stage_locations(arg: str = "") -> tuple[int, ...]:
   return tuple(probe.model.reduction["locations"])
 
 
+def build_model(config, **overrides):
+  """The inference model of `config` (classes from the config or else from its dataset)."""
+  num_classes = config.get("num_classes") or data.get_source(
+      config.input.dataset, data_dir=config.input.get("data_dir")).num_classes
+  return loop.build_model(config.model, num_classes, **overrides)
+
+
 def load_dense(config, checkpoint: str | os.PathLike):
   """Parameters of the dense model of `config` from `checkpoint` (host arrays)."""
   path = pathlib.Path(checkpoint)
   if not path.exists():
     raise FileNotFoundError(f"teacher checkpoint {path} does not exist; train it with\n  "
                             f"{TEACHER_COMMAND}")
-  cfg = config.copy_and_resolve_references()
-  cfg.model.reduction = None
-  model = loop.build_model(cfg.model, _num_classes(cfg))
-  return state_lib.load_params(path, model)
+  return state_lib.load_params(path, build_model(config, reduction=None))
 
 
-def _num_classes(config) -> int:
-  return config.get("num_classes") or 10
+def normalise(images_uint8, config):
+  """(B, H, W) or (B, H, W, C) uint8 -> the model's float input and the [0, 1] picture."""
+  raw = images_uint8.astype("float32") / 255.0
+  raw = raw[..., None] if raw.ndim == 3 else raw
+  pre = config.input.preprocess
+  return (raw - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32), raw
 
 
 def evaluate_reduction(config, params, reduction: dict | None, *,
@@ -124,7 +133,7 @@ def offshelf_sweep(config, params, *, locations: Sequence[int], methods: Sequenc
   return points
 
 
-def finetune(arg: str, workdir: str | os.PathLike, *, config: str = "configs/fashion_mnist.py",
+def train(arg: str, workdir: str | os.PathLike, *, config: str = "configs/fashion_mnist.py",
              overrides: Iterable[str] = (), log=print) -> dict[str, Any]:
   """Runs train.py for `config:arg` in a subprocess into `workdir`; returns its summary.
 

@@ -6,6 +6,12 @@ import pathlib
 # Eight simulated CPU devices for the sharding tests; set before JAX starts its backend.
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Compiling dominates this suite (small shapes, many programs): skip LLVM's optimisations, which
+# halves compile time on CPU and changes no numerics (no fast-math; HLO passes still run).
+# Subprocesses started by the tests inherit it. Speed is measured in benchmarks/, never here.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_backend_optimization_level=0").strip()
 
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
