@@ -5,6 +5,7 @@
   python -m experiments.fashion_mnist offshelf    # training-free eTPS / EViT / top-k / ToMe
   python -m experiments.fashion_mnist finetune    # dTPS vs DynamicViT, eTPS vs EViT, seeds
   python -m experiments.fashion_mnist pictures    # kept / pruned / host pictures per stage
+  python -m experiments.fashion_mnist report      # markdown tables of the results (README)
 
 Every step reads the committed teacher (results/fmnist_teacher/params.npz) and
 writes JSON and PNG under results/ (quick: under --out). Fine-tuning runs
@@ -196,6 +197,61 @@ def quick(args) -> None:
         f"in {time.perf_counter() - start:.0f}s")
 
 
+def _pct(v: float) -> str:
+  return f"{100 * v:.2f}"
+
+
+def report(args) -> None:
+  """Markdown tables of the committed results (what the README quotes)."""
+  out = pathlib.Path(args.results)
+  off = json.loads((out / "fmnist_offshelf.json").read_text())
+  d = off["dense"]
+  print(f"Dense teacher: top-1 {_pct(d['top1'])}%, {1e3 * d['gmacs']:.2f} MMACs, "
+        f"{d['images_per_s']:.0f} img/s\n")
+  by = {(p["method"], p.get("keep")): p for p in off["points"] if p["method"] != "tome"}
+  keeps = sorted({k for _, k in by}, reverse=True)
+  methods = [m for m in ("etps", "evit", "topk") if any(mm == m for mm, _ in by)]
+  delta = "etps" in methods and len(methods) > 1
+  print(f"| keep | patches kept per stage | {methods[0]} MMACs (% dense) | "
+        + " | ".join(study.STYLE[m]["label"] for m in methods)
+        + (" | eTPS - best other |" if delta else " |"))
+  print("|---|---|---|" + "---|" * (len(methods) + delta))
+  for k in keeps:
+    row = [by[(m, k)] for m in methods if (m, k) in by]
+    first = row[0]
+    line = (f"| {k} | {', '.join(map(str, first['keep_counts']))} | {1e3 * first['gmacs']:.2f} "
+            f"({100 * first['gmacs'] / d['gmacs']:.0f}%) | "
+            + " | ".join(_pct(p["top1"]) for p in row) + " |")
+    if delta:
+      best_other = max(p["top1"] for p in row if p["method"] != "etps")
+      line += f" {100 * (by[('etps', k)]['top1'] - best_other):+.2f} |"
+    print(line)
+  tome = [p for p in off["points"] if p["method"] == "tome"]
+  if tome:
+    print("\n| ToMe r (per block) | MMACs (% dense) | top-1 |\n|---|---|---|")
+    for p in tome:
+      print(f"| {p['tome_r']} | {1e3 * p['gmacs']:.2f} ({100 * p['gmacs'] / d['gmacs']:.0f}%) "
+            f"| {_pct(p['top1'])} |")
+  ft_path = out / "fmnist_finetune.json"
+  if not ft_path.exists():
+    return
+  ft = json.loads(ft_path.read_text())
+  rows = {(r["method"], r["keep"]): r for r in ft["rows"]}
+  print(f"\nFine-tuned ({ft['what']}); mean ± std over seeds, [per-seed top-1]:\n")
+  print("| keep | pair | MMACs | TPS | baseline | TPS - baseline | seed spread (max std) |")
+  print("|---|---|---|---|---|---|---|")
+  for k in sorted({k for _, k in rows}, reverse=True):
+    for a, b in FINETUNE_PAIRS:
+      if (a, k) not in rows or (b, k) not in rows:
+        continue
+      ra, rb = rows[(a, k)], rows[(b, k)]
+      cell = lambda r: (f"{_pct(r['top1_mean'])} ± {_pct(r['top1_std'])} "
+                        f"[{', '.join(_pct(t) for t in r['top1_runs'])}]")
+      print(f"| {k} | {a} vs {b} | {1e3 * ra['gmacs']:.2f} / {1e3 * rb['gmacs']:.2f} | "
+            f"{cell(ra)} | {cell(rb)} | {100 * (ra['top1_mean'] - rb['top1_mean']):+.2f} | "
+            f"{100 * max(ra['top1_std'], rb['top1_std']):.2f} |")
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--teacher", default=str(study.TEACHER), help="dense teacher checkpoint")
@@ -219,13 +275,14 @@ def main(argv=None) -> None:
   s.add_argument("--methods", type=_strs, default=("dtps", "etps", "evit", "topk"))
   s.add_argument("--keep", type=float, default=0.5)
   s.add_argument("--images", type=_ints, default=(0, 1, 2, 3))
+  sub.add_parser("report", help="markdown tables of the results JSON")
   s = sub.add_parser("quick", help="the main job: a short end-to-end comparison")
   s.add_argument("--keep", type=float, default=0.5)
   s.add_argument("--steps", type=int, default=100)
   s.add_argument("--out", default=str(study.ROOT / "runs" / "quick"))
   args = p.parse_args(argv)
   {"teacher": teacher, "offshelf": offshelf, "finetune": finetune, "pictures": pictures,
-   "quick": quick}[args.command](args)
+   "quick": quick, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_main_job_end_to_end(tiny_teacher, tmp_path, capsys):
     assert (tmp_path / "quick" / png).stat().st_size > 5_000
 
 
-def test_offshelf_sweep_writes_curves(tiny_teacher, tmp_path):
+def test_offshelf_sweep_writes_curves(tiny_teacher, tmp_path, capsys):
   cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "--results", str(tmp_path),
             "offshelf", "--methods", "topk,tome", "--keeps", "0.5", "--tome_rs", "2"])
   result = json.loads((tmp_path / "fmnist_offshelf.json").read_text())
@@ -100,6 +100,10 @@ def test_offshelf_sweep_writes_curves(tiny_teacher, tmp_path):
   assert all(p["gmacs"] < result["dense"]["gmacs"] for p in result["points"])
   assert all(p["examples"] == 10_000 for p in result["points"])
   assert (tmp_path / "fmnist_offshelf.png").stat().st_size > 5_000
+  capsys.readouterr()
+  cli.main(["--results", str(tmp_path), "report"])
+  table = capsys.readouterr().out
+  assert "| 0.5 | 24, 12 |" in table and "| 2 |" in table, table  # keep counts; ToMe r
 
 
 def test_study_aggregates_seeds():
