@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from experiments import study  # noqa: E402
 
-KEEPS = (0.9, 0.7, 0.5, 0.4, 0.3)
+KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 OFFSHELF_METHODS = ("etps", "evit", "topk", "tome")
 TOME_RS = (1, 2, 3, 4, 5)
 FINETUNE_PAIRS = (("dtps", "dynamicvit"), ("etps", "evit"))
