@@ -7,7 +7,10 @@
 The model: 28x28 grey images, patch 4 (49 tokens), width 96, depth 8, 3 heads;
 stages before/in blocks 2, 4, 6. Without `init` it trains from scratch (the
 dense teacher); with `init` it fine-tunes from that checkpoint with SPEC
-section 4's losses, the same checkpoint serving as the frozen teacher.
+section 4's losses, the same checkpoint serving as the frozen teacher. With
+`warm_start` it continues training a dense model from a checkpoint for a
+second cosine cycle (8 epochs at lr 1e-3 by default), with no teacher: the
+committed teacher is 12 epochs from scratch followed by such a cycle.
 `tiny` shrinks everything for tests.
 """
 
@@ -18,7 +21,7 @@ TRAIN_EXAMPLES = 60_000
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="none", keep=0.7, init="", epochs=0.0, steps=0,
-                         batch=128, lr=0.0, seed=0, width=96, depth=8, heads=3, tiny=False,
+                         batch=128, lr=0.0, seed=0, warm_start="", width=96, depth=8, heads=3, tiny=False,
                          tome_r=4)
   c = common.base()
   c.seed = arg.seed
@@ -38,18 +41,23 @@ def get_config(arg=None):
   c.mixing = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=0.0, smoothing=0.1)
 
   finetuning = bool(arg.init)
-  warmup_epochs = 0.2 if finetuning else 2.0
+  if finetuning and arg.warm_start:
+    raise ValueError("give init (fine-tune a reduction from a teacher) or warm_start (continue "
+                     "training a dense model), not both.")
+  warmup_epochs = 0.2 if finetuning else (0.5 if arg.warm_start else 2.0)
   if arg.steps:  # a short run warms up over at most a fifth of its steps
     warmup_epochs = min(warmup_epochs, 0.2 * arg.steps * arg.batch / TRAIN_EXAMPLES)
-  c.total_epochs = arg.epochs or (2.0 if finetuning else 12.0)
+  c.total_epochs = arg.epochs or (2.0 if finetuning else (8.0 if arg.warm_start else 12.0))
   c.total_steps = arg.steps
-  c.optim = dict(lr=arg.lr or (5e-4 if finetuning else 2e-3), backbone_lr_scale=1.0,
+  c.optim = dict(lr=arg.lr or (5e-4 if finetuning else (1e-3 if arg.warm_start else 2e-3)), backbone_lr_scale=1.0,
                  weight_decay=0.05, warmup_epochs=warmup_epochs,
                  warmup_init_lr=1e-6, min_lr=1e-5, clip_norm=1.0)
   if finetuning:
     common.finetune(c, arg.method)
     c.init.checkpoint = arg.init
     c.teacher.checkpoint = arg.init
+  elif arg.warm_start:  # a second cosine cycle from a dense checkpoint, no teacher
+    c.init.checkpoint = arg.warm_start
   c.log_every_steps = 5 if arg.tiny else 50
   c.checkpoint.every_steps = 10 if arg.tiny else 200
   return c

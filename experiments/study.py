@@ -32,10 +32,7 @@ from tps_jax.trainer import loop, state as state_lib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 TEACHER = RESULTS / "fmnist_teacher" / "params.npz"
-TEACHER_COMMAND = ("python train.py --config configs/fashion_mnist.py --workdir "
-                   "runs/fmnist_teacher && mkdir -p results/fmnist_teacher && cp "
-                   "runs/fmnist_teacher/{params.npz,summary.json,config.json} "
-                   "results/fmnist_teacher/")
+TEACHER_COMMAND = "python -m experiments.fashion_mnist teacher"
 # One style per method, the same in every plot.
 STYLE = {
     "none": dict(color="black", marker="*", label="dense"),

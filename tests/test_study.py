@@ -118,5 +118,19 @@ def test_study_aggregates_seeds():
 
 
 def test_missing_teacher_names_the_command(tmp_path):
-  with pytest.raises(FileNotFoundError, match="train.py --config configs/fashion_mnist.py"):
+  with pytest.raises(FileNotFoundError, match="experiments.fashion_mnist teacher"):
     study.load_dense(study.fashion_mnist_config("tiny"), tmp_path / "nope.npz")
+
+
+def test_teacher_and_finetune_recipes():
+  from configs import fashion_mnist as recipe
+  scratch = recipe.get_config("")
+  assert (scratch.total_epochs, scratch.optim.lr, scratch.init.checkpoint) == (12.0, 2e-3, "")
+  warm = recipe.get_config("warm_start=t.npz")  # the teacher's second cycle: no teacher, no KD
+  assert (warm.total_epochs, warm.optim.lr, warm.init.checkpoint) == (8.0, 1e-3, "t.npz")
+  assert warm.teacher.checkpoint == "" and warm.loss.distill_weight == 0.0
+  short = recipe.get_config("method=dtps,init=t.npz,steps=100")  # warm-up a fifth of the run
+  assert short.optim.warmup_epochs == pytest.approx(0.2 * 100 * 128 / 60_000)
+  assert short.teacher.checkpoint == "t.npz" and short.optim.backbone_lr_scale == 0.01
+  with pytest.raises(ValueError, match="not both"):
+    recipe.get_config("init=a.npz,warm_start=b.npz")
