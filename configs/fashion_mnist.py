@@ -20,9 +20,9 @@ TRAIN_EXAMPLES = 60_000
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, method="none", keep=0.7, init="", epochs=0.0, steps=0,
-                         batch=128, lr=0.0, seed=0, warm_start="", width=96, depth=8, heads=3, tiny=False,
-                         tome_r=4)
+  arg = common.parse_arg(arg, method="none", keep=0.7, init="", warm_start="", epochs=0.0,
+                         steps=0, batch=128, lr=0.0, seed=0, width=96, depth=8, heads=3,
+                         tiny=False, tome_r=4)
   c = common.base()
   c.seed = arg.seed
   width, depth, heads = (16, 2, 2) if arg.tiny else (arg.width, arg.depth, arg.heads)
@@ -49,7 +49,8 @@ def get_config(arg=None):
     warmup_epochs = min(warmup_epochs, 0.2 * arg.steps * arg.batch / TRAIN_EXAMPLES)
   c.total_epochs = arg.epochs or (2.0 if finetuning else (8.0 if arg.warm_start else 12.0))
   c.total_steps = arg.steps
-  c.optim = dict(lr=arg.lr or (5e-4 if finetuning else (1e-3 if arg.warm_start else 2e-3)), backbone_lr_scale=1.0,
+  default_lr = 5e-4 if finetuning else (1e-3 if arg.warm_start else 2e-3)
+  c.optim = dict(lr=arg.lr or default_lr, backbone_lr_scale=1.0,
                  weight_decay=0.05, warmup_epochs=warmup_epochs,
                  warmup_init_lr=1e-6, min_lr=1e-5, clip_norm=1.0)
   if finetuning:

@@ -46,17 +46,12 @@ def _strs(s: str) -> tuple[str, ...]:
   return tuple(v for v in s.split(",") if v)
 
 
-def _join(*parts: str) -> str:
-  """Config arguments -> "a=1,b=2" (empty parts left out)."""
-  return ",".join(p for p in parts if p)
-
-
 def teacher(args) -> None:
   """12 epochs from scratch, then a second 8-epoch cosine cycle; copied into results/."""
   runs = study.ROOT / "runs"
   first = study.train(args.arg, runs / "fmnist_teacher")
   print(f"phase 1 (12 epochs from scratch): top-1 {100 * first['top1']:.2f}%")
-  warm = _join(args.arg, f"warm_start={runs / 'fmnist_teacher' / 'params.npz'}")
+  warm = study.join_args(args.arg, f"warm_start={runs / 'fmnist_teacher' / 'params.npz'}")
   summary = study.train(warm, runs / "fmnist_teacher_b")
   dest = pathlib.Path(args.teacher).parent
   dest.mkdir(parents=True, exist_ok=True)
@@ -90,11 +85,11 @@ def finetune(args) -> None:
     for keep in args.keeps:
       for method in args.methods:
         name = f"{method}_{keep}_s{seed}"
-        arg = _join(args.arg, f"method={method}", f"keep={keep}", f"init={teacher_path}",
-                    f"seed={seed}", f"steps={args.steps}")
+        arg = study.join_args(args.arg, f"method={method}", f"keep={keep}",
+                              f"init={teacher_path}", f"seed={seed}", f"steps={args.steps}")
         print(f"fine-tune {name}:")
         s = study.train(arg, pathlib.Path(args.workdir) / name,
-                           overrides=["--config.tensorboard=False"])
+                        overrides=["--config.tensorboard=False"])
         runs.append({**s, "keep": keep, "seed": seed, "steps": args.steps, "workdir": name})
   rows = study.aggregate(runs)
   cfg = study.fashion_mnist_config(args.arg)
@@ -131,8 +126,8 @@ def pictures(args) -> None:
   x, raw = study.normalise(images[list(args.images)], study.fashion_mnist_config(args.arg))
   out = pathlib.Path(args.results)
   for method in args.methods:
-    model = study.build_model(study.fashion_mnist_config(_join(args.arg, f"method={method}",
-                                                               f"keep={args.keep}")))
+    model = study.build_model(study.fashion_mnist_config(args.arg, f"method={method}",
+                                                         f"keep={args.keep}"))
     source = args.teacher
     if method in ("dtps", "dynamicvit"):  # needs its fine-tuned score heads
       source = pathlib.Path(args.workdir) / f"{method}_{args.keep}_s0" / "params.npz"
@@ -169,8 +164,8 @@ def quick(args) -> None:
   add("dense", "teacher", study.evaluate_reduction(cfg, params, None))
   print(f"2/3 fine-tune {args.steps} steps from the teacher, keep {keep}")
   for method in ("dtps", "dynamicvit"):
-    fcfg = study.fashion_mnist_config(_join(args.arg, f"method={method}", f"keep={keep}",
-                                            f"init={teacher_path}", f"steps={args.steps}"))
+    fcfg = study.fashion_mnist_config(args.arg, f"method={method}", f"keep={keep}",
+                                      f"init={teacher_path}", f"steps={args.steps}")
     fcfg.tensorboard = False
     fcfg.checkpoint.every_steps = 10**9  # the final step only
     add(method, f"fine-tuned {args.steps} steps", loop.train_and_evaluate(fcfg, out / method))
@@ -193,8 +188,7 @@ def quick(args) -> None:
   png = study.plot_curves([{**r, "method": r["model"]} for r in rows[1:]], out / "quick.png",
                           dense=dense, title=f"Fashion-MNIST, keep {keep}: dTPS vs pruning "
                                              f"({args.steps} fine-tuning steps)")
-  model = study.build_model(study.fashion_mnist_config(_join(args.arg, "method=dtps",
-                                                            f"keep={keep}")))
+  model = study.build_model(study.fashion_mnist_config(args.arg, "method=dtps", f"keep={keep}"))
   x, raw = study.normalise(fm.load("test")[0][:4], cfg)
   visualize.token_pictures(model, state_lib.load_params(out / "dtps" / "params.npz", model),
                            x, out / "tokens_dtps.png", display_images=raw,

@@ -45,14 +45,19 @@ STYLE = {
 }
 
 
-def fashion_mnist_config(arg: str = ""):
-  """configs/fashion_mnist.py with `arg` ("method=etps,keep=0.5", ...)."""
-  return fmnist_config.get_config(arg or None)
+def fashion_mnist_config(*args: str):
+  """configs/fashion_mnist.py with the arguments joined ("method=etps", "keep=0.5", ...)."""
+  return fmnist_config.get_config(join_args(*args) or None)
+
+
+def join_args(*parts: str) -> str:
+  """Config arguments -> "a=1,b=2" (empty parts left out)."""
+  return ",".join(p for p in parts if p)
 
 
 def stage_locations(arg: str = "") -> tuple[int, ...]:
   """The stage blocks configs/fashion_mnist.py:`arg` uses for every staged method."""
-  probe = fashion_mnist_config(",".join(a for a in (arg, "method=topk") if a))
+  probe = fashion_mnist_config(arg, "method=topk")
   return tuple(probe.model.reduction["locations"])
 
 
@@ -80,8 +85,7 @@ def normalise(images_uint8, config):
   return (raw - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32), raw
 
 
-def evaluate_reduction(config, params, reduction: dict | None, *,
-                       throughput: bool = True) -> dict[str, Any]:
+def evaluate_reduction(config, params, reduction: dict | None) -> dict[str, Any]:
   """Top-1 (whole eval split), MACs and inference images/s of `params` run with `reduction`.
 
   `params` must fit the reduced model (dense parameters do for every training-free
@@ -99,10 +103,9 @@ def evaluate_reduction(config, params, reduction: dict | None, *,
                 tome_r=max(red.tome_r) if red.tome_r else 0)
   if reduction and "keep_ratio" in reduction:
     result["keep"] = reduction["keep_ratio"]
-  if throughput:
-    result["images_per_s"] = loop.images_per_second(
-        run.eval_model, placed, batch=cfg.input.eval_batch_size, data_sharding=run.data_sharding,
-        repeats=3)
+  result["images_per_s"] = loop.images_per_second(
+      run.eval_model, placed, batch=cfg.input.eval_batch_size, data_sharding=run.data_sharding,
+      repeats=3)
   return result
 
 
@@ -131,7 +134,7 @@ def offshelf_sweep(config, params, *, locations: Sequence[int], methods: Sequenc
 
 
 def train(arg: str, workdir: str | os.PathLike, *, config: str = "configs/fashion_mnist.py",
-             overrides: Iterable[str] = (), log=print) -> dict[str, Any]:
+          overrides: Iterable[str] = (), log=print) -> dict[str, Any]:
   """Runs train.py for `config:arg` in a subprocess into `workdir`; returns its summary.
 
   A workdir that already holds a summary is not run again; one with

@@ -12,7 +12,7 @@ from experiments import study
 from tps_jax import visualize
 from tps_jax.data import fashion_mnist as fm
 from tps_jax.models.vit import Model
-from tps_jax.trainer import loop, state as state_lib
+from tps_jax.trainer import state as state_lib
 
 
 def test_patch_status_follows_patches_through_stages():
@@ -73,7 +73,7 @@ def tiny_teacher(tmp_path_factory):
   """An (untrained) dense tiny model saved as a teacher checkpoint."""
   path = tmp_path_factory.mktemp("teacher") / "params.npz"
   cfg = study.fashion_mnist_config("tiny")
-  model = loop.build_model(cfg.model, 10)
+  model = study.build_model(cfg)
   params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
   state_lib.save_params_npz(params, path)
   return path
