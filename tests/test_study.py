@@ -51,10 +51,10 @@ def test_token_pictures_of_a_model(method, tmp_path):
 
 
 def test_committed_teacher_is_accurate():
-  """The committed teacher loads into the recipe's model and scores what its summary says.
+  """The committed teacher loads into the recipe's model and scores what the study asks.
 
-  The study asks for >= 90%; the committed teacher has 89.80% (two cycles), so the bar here
-  is the teacher as committed: its summary and a re-evaluation of 2 000 test images.
+  The study asks for >= 90% on the 10 000 test images (the committed one has 90.67%, see
+  phases.json); re-evaluating 2 000 of them checks that the weights match that summary.
   """
   cfg = study.fashion_mnist_config()
   params = study.load_dense(cfg, study.TEACHER)
@@ -64,8 +64,8 @@ def test_committed_teacher_is_accurate():
   logits = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])(params, x)
   top1 = float(np.mean(np.argmax(logits, -1) == labels[:2000]))
   summary = json.loads((study.TEACHER.parent / "summary.json").read_text())
-  assert summary["top1"] >= 0.895 and summary["examples"] == 10_000, summary
-  assert top1 >= 0.88, top1
+  assert summary["top1"] >= 0.90 and summary["examples"] == 10_000, summary
+  assert top1 >= 0.89, top1
 
 
 @pytest.fixture(scope="module")
