@@ -1,7 +1,7 @@
 """Does TPS beat pruning when pruning gets aggressive? The Fashion-MNIST study.
 
   python -m experiments.fashion_mnist quick       # the README's main job (minutes)
-  python -m experiments.fashion_mnist teacher     # the dense teacher (about 3 h, 2 cores)
+  python -m experiments.fashion_mnist teacher     # the dense teacher (about 2 h 50 min, 2 cores)
   python -m experiments.fashion_mnist offshelf    # training-free eTPS / EViT / top-k / ToMe
   python -m experiments.fashion_mnist finetune    # dTPS vs DynamicViT, eTPS vs EViT, seeds
   python -m experiments.fashion_mnist pictures    # kept / pruned / host pictures per stage
