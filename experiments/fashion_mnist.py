@@ -143,7 +143,7 @@ def pictures(args) -> None:
     params = state_lib.load_params(source, model)
     path = out / f"fmnist_tokens_{method}.png"
     visualize.token_pictures(model, params, x, path, display_images=raw,
-                             title=f"{method}, keep {args.keep} ({source})")
+                             title=f"{method}, keep {args.keep} ({study.relative(source)})")
     print(f"wrote {path}")
 
 

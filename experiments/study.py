@@ -55,6 +55,12 @@ def join_args(*parts: str) -> str:
   return ",".join(p for p in parts if p)
 
 
+def relative(path: str | os.PathLike) -> str:
+  """`path` relative to the checkout where it lies inside it (for titles and logs)."""
+  path = pathlib.Path(path).resolve()
+  return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def stage_locations(arg: str = "") -> tuple[int, ...]:
   """The stage blocks configs/fashion_mnist.py:`arg` uses for every staged method."""
   probe = fashion_mnist_config(arg, "method=topk")
