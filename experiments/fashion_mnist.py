@@ -277,7 +277,7 @@ def main(argv=None) -> None:
   s.add_argument("--tome_rs", type=_ints, default=TOME_RS)
   s = sub.add_parser("finetune", help="fine-tuned comparisons over seeds")
   s.add_argument("--methods", type=_strs, default=tuple(m for pr in FINETUNE_PAIRS for m in pr))
-  s.add_argument("--keeps", type=_floats, default=(0.7, 0.5))
+  s.add_argument("--keeps", type=_floats, default=(0.7, 0.5, 0.3))
   s.add_argument("--seeds", type=_ints, default=(0, 1))
   s.add_argument("--steps", type=int, default=100)
   s = sub.add_parser("pictures", help="kept / pruned / host pictures")

@@ -65,7 +65,7 @@ def test_committed_teacher_is_accurate():
   top1 = float(np.mean(np.argmax(logits, -1) == labels[:2000]))
   summary = json.loads((study.TEACHER.parent / "summary.json").read_text())
   assert summary["top1"] >= 0.90 and summary["examples"] == 10_000, summary
-  assert top1 >= 0.89, top1
+  assert top1 >= 0.91, top1  # 91.50% when committed
 
 
 @pytest.fixture(scope="module")
