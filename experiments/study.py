@@ -56,7 +56,7 @@ def join_args(*parts: str) -> str:
 
 
 def relative(path: str | os.PathLike) -> str:
-  """`path` relative to the checkout where it lies inside it (for titles and logs)."""
+  """`path` relative to the checkout where it lies inside it (for picture titles)."""
   path = pathlib.Path(path).resolve()
   return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 

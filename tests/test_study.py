@@ -130,7 +130,7 @@ def test_teacher_and_finetune_recipes():
   from configs import fashion_mnist as recipe
   scratch = recipe.get_config("")
   assert (scratch.total_epochs, scratch.optim.lr, scratch.init.checkpoint) == (12.0, 2e-3, "")
-  warm = recipe.get_config("warm_start=t.npz")  # the teacher's second cycle: no teacher, no KD
+  warm = recipe.get_config("warm_start=t.npz")  # a later teacher cycle: no teacher, no KD
   assert (warm.total_epochs, warm.optim.lr, warm.init.checkpoint) == (8.0, 1e-3, "t.npz")
   assert warm.teacher.checkpoint == "" and warm.loss.distill_weight == 0.0
   short = recipe.get_config("method=dtps,init=t.npz,steps=100")  # warm-up a fifth of the run
