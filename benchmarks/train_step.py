@@ -4,7 +4,8 @@
 
 Cases: DeiT-S/16 at 224 (batch 32 on CPU, 256 on GPU) and the Fashion-MNIST
 ViT of configs/fashion_mnist.py (batch 128). The step is the trainer's own
-(`loop.make_train_step`: mixing, forward, SPEC-4 losses, AdamW update);
+(`loop.make_train_step`: device augmentation of uint8 batches (DeiT: RandAugment
+m9 + erasing), mixing, forward, SPEC-4 losses, AdamW update);
 fine-tuning methods are timed with and without the frozen dense teacher.
 Memory is XLA's compiled estimate (arguments + outputs + temporaries); on a GPU
 the device's peak bytes in use are added.
@@ -45,9 +46,11 @@ def _case(name, model_cfg, *, method, batch, channels, teacher, repeats, mixed_p
                                mixed_precision=mixed_precision)
     t_params = jax.jit(t_model.init)(rng, jnp.zeros((1, size, size, channels)))["params"]
   step = jax.jit(loop.make_train_step(model, tx, num_classes=model.num_classes,
-                                      mixing=data.Mixing(), loss_cfg=LOSS, teacher=t_model),
+                                      mixing=data.Mixing(), loss_cfg=LOSS, teacher=t_model,
+                                      preprocess=data.Preprocess(size=size, channels=channels)),
                  donate_argnums=0)
-  batch_data = {"image": jax.random.normal(rng, (batch, size, size, channels)),
+  batch_data = {"image": jax.random.randint(rng, (batch, size, size, channels), 0, 256,
+                                            jnp.int32).astype(jnp.uint8),
                 "label": jnp.zeros((batch,), jnp.int32)}
   compiled = step.lower(state, batch_data, t_params).compile()
   mem = compiled.memory_analysis()

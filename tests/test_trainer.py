@@ -52,7 +52,7 @@ def test_steps_lower_the_loss_and_trace_once():
   run, state = _prepare(_config("tiny,method=dtps,batch=64",
                                 **{"optim.lr": 3e-3, "optim.warmup_epochs": 0.0}))
   step_fn = loop.make_train_step(run.model, run.tx, num_classes=10, mixing=run.mixing,
-                                 loss_cfg={}, teacher=None)
+                                 loss_cfg={}, teacher=None, preprocess=run.preprocess)
   chex.clear_trace_counter()
   step = jax.jit(chex.assert_max_traces(step_fn, n=1), donate_argnums=0)
   batch = _batches(run, 1)[0]

@@ -1,33 +1,43 @@
-"""Batches for training and evaluation, per JAX process, assembled into global arrays.
+"""Batches for training and evaluation, per JAX process, on grain; global arrays for jit.
 
   train_batches(source, "train", preprocess, local_batch=..., seed=..., start_step=s)
-      endless (B_local, ...) numpy batches. Epochs are reshuffled by (seed, epoch);
-      every process takes the same number of batches per epoch, so multi-host
-      steps stay in lockstep. The stream is a pure function of (seed, step): a
-      resumed run passes `start_step` and gets exactly the batches it would have
-      seen, with nothing decoded for the skipped part.
+      endless {"image": uint8 (B_local, S, S, C), "label": int32 (B_local,)}.
+      Epochs are reshuffled by (seed, epoch); every process takes the same
+      number of batches per epoch, so multi-host steps stay in lockstep. The
+      stream is a pure function of (seed, step): grain reads it by random
+      access, so a resumed run passes `start_step` and gets exactly the batches
+      it would have seen, with nothing read for the skipped part (no iterator
+      state to checkpoint).
   eval_batches(source, "test", preprocess, local_batch=...)
       every example of the split exactly once across processes; the last
       batches are padded and `mask` says which rows are real.
   device_prefetch(batches, sharding)
       global jax.Arrays built with `jax.make_array_from_process_local_data`,
       a few steps ahead, on a background thread.
+
+The host decodes, crops, resizes and flips (`preprocess`) in `threads` threads
+(PIL releases the GIL) or, with `workers` > 0, in grain worker processes; the
+batches come out in the same order either way. RandAugment, normalisation,
+random erasing and mixing run on the device (`augment`, `mixing`).
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import os
 import threading
 from typing import Iterator
 
+import grain
 import jax
 import numpy as np
-import tensorflow as tf
 
 from tps_jax.data import preprocess as preprocess_lib
+from tps_jax.data.sources import shard_bounds
 
 Batch = dict[str, np.ndarray]
+_MAX_EPOCHS = 1_000_000  # the endless stream is this many epochs long
 
 
 def _process_shard(shard):
@@ -37,6 +47,8 @@ def _process_shard(shard):
 def local_batch_size(global_batch: int, sharding: jax.sharding.NamedSharding | None = None,
                      process_count: int | None = None) -> int:
   """This process's share of `global_batch`, after checking that it divides evenly."""
+  if not isinstance(global_batch, int) or global_batch < 1:
+    raise ValueError(f"batch size must be a positive integer, got {global_batch!r}.")
   process_count = jax.process_count() if process_count is None else process_count
   if sharding is not None:
     axes = sharding.spec[0] if len(sharding.spec) else None
@@ -53,6 +65,8 @@ def local_batch_size(global_batch: int, sharding: jax.sharding.NamedSharding | N
 
 def steps_per_epoch(num_examples: int, local_batch: int, process_count: int) -> int:
   """Full batches per epoch, the same on every process (the smallest shard decides)."""
+  if local_batch < 1:
+    raise ValueError(f"batch size must be a positive integer, got {local_batch!r}.")
   steps = (num_examples // process_count) // local_batch
   if steps == 0:
     raise ValueError(f"{num_examples} examples over {process_count} process(es) do not fill "
@@ -60,40 +74,71 @@ def steps_per_epoch(num_examples: int, local_batch: int, process_count: int) -> 
   return steps
 
 
-def _element_seed(seed: int, process: int, epoch: int):
-  base = tf.constant([seed * 1_000_003 + process, epoch * 2**31], tf.int64)
-  return lambda position: base + tf.stack([tf.constant(0, tf.int64), position])
+class _EpochOrder:
+  """Position in this process's endless stream -> index into the split.
+
+  Epoch e is a permutation of the shard [lo, hi) drawn from (seed, e), of
+  which the first `used` entries are read (whole batches only).
+  """
+
+  def __init__(self, lo: int, hi: int, used: int, seed: int, shuffle: bool = True):
+    self.lo, self.hi, self.used, self.seed, self.shuffle = lo, hi, used, seed, shuffle
+    self._cache: tuple[int, np.ndarray] | None = None
+
+  def __len__(self):
+    return self.used * _MAX_EPOCHS
+
+  def __getitem__(self, position: int) -> int:
+    epoch, k = divmod(int(position), self.used)
+    if not self.shuffle:
+      return self.lo + k
+    cached = self._cache
+    if cached is None or cached[0] != epoch:
+      order = np.random.default_rng([self.seed, epoch]).permutation(np.arange(self.lo, self.hi))
+      cached = self._cache = (epoch, order)
+    return int(cached[1][k])
 
 
-def _options():
-  options = tf.data.Options()
-  options.deterministic = True
-  options.experimental_optimization.map_parallelization = True
-  return options
+def _read_options(threads: int | None, ahead: int) -> grain.ReadOptions:
+  threads = threads if threads else min(16, os.cpu_count() or 1)
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(ahead, threads))
+
+
+def _iterate(ds: grain.MapDataset, threads, workers: int, ahead: int = 2):
+  it = ds.to_iter_dataset(_read_options(threads, ahead))
+  if workers:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=ahead))
+  return iter(it)
+
+
+def train_dataset(source, split: str, preprocess: preprocess_lib.Preprocess, *,
+                  local_batch: int, seed: int,
+                  shard: tuple[int, int] | None = None) -> grain.MapDataset:
+  """The endless stream of this process's training batches as a grain MapDataset."""
+  index, count = _process_shard(shard)
+  records = source.records(split)
+  lo, hi = shard_bounds(len(records), index, count)
+  per_epoch = steps_per_epoch(len(records), local_batch, count)
+  order = _EpochOrder(lo, hi, per_epoch * local_batch, seed)
+
+  def process(position, record_index):
+    record = records[record_index]
+    rng = np.random.default_rng([seed, index, position])
+    image = preprocess_lib.train_image(source.decode(record["image"]), rng, preprocess)
+    return {"image": image, "label": np.int32(record["label"])}
+
+  return (grain.MapDataset.source(order).map_with_index(process)
+          .batch(local_batch, drop_remainder=True))
 
 
 def train_batches(source, split: str, preprocess: preprocess_lib.Preprocess, *,
                   local_batch: int, seed: int, start_step: int = 0,
-                  shard: tuple[int, int] | None = None) -> Iterator[Batch]:
-  """Endless training batches {"image": f32 (B, S, S, C), "label": i32 (B,)} from `start_step`."""
-  index, count = _process_shard(shard)
-  per_epoch = steps_per_epoch(source.num_examples(split), local_batch, count)
-  epoch, step = divmod(start_step, per_epoch)
-  while True:
-    skip = step * local_batch
-    ds = source.epoch(split, (index, count), epoch=epoch, seed=seed, shuffle=True, skip=skip)
-    ds = ds.take((per_epoch - step) * local_batch).enumerate(start=skip)
-    element_seed = _element_seed(seed, index, epoch)
-
-    def process(position, record, element_seed=element_seed):
-      image = preprocess_lib.train_image(source.decode(record["image"]),
-                                         element_seed(position), preprocess)
-      return {"image": image, "label": record["label"]}
-
-    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local_batch, drop_remainder=True).prefetch(2).with_options(_options())
-    yield from ds.as_numpy_iterator()
-    epoch, step = epoch + 1, 0
+                  shard: tuple[int, int] | None = None, threads: int | None = None,
+                  workers: int = 0) -> Iterator[Batch]:
+  """Endless training batches {"image": uint8 (B, S, S, C), "label": i32 (B,)} from `start_step`."""
+  ds = train_dataset(source, split, preprocess, local_batch=local_batch, seed=seed, shard=shard)
+  return _iterate(ds[start_step:], threads, workers)
 
 
 def eval_steps(num_examples: int, local_batch: int, process_count: int) -> int:
@@ -102,20 +147,27 @@ def eval_steps(num_examples: int, local_batch: int, process_count: int) -> int:
 
 
 def eval_batches(source, split: str, preprocess: preprocess_lib.Preprocess, *,
-                 local_batch: int, shard: tuple[int, int] | None = None) -> Iterator[Batch]:
+                 local_batch: int, shard: tuple[int, int] | None = None,
+                 threads: int | None = None, workers: int = 0) -> Iterator[Batch]:
   """Each example of this process's shard once, then padding rows with mask False."""
+  if local_batch < 1:
+    raise ValueError(f"batch size must be a positive integer, got {local_batch!r}.")
   index, count = _process_shard(shard)
-  steps = eval_steps(source.num_examples(split), local_batch, count)
-  ds = source.epoch(split, (index, count), epoch=0, seed=0, shuffle=False)
-  ds = ds.map(lambda r: {"image": preprocess_lib.eval_image(source.decode(r["image"]), preprocess),
-                         "label": r["label"], "mask": tf.constant(True)},
-              num_parallel_calls=tf.data.AUTOTUNE)
-  size, channels = preprocess.size, preprocess.channels
-  pad = tf.data.Dataset.from_tensors({
-      "image": tf.zeros((size, size, channels), tf.float32),
-      "label": tf.constant(0, tf.int32), "mask": tf.constant(False)}).repeat()
-  ds = ds.concatenate(pad).take(steps * local_batch).batch(local_batch)
-  yield from ds.prefetch(2).with_options(_options()).as_numpy_iterator()
+  records = source.records(split)
+  lo, hi = shard_bounds(len(records), index, count)
+  steps = eval_steps(len(records), local_batch, count)
+  p = preprocess
+  blank = np.zeros((p.size, p.size, p.channels), np.uint8)
+
+  def process(position):
+    if lo + position >= hi:
+      return {"image": blank, "label": np.int32(0), "mask": np.bool_(False)}
+    record = records[lo + position]
+    image = preprocess_lib.eval_image(source.decode(record["image"]), p)
+    return {"image": image, "label": np.int32(record["label"]), "mask": np.bool_(True)}
+
+  ds = grain.MapDataset.range(steps * local_batch).map(process).batch(local_batch)
+  return _iterate(ds, threads, workers)
 
 
 def to_global(batch: Batch, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

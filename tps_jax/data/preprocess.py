@@ -1,27 +1,26 @@
-"""Per-example image processing in TensorFlow: DeiT's train and eval transforms.
+"""Host side of DeiT's transforms, in numpy and PIL (what timm uses): uint8 in, uint8 out.
 
-  train: decode (+ random resized crop) -> flip -> RandAugment -> normalise
-         -> random erasing
+  train: decode -> random resized crop (or pad + random crop) -> resize -> flip
   eval:  decode -> resize the short side to size / crop_pct -> centre crop
-         -> normalise
 
-Every random choice comes from a stateless seed, so an example's augmentation
-is a pure function of (seed, example) whatever tf.data's parallelism.
-Mixup / CutMix and label smoothing act on whole batches on the device
-(`tps_jax.data.mixing`).
+Every random choice comes from the numpy Generator the pipeline hands in,
+seeded by (seed, process, position), so an example's crop is a pure function
+of where it sits in the stream. RandAugment, normalisation, random erasing and
+mixup / CutMix run on the device (`tps_jax.data.augment`, `tps_jax.data.mixing`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
-import tensorflow as tf
-
-from tps_jax.data import randaugment
+import numpy as np
+from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROPS = ("random_resized", "pad_random", "none")
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +34,9 @@ class Preprocess:
     magnitude noise (timm's mstd).
   erasing: probability of random erasing (timm's mode "pixel"), 0 to disable.
   crop_pct: eval resizes the short side to size / crop_pct, then centre-crops.
+
+  The host does decode, crop, resize and flip (uint8 out); the device does
+  RandAugment, normalisation and random erasing (`tps_jax.data.augment`).
   """
   size: int = 224
   channels: int = 3
@@ -64,100 +66,94 @@ class Preprocess:
       raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}.")
     if not 0 <= self.erasing <= 1:
       raise ValueError(f"erasing is a probability, got {self.erasing}.")
+    if self.resize_method not in _RESAMPLE:
+      raise ValueError(f"unknown resize_method {self.resize_method!r}; expected one of "
+                       f"{sorted(_RESAMPLE)}.")
+    if self.randaugment is not None:
+      layers, magnitude = self.randaugment
+      if int(layers) != layers or layers < 0 or not 0 <= magnitude <= 10:
+        raise ValueError(f"randaugment is (num_layers >= 0, magnitude in [0, 10]), got "
+                         f"{self.randaugment}.")
 
 
-def _to_channels(image, channels):
-  """uint8 (H, W, 1 or 3) -> (H, W, channels): grey expanded, colour to luma."""
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+  """uint8 (H, W, 1 or 3) -> (H, W, channels): grey repeated, colour to PIL's luma."""
   have = image.shape[-1]
   if have == channels:
     return image
   if have == 1:
-    return tf.image.grayscale_to_rgb(image)
-  return tf.cast(tf.round(tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))), tf.uint8)
+    return np.repeat(image, 3, axis=-1)
+  return np.asarray(Image.fromarray(image).convert("L"))[..., None]
 
 
-def _resize(image, size_hw, method):
-  out = tf.image.resize(image, size_hw, method=method, antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+def resize(image: np.ndarray, size_hw: tuple[int, int], method: str,
+           box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+  """uint8 (H, W, C) -> (h, w, C) with PIL (antialiased); `box` = (top, left, height, width)."""
+  h, w = size_hw
+  if box is None and image.shape[:2] == (h, w):
+    return image
+  grey = image.shape[-1] == 1
+  pil = Image.fromarray(image[..., 0] if grey else image)
+  pil_box = None if box is None else (box[1], box[0], box[1] + box[3], box[0] + box[2])
+  out = np.asarray(pil.resize((w, h), _RESAMPLE[method], box=pil_box))
+  return out[..., None] if grey else out
 
 
-def _random_resized_crop(image, seed, p: Preprocess):
-  begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
-      min_object_covered=0.0, aspect_ratio_range=p.crop_ratio, area_range=p.crop_scale,
-      max_attempts=10, use_image_if_no_bounding_boxes=True)
-  crop = tf.slice(image, begin, extent)
-  return _resize(crop, (p.size, p.size), p.resize_method)
+def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
+                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """timm's RandomResizedCrop.get_params: (top, left, h, w), 10 tries then a centre crop."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _pad_random_crop(image, seed, p: Preprocess):
-  image = _resize(image, (p.size, p.size), p.resize_method) if image.shape[0] != p.size else image
-  padded = tf.pad(image, [[p.pad, p.pad], [p.pad, p.pad], [0, 0]])
-  return tf.image.stateless_random_crop(padded, (p.size, p.size, image.shape[-1]), seed)
+def pad_random_crop(image: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
+  """Zero-pad `pad` pixels on each side, take a random crop of the original size."""
+  h, w, _ = image.shape
+  top, left = rng.integers(0, 2 * pad + 1, size=2)
+  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+  return padded[top:top + h, left:left + w]
 
 
-def normalise(image, p: Preprocess):
-  x = tf.cast(image, tf.float32) / 255.0
-  return (x - tf.constant(p.mean, tf.float32)) / tf.constant(p.std, tf.float32)
-
-
-def random_erasing(x, seed, prob: float):
-  """timm's RandomErasing(mode="pixel", max_count=1) on a normalised image.
-
-  One box of area in [2%, 1/3] of the image and log-uniform aspect ratio in
-  [0.3, 3.3] is filled with N(0, 1) noise. timm retries up to 10 times for a
-  box that fits; here the box is clipped to the image instead, so the shapes
-  stay static.
-  """
-  s_apply, s_area, s_ratio, s_y, s_x, s_noise = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 6))
-  h, w = x.shape[0], x.shape[1]
-  area = tf.random.stateless_uniform([], s_area, 0.02, 1 / 3) * h * w
-  ratio = tf.exp(tf.random.stateless_uniform([], s_ratio, tf.math.log(0.3), tf.math.log(3.3)))
-  bh = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32), 1, h)
-  bw = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32), 1, w)
-  top = tf.random.stateless_uniform([], s_y, 0, h - bh + 1, dtype=tf.int32)
-  left = tf.random.stateless_uniform([], s_x, 0, w - bw + 1, dtype=tf.int32)
-  rows, cols = tf.range(h)[:, None, None], tf.range(w)[None, :, None]
-  box = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
-  box &= tf.random.stateless_uniform([], s_apply) < prob
-  return tf.where(box, tf.random.stateless_normal(x.shape, s_noise), x)
-
-
-def train_image(image, seed, p: Preprocess):
-  """uint8 (H, W, C) and an int (2,) seed -> float32 (size, size, channels)."""
-  s_crop, s_flip, s_aug, s_erase = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
-  image = _to_channels(image, p.channels)
+def train_image(image: np.ndarray, rng: np.random.Generator, p: Preprocess) -> np.ndarray:
+  """uint8 (H, W, C) -> uint8 (size, size, channels): crop, resize, flip."""
+  image = to_channels(image, p.channels)
   if p.crop == "random_resized":
-    image = _random_resized_crop(image, s_crop, p)
+    box = random_resized_crop_box(*image.shape[:2], rng, p.crop_scale, p.crop_ratio)
+    image = resize(image, (p.size, p.size), p.resize_method, box=box)
   elif p.crop == "pad_random":
-    image = _pad_random_crop(image, s_crop, p)
+    image = pad_random_crop(resize(image, (p.size, p.size), p.resize_method), p.pad, rng)
   else:
-    image = _resize(image, (p.size, p.size), p.resize_method)
-  image = tf.ensure_shape(image, (p.size, p.size, p.channels))
-  if p.flip:
-    image = tf.image.stateless_random_flip_left_right(image, s_flip)
-  if p.randaugment:
-    layers, magnitude = p.randaugment
-    image = randaugment.rand_augment(image, s_aug, num_layers=int(layers),
-                                     magnitude=float(magnitude),
-                                     magnitude_std=p.randaugment_std)
-  x = normalise(image, p)
-  if p.erasing > 0:
-    x = random_erasing(x, s_erase, p.erasing)
-  return x
+    image = resize(image, (p.size, p.size), p.resize_method)
+  if p.flip and rng.random() < 0.5:
+    image = image[:, ::-1]
+  return np.ascontiguousarray(image)
 
 
-def eval_image(image, p: Preprocess):
-  """uint8 (H, W, C) -> float32 (size, size, channels): resize + centre crop."""
-  image = _to_channels(image, p.channels)
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = (p.size / p.crop_pct) / tf.reduce_min(shape)
-  new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), p.size)
-  if p.crop_pct == 1.0 and image.shape[0] == image.shape[1] == p.size:
-    resized = image
+def eval_image(image: np.ndarray, p: Preprocess) -> np.ndarray:
+  """uint8 (H, W, C) -> uint8 (size, size, channels): timm's resize + centre crop."""
+  image = to_channels(image, p.channels)
+  h, w = image.shape[:2]
+  short = int(math.floor(p.size / p.crop_pct))
+  if h <= w:
+    new = (short, int(short * w / h))
   else:
-    resized = _resize(image, new, p.resize_method)
-  top, left = (new[0] - p.size) // 2, (new[1] - p.size) // 2
-  image = tf.slice(resized, [top, left, 0], [p.size, p.size, p.channels])
-  return normalise(tf.ensure_shape(image, (p.size, p.size, p.channels)), p)
+    new = (int(short * h / w), short)
+  image = resize(image, new, p.resize_method)
+  top = int(round((new[0] - p.size) / 2.0))
+  left = int(round((new[1] - p.size) / 2.0))
+  return np.ascontiguousarray(image[top:top + p.size, left:left + p.size])

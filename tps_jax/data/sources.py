@@ -1,26 +1,28 @@
-"""Where examples come from: tfds datasets, image folders, and Fashion-MNIST.
+"""Where examples come from: tfds datasets (ArrayRecord), image folders, arrays, Fashion-MNIST.
 
-A source serves one epoch of one process's shard of a split as a tf.data
-dataset of raw records, and knows how to decode a record into a uint8 image
-(H, W, C). The pipeline (`tps_jax.data.pipeline`) does the rest.
+A source gives random access to the records of a split (`records(split)`: a
+sequence with `len` and `[i]` -> {"image": raw, "label": int}) and decodes a
+raw image into uint8 (H, W, C) (`decode`). Nothing here imports TensorFlow.
 
-  get_source("fashion_mnist")             # tfds if prepared, else Debian's files
-  get_source("cifar10", data_dir=...)     # any prepared tfds image dataset
+  get_source("fashion_mnist")             # Debian's IDX files (or a tfds ArrayRecord copy)
+  get_source("cifar10", data_dir=...)     # any tfds image dataset prepared as ArrayRecord
   get_source("imagenet2012", data_dir=...)
   get_source("folder", data_dir=ROOT)     # ROOT/<split>/<class>/<image>
 
 Shards are contiguous and even (as `tfds.even_splits`): process i of P reads
-only its own part of the split.
+only its own part of the split (`shard_bounds`).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
+from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
+from PIL import Image
 
 from tps_jax.data import fashion_mnist
 
@@ -37,37 +39,18 @@ def shard_bounds(n: int, index: int, count: int) -> tuple[int, int]:
   return index * n // count, (index + 1) * n // count
 
 
-class IndexedSource:
-  """Examples addressable by index: an epoch is a permutation of the shard's indices."""
-  num_classes: int
-  channels: int
-
-  def _columns(self, split: str) -> dict[str, np.ndarray]:
-    """The split as numpy columns {"image": ..., "label": ...} of equal length."""
-    raise NotImplementedError
-
-  def _load(self, record):
-    return record
-
-  def decode(self, image):
-    return image
-
-  def num_examples(self, split: str) -> int:
-    return len(self._columns(split)["label"])
-
-  def epoch(self, split: str, shard: tuple[int, int], *, epoch: int, seed: int,
-            shuffle: bool, skip: int = 0) -> tf.data.Dataset:
-    """One epoch of a shard, from its `skip`-th record on (skipping reads nothing)."""
-    columns = self._columns(split)
-    indices = np.arange(*shard_bounds(len(columns["label"]), *shard))
-    if shuffle:
-      indices = np.random.default_rng([seed, epoch]).permutation(indices)
-    indices = indices[skip:]
-    ds = tf.data.Dataset.from_tensor_slices({k: v[indices] for k, v in columns.items()})
-    return ds.map(self._load, num_parallel_calls=tf.data.AUTOTUNE)
+def decode_image_bytes(raw: bytes, channels: int, what: str = "image") -> np.ndarray:
+  """Encoded image bytes (JPEG, PNG, ...) -> uint8 (H, W, channels), via PIL."""
+  try:
+    with Image.open(io.BytesIO(raw)) as image:
+      image = image.convert("L" if channels == 1 else "RGB")
+      array = np.asarray(image)
+  except (OSError, ValueError, SyntaxError) as e:
+    raise ValueError(f"cannot decode {what}: {e}") from e
+  return array[..., None] if array.ndim == 2 else array
 
 
-class ArraySource(IndexedSource):
+class ArraySource:
   """In-memory uint8 images (N, H, W[, C]) and int labels, per split."""
 
   def __init__(self, splits: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int,
@@ -83,13 +66,35 @@ class ArraySource(IndexedSource):
                          f"{images.dtype} {images.shape}.")
       if len(labels) != len(images):
         raise ValueError(f"{name}/{split}: {len(images)} images but {len(labels)} labels.")
-      self._arrays[split] = {"image": images, "label": np.asarray(labels, np.int32)}
-    self.channels = next(iter(self._arrays.values()))["image"].shape[-1]
+      self._arrays[split] = (images, np.asarray(labels, np.int32))
+    self.channels = next(iter(self._arrays.values()))[0].shape[-1]
 
-  def _columns(self, split):
+  def _split(self, split):
     if split not in self._arrays:
       raise ValueError(f"{self.name} has no split {split!r}; it has {sorted(self._arrays)}.")
     return self._arrays[split]
+
+  def num_examples(self, split: str) -> int:
+    return len(self._split(split)[1])
+
+  def records(self, split: str) -> Sequence[dict[str, Any]]:
+    return _Columns(*self._split(split))
+
+  def decode(self, image):
+    return image
+
+
+class _Columns:
+  """Random access over parallel (image, label) columns."""
+
+  def __init__(self, images, labels):
+    self.images, self.labels = images, labels
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, i):
+    return {"image": self.images[i], "label": self.labels[i]}
 
 
 def _looks_like_image(path: pathlib.Path) -> bool:
@@ -103,18 +108,20 @@ def _looks_like_image(path: pathlib.Path) -> bool:
 
 def _decodes(path: pathlib.Path) -> bool:
   try:
-    tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+    with Image.open(path) as image:
+      image.load()
     return True
-  except (tf.errors.InvalidArgumentError, tf.errors.OpError):
+  except (OSError, ValueError, SyntaxError):
     return False
 
 
-class FolderSource(IndexedSource):
+class FolderSource:
   """A folder of class sub-folders of images: ROOT/<split>/<class>/<file>.
 
   Class ids are the sorted class-folder names, the same in every split. Files
   that are not images (by their first bytes) are skipped and counted in the
-  log; `verify="decode"` also decodes every file once to skip corrupt ones.
+  log; `verify="decode"` also decodes every file once to skip corrupt ones. A
+  corrupt file that passes the check fails at decode with its path named.
   """
 
   def __init__(self, root: str | os.PathLike, *, verify: str = "header", channels: int = 3):
@@ -124,7 +131,7 @@ class FolderSource(IndexedSource):
     if not self.root.is_dir():
       raise FileNotFoundError(f"image folder {self.root} does not exist.")
     self.verify, self.channels = verify, channels
-    self._files: dict[str, dict[str, np.ndarray]] = {}
+    self._files: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     self.classes = None
     self.skipped: dict[str, list[str]] = {}  # split -> files left out
 
@@ -136,7 +143,7 @@ class FolderSource(IndexedSource):
                               f"(it has {have}); expected ROOT/<split>/<class>/<image>.")
     return path
 
-  def _columns(self, split):
+  def _split(self, split):
     if split in self._files:
       return self._files[split]
     path = self._split_dir(split)
@@ -163,34 +170,52 @@ class FolderSource(IndexedSource):
       raise ValueError(f"image folder {path} holds no readable images in class sub-folders "
                        f"(looked for {', '.join(IMAGE_EXTENSIONS)}).")
     self.skipped[split] = skipped
-    self._files[split] = {"image": np.array(files), "label": np.array(labels, np.int32)}
+    self._files[split] = (np.array(files), np.array(labels, np.int32))
     return self._files[split]
+
+  def num_examples(self, split: str) -> int:
+    return len(self._split(split)[1])
+
+  def records(self, split: str) -> Sequence[dict[str, Any]]:
+    return _Columns(*self._split(split))
 
   @property
   def num_classes(self):
     if self.classes is None:
       for split in ("train", "val", "validation", "test"):
         if (self.root / split).is_dir():
-          self._columns(split)
+          self._split(split)
           break
       else:
         raise FileNotFoundError(f"image folder {self.root} has no train/val/test split folder.")
     return len(self.classes)
 
-  def _load(self, record):
-    return {"image": tf.io.read_file(record["image"]), "label": record["label"]}
+  def decode(self, path) -> np.ndarray:
+    try:
+      raw = pathlib.Path(str(path)).read_bytes()
+    except OSError as e:
+      raise FileNotFoundError(f"cannot read image file {path}: {e}") from e
+    return decode_image_bytes(raw, self.channels, what=f"image file {path}")
 
-  def decode(self, image):
-    return tf.ensure_shape(
-        tf.io.decode_image(image, channels=self.channels, expand_animations=False),
-        (None, None, self.channels))
+
+TFRECORD_HELP = (
+    "tps_jax reads tfds datasets through tfds.data_source (ArrayRecord, random access, no "
+    "TensorFlow). Prepare one with `tfds build {name} --data_dir=DIR "
+    "--file_format=array_record` (needs TensorFlow once, on any machine; for imagenet2012 "
+    "put the ILSVRC tar files in DIR/downloads/manual first). A copy already prepared as "
+    "TFRecord converts with `tfds convert_format --dataset_version_dir=DIR/{name}/<version> "
+    "--out_file_format=array_record --out_dir=NEW_DIR/{name}/<version>`.")
 
 
 class TfdsSource:
-  """A prepared tfds image-classification dataset (records decoded after skipping)."""
+  """A tfds image-classification dataset prepared as ArrayRecord, read with random access.
 
-  def __init__(self, name: str, data_dir: str | os.PathLike | None = None,
-               shuffle_buffer: int = 10_000):
+  Images come out of the records still encoded (`SkipDecoding`) and are
+  decoded by PIL in the input workers, so decoding runs in parallel and
+  TensorFlow is never imported.
+  """
+
+  def __init__(self, name: str, data_dir: str | os.PathLike | None = None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self._tfds = tfds
     try:
@@ -198,7 +223,7 @@ class TfdsSource:
     except tfds.core.registered.DatasetNotFoundError as e:
       raise ValueError(f"unknown dataset {name!r}: not a tfds dataset, 'folder' or "
                        f"'fashion_mnist'.") from e
-    self.name, self.data_dir, self.shuffle_buffer = name, data_dir, shuffle_buffer
+    self.name, self.data_dir = name, data_dir
     keys = self.builder.info.supervised_keys
     if not keys:
       raise ValueError(f"tfds dataset {name!r} has no supervised (image, label) keys.")
@@ -206,58 +231,73 @@ class TfdsSource:
     image_feature = self.builder.info.features[self.image_key]
     self.channels = image_feature.shape[-1] or 3
     self.num_classes = self.builder.info.features[self.label_key].num_classes
-    self._decode = image_feature.decode_example
-    self._counts = {}
+    self._records = {}
 
-  def _dataset(self, split, **kw):
+  def records(self, split: str) -> Sequence[dict[str, Any]]:
+    if split in self._records:
+      return self._records[split]
+    tfds = self._tfds
     try:
-      return self.builder.as_dataset(
-          split=split, decoders={self.image_key: self._tfds.decode.SkipDecoding()}, **kw)
-    except AssertionError as e:  # tfds' "could not find data" when not prepared
-      raise FileNotFoundError(
-          f"tfds dataset {self.name!r} is not prepared in data_dir={self.data_dir!r}. Prepare "
-          f"it with `tfds build {self.name} --data_dir=DIR` (for imagenet2012 put the "
-          f"ILSVRC tar files in DIR/downloads/manual first).") from e
+      records = self.builder.as_data_source(
+          split=split, decoders={self.image_key: tfds.decode.SkipDecoding()})
+    except Exception as e:  # pylint: disable=broad-except
+      if not self.builder.is_prepared():
+        raise FileNotFoundError(
+            f"tfds dataset {self.name!r} is not prepared in data_dir={self.data_dir!r}. "
+            + TFRECORD_HELP.format(name=self.name)) from e
+      file_format = str(getattr(self.builder.info, "file_format", "") or "")
+      if "array_record" not in file_format.lower():
+        raise ValueError(
+            f"tfds dataset {self.name!r} in data_dir={self.data_dir!r} is prepared as "
+            f"{file_format or 'TFRecord'}, not ArrayRecord. "
+            + TFRECORD_HELP.format(name=self.name)) from e
+      raise ValueError(f"tfds dataset {self.name!r}: cannot read split {split!r}: {e}") from e
+    self._records[split] = _TfdsRecords(records, self.image_key, self.label_key)
+    return self._records[split]
 
-  def num_examples(self, split):
-    if split not in self._counts:
-      try:
-        self._counts[split] = self.builder.info.splits[split].num_examples
-      except KeyError:  # no split metadata (e.g. tfds.testing.mock_data): count records
-        self._counts[split] = int(self._dataset(split).reduce(0, lambda n, _: n + 1))
-    return self._counts[split]
+  def num_examples(self, split: str) -> int:
+    return len(self.records(split))
 
-  def epoch(self, split, shard, *, epoch, seed, shuffle, skip=0):
-    """One epoch of a shard; skipped records are read but not decoded."""
-    shard_bounds(self.num_examples(split), *shard)  # a clear error for a bad shard
-    sub = self._tfds.even_splits(split, n=shard[1])[shard[0]]
-    read = self._tfds.ReadConfig(shuffle_seed=seed + epoch, shuffle_reshuffle_each_iteration=False)
-    ds = self._dataset(sub, shuffle_files=shuffle, read_config=read)
-    if shuffle:
-      ds = ds.shuffle(self.shuffle_buffer, seed=seed * 7919 + epoch,
-                      reshuffle_each_iteration=False)
-    return ds.skip(skip).map(lambda ex: {"image": ex[self.image_key],
-                              "label": tf.cast(ex[self.label_key], tf.int32)})
+  def decode(self, raw) -> np.ndarray:
+    if isinstance(raw, np.ndarray) and raw.dtype == np.uint8 and raw.ndim == 3:
+      return raw  # already decoded (a mocked or numpy-decoded source)
+    return decode_image_bytes(bytes(raw), self.channels, what=f"a {self.name} image")
 
-  def decode(self, image):
-    return self._decode(image)
+
+class _TfdsRecords:
+  """tfds records -> {"image": encoded bytes, "label": int}."""
+
+  def __init__(self, records, image_key, label_key):
+    self.data, self.image_key, self.label_key = records, image_key, label_key
+
+  def __len__(self):
+    return len(self.data)
+
+  def __getitem__(self, i):
+    record = self.data[int(i)]
+    return {"image": record[self.image_key], "label": np.int32(record[self.label_key])}
 
 
 def fashion_mnist_source(data_dir: str | os.PathLike | None = None, prefer: str = "auto"):
-  """Fashion-MNIST: a prepared tfds copy in `data_dir` if there is one, else the IDX files.
+  """Fashion-MNIST from the IDX files, or from a tfds ArrayRecord copy.
 
-  prefer: "auto", "tfds" or "idx". The IDX files are the Debian package
-  `dataset-fashion-mnist` (or $TPS_FASHION_MNIST_DIR); tfds generates its copy
-  from the same files, so both give the same 70 000 examples in the same order.
+  data_dir: a folder holding the four IDX files, or a tfds data_dir with a
+    prepared `fashion_mnist`; None reads Debian's `dataset-fashion-mnist`
+    (or $TPS_FASHION_MNIST_DIR).
+  prefer: "auto" (IDX files where data_dir has them, else tfds), "idx" or "tfds".
+  Both give the same 70 000 examples in the same order; the choice is logged.
   """
   if prefer not in ("auto", "tfds", "idx"):
     raise ValueError(f"unknown Fashion-MNIST source {prefer!r}; expected auto, tfds or idx.")
-  if prefer != "idx":
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    builder = tfds.builder("fashion_mnist", data_dir=data_dir)
-    if builder.is_prepared() or prefer == "tfds":
-      return TfdsSource("fashion_mnist", data_dir)
-  splits = {s: fashion_mnist.load(s) for s in ("train", "test")}  # $TPS_FASHION_MNIST_DIR
+  idx_dir = fashion_mnist.data_dir(data_dir)
+  has_idx = all((idx_dir / f).exists() for f in fashion_mnist.FILES["train"])
+  if prefer == "tfds" or (prefer == "auto" and data_dir is not None and not has_idx):
+    if data_dir is not None and not pathlib.Path(data_dir).is_dir():
+      raise FileNotFoundError(f"Fashion-MNIST data_dir {data_dir} does not exist.")
+    logging.info("Fashion-MNIST: tfds copy in %s", data_dir)
+    return TfdsSource("fashion_mnist", data_dir)
+  splits = {s: fashion_mnist.load(s, data_dir) for s in ("train", "test")}
+  logging.info("Fashion-MNIST: IDX files in %s", idx_dir)
   return ArraySource(splits, num_classes=len(fashion_mnist.CLASSES), name="fashion_mnist")
 
 

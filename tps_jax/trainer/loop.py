@@ -91,14 +91,21 @@ def _host(tree):
 
 
 def make_train_step(model: VisionTransformer, tx, *, num_classes: int, mixing: data.Mixing,
-                    loss_cfg: dict, teacher: VisionTransformer | None):
-  """(state, batch, teacher_params) -> (state, metrics); updates are skipped if not finite."""
+                    loss_cfg: dict, teacher: VisionTransformer | None,
+                    preprocess: data.Preprocess):
+  """(state, batch, teacher_params) -> (state, metrics); updates are skipped if not finite.
+
+  `batch["image"]` is the host's uint8 (B, S, S, C); the device part of the
+  augmentation (RandAugment, normalisation, erasing, mixing) happens here,
+  keyed by (seed, step, row).
+  """
   reduction = model.reduction
 
   def step_fn(state, batch, teacher_params):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    k_mix, k_gumbel, k_drop = jax.random.split(rng, 3)
-    images, targets = data.mix(k_mix, batch["image"], batch["label"], num_classes, mixing)
+    k_aug, k_mix, k_gumbel, k_drop = jax.random.split(rng, 4)
+    images = data.train_images(k_aug, batch["image"], preprocess)
+    images, targets = data.mix(k_mix, images, batch["label"], num_classes, mixing)
     teacher_out = None
     if teacher is not None:
       t_logits, t_out = teacher.apply({"params": teacher_params}, images, train=False)
@@ -132,9 +139,10 @@ def make_train_step(model: VisionTransformer, tx, *, num_classes: int, mixing: d
   return step_fn
 
 
-def make_eval_step(model: VisionTransformer):
+def make_eval_step(model: VisionTransformer, preprocess: data.Preprocess):
   def eval_fn(params, batch):
-    logits, _ = model.apply({"params": params}, batch["image"], train=False)
+    images = data.eval_images(batch["image"], preprocess)
+    logits, _ = model.apply({"params": params}, images, train=False)
     correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
     return jnp.sum(correct), jnp.sum(batch["mask"])
   return eval_fn
@@ -247,7 +255,7 @@ class Run:
     cfg = self.config
     step_fn = make_train_step(self.model, self.tx, num_classes=self.num_classes,
                               mixing=self.mixing, loss_cfg=_to_dict(cfg.get("loss", {})),
-                              teacher=self.teacher)
+                              teacher=self.teacher, preprocess=self.preprocess)
     teacher_sh = (sharding.tree_shardings(self.teacher_params, self.mesh, self.min_shard_size)
                   if self.teacher_params is not None else None)
     repl = sharding.replicated(self.mesh)
@@ -258,7 +266,7 @@ class Run:
 
   def compile_eval(self):
     repl = sharding.replicated(self.mesh)
-    self.eval_step = jax.jit(make_eval_step(self.eval_model),
+    self.eval_step = jax.jit(make_eval_step(self.eval_model, self.preprocess),
                              in_shardings=(self.state_shardings["params"], self.data_sharding),
                              out_shardings=(repl, repl))
 
@@ -317,7 +325,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   inp = config.input
   batches = data.device_prefetch(
       data.train_batches(run.source, inp.train_split, run.preprocess,
-                         local_batch=run.local_batch, seed=config.seed, start_step=start),
+                         local_batch=run.local_batch, seed=config.seed, start_step=start,
+                         threads=inp.get("threads") or None, workers=inp.get("workers", 0)),
       run.data_sharding)
   log_every = config.get("log_every_steps", 50)
   eval_every = config.get("eval_every_steps", 0)
@@ -325,7 +334,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   t_last, step_last = time.perf_counter(), start
   preempted = False
   # Leaving the block (normally, by signal or by error) stops the prefetch thread and
-  # the tf.data readers before anything else is torn down.
+  # the input readers before anything else is torn down.
   with _Stop() as stop, contextlib.closing(batches):
     for step in range(start + 1, run.total_steps + 1):
       batch = next(batches)

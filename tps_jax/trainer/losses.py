@@ -47,17 +47,20 @@ def final_patch_tokens(out: dict, teacher_encoded: jax.Array):
   """Student final patch tokens, the teacher's at the same patches, and their live mask.
 
   Masked training path (dtps/dynamicvit): all N0 patches, live as decided.
-  Gather path (etps/evit/topk): the k kept patches (EViT's fused token left
-  out), the teacher's gathered at their original positions. ToMe: None
-  (merged tokens have no single position).
+  Gather path (etps/evit/topk): the k kept tokens, the teacher's gathered at
+  their original positions; a token without a position (-1: EViT's fused
+  token, wherever a later stage put it) is masked out and never gathered.
+  ToMe: None (merged tokens have no single position).
   """
   encoded = out["encoded"]
   teacher_patches = teacher_encoded[:, 1:]
   if out["keep_indices"]:
-    positions = out["keep_indices"][-1]  # (B, k) original patch positions
+    positions = out["keep_indices"][-1]  # (B, k) original patch positions, -1 for none
     k = positions.shape[1]
-    teacher_kept = jnp.take_along_axis(teacher_patches, positions[..., None], axis=1)
-    return encoded[:, 1:1 + k], teacher_kept, jnp.ones(positions.shape, jnp.float32)
+    valid = positions >= 0
+    safe = jnp.where(valid, positions, 0)[..., None]
+    teacher_kept = jnp.take_along_axis(teacher_patches, safe, axis=1)
+    return encoded[:, 1:1 + k], teacher_kept, valid.astype(jnp.float32)
   if "token_sizes" in out:
     return None
   return encoded[:, 1:], teacher_patches, out["live_mask"][:, 1:]

@@ -1,4 +1,7 @@
-"""What a person sees: a progress line, JSON lines and TensorBoard events (process 0 only)."""
+"""What a person sees: a progress line, JSON lines and TensorBoard events (process 0 only).
+
+TensorBoard event files are written by tensorboardX: no TensorFlow needed.
+"""
 
 from __future__ import annotations
 
@@ -32,9 +35,12 @@ class Writer:
     self.workdir.mkdir(parents=True, exist_ok=True)
     self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
     if tensorboard:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._tf = tf
-      self._tb = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
+      try:
+        import tensorboardX  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise ImportError("TensorBoard logging needs tensorboardX (pip install tensorboardX, "
+                          "or run with --config.tensorboard=False).") from e
+      self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=30)
 
   def write(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
     if not self.active:
@@ -44,9 +50,8 @@ class Writer:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
-      with self._tb.as_default(step=int(step)):
-        for k, v in metrics.items():
-          self._tf.summary.scalar(f"{kind}/{k}", float(v))
+      for k, v in metrics.items():
+        self._tb.add_scalar(f"{kind}/{k}", float(v), int(step))
       self._tb.flush()
 
   def progress(self, step: int, metrics: dict[str, float], images_per_s: float,

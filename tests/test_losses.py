@@ -1,0 +1,54 @@
+"""SPEC section 4 losses: values against direct formulas, and the token-distillation targets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tps_jax.models.vit import Model
+from tps_jax.trainer import losses
+
+
+def test_terms_against_direct_formulas():
+  rng = np.random.default_rng(0)
+  logits, t_logits = rng.normal(size=(2, 4, 5))
+  targets = optax.smooth_labels(jax.nn.one_hot(jnp.array([1, 3, 0, 4]), 5), 0.1)
+  np.testing.assert_allclose(losses.soft_cross_entropy(logits, targets),
+                             optax.softmax_cross_entropy(logits, targets).mean(), rtol=1e-6)
+  p, q = jax.nn.softmax(t_logits), jax.nn.softmax(logits)
+  np.testing.assert_allclose(losses.distill_kl(logits, t_logits),
+                             np.mean(np.sum(p * (np.log(p) - np.log(q)), -1)), rtol=1e-5)
+  d = [jnp.array([[1, 1, 0, 0], [1, 0, 0, 0]]), jnp.array([[1, 0, 0, 0], [0, 0, 0, 0]])]
+  expect = (((0.5 - 0.5) ** 2 + (0.25 - 0.5) ** 2) / 2 + ((0.25 - 0.25) ** 2 + 0.25 ** 2) / 2) / 2
+  np.testing.assert_allclose(losses.keep_ratio_loss(d, (0.5, 0.25)), expect, rtol=1e-6)
+
+
+def test_token_distillation_never_gathers_a_token_without_position():
+  b, n, d = 2, 6, 3
+  teacher = jnp.arange(b * (1 + n) * d, dtype=jnp.float32).reshape(b, 1 + n, d)
+  # Student kept patches 4 and 1 and, in the middle, EViT's fused token (-1).
+  positions = jnp.array([[4, -1, 1], [0, 5, -1]])
+  encoded = jnp.zeros((b, 1 + 3, d))
+  student, target, live = losses.final_patch_tokens(
+      {"encoded": encoded, "keep_indices": [positions]}, teacher)
+  np.testing.assert_array_equal(live, [[1, 0, 1], [1, 1, 0]])
+  np.testing.assert_array_equal(target[0, 0], teacher[0, 1 + 4])
+  np.testing.assert_array_equal(target[1, 1], teacher[1, 1 + 5])
+  # The loss is the mean over the four real tokens only.
+  want = np.mean([np.sum(np.asarray(teacher[i, 1 + p]) ** 2) / d
+                  for i, row in enumerate(positions.tolist()) for p in row if p >= 0])
+  np.testing.assert_allclose(losses.token_mse(student, target, live), want, rtol=1e-6)
+
+
+def test_evit_model_distills_only_real_patches():
+  model = Model(10, variant="Ti/16", image_size=32, patch_size=8, depth=4,
+                reduction={"method": "evit", "keep_ratio": 0.5, "locations": (1, 2)})
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  params = model.init(jax.random.key(1), x)["params"]
+  _, out = model.apply({"params": params}, x, train=False)
+  positions = out["keep_indices"][-1]
+  # Each stage appends a fused token; an earlier one may be kept by the next stage.
+  assert (positions[:, -1] == -1).all() and (positions == -1).sum() >= 2
+  teacher = jax.random.normal(jax.random.key(2), (2, 17, model.width))
+  _, _, live = losses.final_patch_tokens(out, teacher)
+  np.testing.assert_array_equal(live, positions >= 0)
