@@ -183,18 +183,31 @@ def test_two_processes_with_jax_distributed_agree(tmp_path):
   assert (tmp_path / "params.npz").exists()
 
 
-def _train_cmd(workdir, steps):
-  return [sys.executable, "train.py", "--config",
+# Runs train.py and reports at exit whether anything imported TensorFlow.
+_WATCH_TF = ("import atexit, runpy, sys; atexit.register(lambda: print('TENSORFLOW_IMPORTED', "
+             "'tensorflow' in sys.modules, file=sys.stderr)); sys.argv = ['train.py'] + "
+             "sys.argv[1:]; runpy.run_path('train.py', run_name='__main__')")
+
+
+def _train_cmd(workdir, steps, tensorboard=False):
+  return [sys.executable, "-c", _WATCH_TF, "--config",
           f"configs/fashion_mnist.py:tiny,steps={steps},batch=16",
-          "--workdir", str(workdir), "--config.tensorboard=False",
+          "--workdir", str(workdir), f"--config.tensorboard={tensorboard}",
           "--config.checkpoint.every_steps=50", "--config.log_every_steps=5"]
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
   steps = 120
-  full = subprocess.run(_train_cmd(tmp_path / "full", steps), cwd=ROOT, env=_env(1),
-                        capture_output=True, text=True, timeout=300)
+  # The README's training command as a new user runs it: TensorBoard on, no TensorFlow,
+  # nothing printed but progress lines and the result.
+  full = subprocess.run(_train_cmd(tmp_path / "full", steps, tensorboard=True), cwd=ROOT,
+                        env=_env(1), capture_output=True, text=True, timeout=300)
   assert full.returncode == 0, full.stderr[-3000:]
+  assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
+  lines = [l for l in full.stderr.splitlines() if l.strip()]
+  assert lines[-1] == "TENSORFLOW_IMPORTED False"
+  noise = [l for l in lines[:-1] if not l.startswith(("[", "done: "))]
+  assert not noise, noise
   proc = subprocess.Popen(_train_cmd(tmp_path / "cut", steps), cwd=ROOT, env=_env(1),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = tmp_path / "cut" / "metrics.jsonl"

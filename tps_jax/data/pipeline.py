@@ -29,6 +29,7 @@ import os
 import threading
 from typing import Iterator
 
+from absl import flags
 import grain
 import jax
 import numpy as np
@@ -107,6 +108,8 @@ def _read_options(threads: int | None, ahead: int) -> grain.ReadOptions:
 def _iterate(ds: grain.MapDataset, threads, workers: int, ahead: int = 2):
   it = ds.to_iter_dataset(_read_options(threads, ahead))
   if workers:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app
+      flags.FLAGS.mark_as_parsed()   # their defaults apply
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                      per_worker_buffer_size=ahead))
   return iter(it)
