@@ -11,8 +11,35 @@ import ml_collections
 METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome")
 
 
+_TRUE, _FALSE = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _typed(key: str, value: str, default):
+  """`value` parsed as the type of `default`; a value that is not one is an error."""
+  if isinstance(default, bool):
+    if value.lower() in _TRUE:
+      return True
+    if value.lower() in _FALSE:
+      return False
+    raise ValueError(f"config argument {key}={value!r} is not a boolean (true/false, 1/0, "
+                     f"yes/no).")
+  if isinstance(default, (int, float)):
+    kind = "an integer" if isinstance(default, int) else "a number"
+    try:
+      number = float(value)
+    except ValueError:
+      raise ValueError(f"config argument {key}={value!r} is not {kind}.") from None
+    if isinstance(default, int):
+      if number != int(number):
+        raise ValueError(f"config argument {key}={value!r} is not an integer.")
+      return int(number)
+    return number
+  return value
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """"a=1,b=x,flag" -> ConfigDict, typed like the defaults; unknown keys are errors."""
+  """"a=1,b=x,flag" -> ConfigDict, typed like the defaults; unknown keys and values that do
+  not parse as their default's type are errors that name the argument."""
   out = ml_collections.ConfigDict(defaults)
   if not arg:
     return out
@@ -21,13 +48,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key = key.strip()
     if key not in defaults:
       raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}.")
-    default = defaults[key]
-    if isinstance(default, bool):
-      out[key] = value.lower() in ("", "1", "true", "yes")
-    elif isinstance(default, (int, float)) and not isinstance(default, bool):
-      out[key] = type(default)(float(value)) if isinstance(default, int) else float(value)
-    else:
-      out[key] = value
+    out[key] = _typed(key, value.strip(), defaults[key])
   return out
 
 

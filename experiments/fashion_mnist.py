@@ -147,6 +147,21 @@ def pictures(args) -> None:
     print(f"wrote {path}")
 
 
+MARKER = ".tps_jax_quick"  # marks a folder this job wrote, which it may replace
+
+
+def fresh_out(out: pathlib.Path, overwrite: bool = False) -> pathlib.Path:
+  """An empty `out` for a new run: replaces a folder this job wrote, never a user's folder."""
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if not (overwrite or (out / MARKER).exists()):
+      raise SystemExit(f"--out {out} exists and was not written by this job; give a new or "
+                       f"empty folder, or add --overwrite to delete it.")
+    shutil.rmtree(out) if out.is_dir() else out.unlink()
+  out.mkdir(parents=True, exist_ok=True)
+  (out / MARKER).touch()
+  return out
+
+
 def quick(args) -> None:
   """Brief fine-tunes from the committed teacher; dense vs dTPS vs pruning; table and plot."""
   from benchmarks.common import print_table  # pylint: disable=g-import-not-at-top
@@ -155,8 +170,7 @@ def quick(args) -> None:
   from tps_jax.trainer import loop, state as state_lib  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
-  out = pathlib.Path(args.out)
-  shutil.rmtree(out, ignore_errors=True)  # a fresh run every time
+  out = fresh_out(pathlib.Path(args.out), args.overwrite)
   teacher_path = pathlib.Path(args.teacher).resolve()
   cfg = study.fashion_mnist_config(args.arg)
   params = study.load_dense(cfg, teacher_path)
@@ -289,6 +303,8 @@ def main(argv=None) -> None:
   s.add_argument("--keep", type=float, default=0.5)
   s.add_argument("--steps", type=int, default=100)
   s.add_argument("--out", default=str(study.ROOT / "runs" / "quick"))
+  s.add_argument("--overwrite", action="store_true",
+                 help="delete --out first even if this job did not write it")
   args = p.parse_args(argv)
   {"teacher": teacher, "offshelf": offshelf, "finetune": finetune, "pictures": pictures,
    "quick": quick, "report": report}[args.command](args)

@@ -298,6 +298,28 @@ def test_tensorflow_is_never_imported():
   assert "tensorflow" not in sys.modules
 
 
+def test_fashion_mnist_source_honours_data_dir(tmp_path, caplog):
+  root = fashion_mnist.data_dir()
+  for name in fashion_mnist.FILES["train"] + fashion_mnist.FILES["test"]:
+    (tmp_path / name).write_bytes((root / name).read_bytes())
+  # The copy's first test label is changed: the source must read the copy, not Debian's files.
+  with gzip.open(root / fashion_mnist.FILES["test"][1]) as f:
+    raw = bytearray(f.read())
+  raw[8] = (raw[8] + 1) % 10
+  with gzip.open(tmp_path / fashion_mnist.FILES["test"][1], "wb") as f:
+    f.write(bytes(raw))
+  with caplog.at_level(logging.INFO):
+    source = data.get_source("fashion_mnist", data_dir=tmp_path)
+  assert f"IDX files in {tmp_path}" in caplog.text
+  assert source.records("test")[0]["label"] == raw[8]
+  # A data_dir without the IDX files is read as a tfds copy, and says so when it is not one.
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="'fashion_mnist' is not prepared"):
+    data.get_source("fashion_mnist", data_dir=tmp_path / "empty").num_examples("test")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    data.get_source("fashion_mnist", data_dir=tmp_path / "nope")
+
+
 def test_preprocess_config_errors():
   with pytest.raises(ValueError, match="unknown crop 'centre'"):
     data.Preprocess(crop="centre")

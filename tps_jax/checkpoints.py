@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import zipfile
 from typing import Any, Iterable, Mapping
 
 import flax
@@ -30,6 +31,10 @@ class CheckpointMismatchError(ValueError):
   """The checkpoint and the model disagree (missing, unexpected or misshapen keys)."""
 
 
+class CheckpointCorruptError(ValueError):
+  """The checkpoint's bytes cannot be read (truncated, flipped, not the format it claims)."""
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a state dict from `.npz`, `.safetensors` or `.pth` / `.pt` into numpy arrays."""
   path = pathlib.Path(path)
@@ -37,8 +42,12 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"checkpoint file {path} does not exist.")
   suffix = path.suffix.lower()
   if suffix == ".npz":
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
+    try:
+      with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+      raise CheckpointCorruptError(f"checkpoint file {path} is not a readable .npz of arrays "
+                                   f"(corrupt or truncated?): {e}") from e
   if suffix == ".safetensors":
     try:
       from safetensors.numpy import load_file

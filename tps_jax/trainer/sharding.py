@@ -9,6 +9,7 @@ layouts.
 
 from __future__ import annotations
 
+from absl import logging
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -52,6 +53,9 @@ def spec_for(shape: tuple[int, ...], fsdp: int, min_size: int = 2**14) -> P:
   for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
     if shape[dim] % fsdp == 0:
       return P(*([None] * dim + ["fsdp"]))
+  logging.warning("fsdp: no dimension of shape %s divides over %d devices; this array of "
+                  "%d elements is replicated on every device.", shape, fsdp,
+                  int(np.prod(shape, dtype=np.int64)))
   return P()
 
 
