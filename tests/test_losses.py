@@ -52,3 +52,15 @@ def test_evit_model_distills_only_real_patches():
   teacher = jax.random.normal(jax.random.key(2), (2, 17, model.width))
   _, _, live = losses.final_patch_tokens(out, teacher)
   np.testing.assert_array_equal(live, positions >= 0)
+
+
+def test_schedule_is_linear_warmup_then_cosine():
+  from tps_jax.trainer import optim  # pylint: disable=g-import-not-at-top
+  sched = optim.schedule(lr=1e-3, total_steps=100, warmup_steps=10, warmup_init_lr=1e-6,
+                         min_lr=1e-5)
+  for step in (0, 5, 10, 40, 100):
+    if step <= 10:
+      want = 1e-6 + (1e-3 - 1e-6) * step / 10
+    else:
+      want = 1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + np.cos(np.pi * (step - 10) / 90))
+    np.testing.assert_allclose(float(sched(step)), want, rtol=1e-5)

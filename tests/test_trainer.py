@@ -212,6 +212,29 @@ _WATCH_TF = ("import atexit, runpy, sys; atexit.register(lambda: print('TENSORFL
              "sys.argv[1:]; runpy.run_path('train.py', run_name='__main__')")
 
 
+def test_signal_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.distributed_train",
+                             str(port), "2", str(i), str(tmp_path), "2000"], cwd=ROOT,
+                            env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+           for i in range(2)]
+  metrics = tmp_path / "metrics.jsonl"  # written by process 0 at log steps
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)  # process 1 only: one preempted host
+  outs = [p.communicate(timeout=180) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+  reports = [json.loads(next(l for l in o[0].splitlines() if l.startswith("REPORT "))[7:])
+             for o in outs]
+  assert all(r["preempted"] for r in reports)
+  assert reports[0]["step"] == reports[1]["step"] < 2000
+  ckpt = state_lib.Checkpoints(tmp_path)
+  assert ckpt.latest_step() == reports[0]["step"]
+  ckpt.close()
+
+
 def _train_cmd(workdir, steps, tensorboard=False):
   return [sys.executable, "-c", _WATCH_TF, "--config",
           f"configs/fashion_mnist.py:tiny,steps={steps},batch=16",

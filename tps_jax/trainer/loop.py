@@ -53,11 +53,26 @@ def _dummy(model: VisionTransformer):
 
 
 class _Stop:
-  """Set by SIGTERM / SIGINT: the loop saves a checkpoint at the current step and returns."""
+  """Set by SIGTERM / SIGINT: the loop saves a checkpoint at the current step and returns.
+
+  With several processes a signal may reach only some of them (one host is
+  preempted). They agree at the steps where they synchronise anyway (log and
+  checkpoint steps): if any process was signalled, all save the same step and
+  leave together, so none is left waiting in the next collective.
+  """
 
   def __init__(self):
     self.event = threading.Event()
     self._previous = {}
+
+  def requested(self, sync_point: bool) -> bool:
+    """Whether to stop now: this process's signal, agreed across processes at sync points."""
+    if jax.process_count() == 1:
+      return self.event.is_set()
+    if not sync_point:
+      return False
+    flags = multihost_utils.process_allgather(np.array(self.event.is_set(), np.int32))
+    return bool(np.any(flags))
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -341,9 +356,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
       state, m = run.train_step(state, batch, run.teacher_params)
       pending.append(m)
       last = step == run.total_steps
-      stopping = stop.event.is_set()  # read once: a signal between two reads must not skip the save
+      sync = step % log_every == 0 or ckpt.due(step) or last
+      stopping = stop.requested(sync)  # read once: a signal between two reads must not skip the save
       save = ckpt.due(step) or last or stopping
-      if step % log_every == 0 or save:
+      if sync or save:
         fetched = jax.device_get(pending)
         pending = []
         _check_finite(step, fetched, writer, ckpt)

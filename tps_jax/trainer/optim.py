@@ -38,11 +38,10 @@ def schedule(*, lr: float, total_steps: int, warmup_steps: int, warmup_init_lr: 
   """Linear warm-up from warmup_init_lr to lr, then cosine to min_lr at total_steps."""
   if total_steps <= 0:
     raise ValueError(f"total_steps must be > 0, got {total_steps}.")
-  warmup_steps = min(warmup_steps, total_steps)
-  return optax.join_schedules([
-      optax.linear_schedule(warmup_init_lr, lr, max(warmup_steps, 1)),
-      optax.cosine_decay_schedule(lr, max(total_steps - warmup_steps, 1),
-                                  alpha=min_lr / lr if lr else 0.0)], [max(warmup_steps, 1)])
+  warmup_steps = max(min(warmup_steps, total_steps), 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=warmup_init_lr, peak_value=lr, warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=min_lr)
 
 
 def make_optimizer(params, *, total_steps: int, lr: float, warmup_steps: int = 0,
