@@ -89,7 +89,7 @@ def main():
 
   def add(case, before, rate, mode, used):
     rows.append({"case": case, "mode": mode, "host_cores": used, "images_per_s": rate,
-                 "per_core": rate / used, "tf_data_before": before,
+                 "per_core": rate / used if used else None, "tf_data_before": before,
                  "vs_before": rate / before if before else None})
 
   fmnist = data.get_source("fashion_mnist", prefer="idx")
@@ -107,9 +107,6 @@ def main():
   for name, p, batch in (("fashion_mnist 28px", FMNIST, args.batch), ("DeiT 224px", DEIT, 32)):
     add(f"{name} device (RandAugment m9, normalise, erasing)", None,
         _device_rate(p, batch), f"jit on {device}", 0 if device != "cpu" else cores)
-  for row in rows:
-    if not row["host_cores"]:
-      row["per_core"] = None
   common.print_table(rows, ["case", "mode", "host_cores", "images_per_s", "per_core",
                             "tf_data_before", "vs_before"])
   common.write_json("input_pipeline", {"batch": args.batch, "cores": cores, "rows": rows},

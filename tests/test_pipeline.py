@@ -94,6 +94,19 @@ def test_train_epochs_are_permutations_and_resume_across_epochs():
     np.testing.assert_array_equal(x["image"], y["image"])
 
 
+def test_threads_and_worker_processes_give_the_same_batches():
+  images = np.random.default_rng(0).integers(0, 255, (64, 12, 12, 1), dtype=np.uint8)
+  source = data.ArraySource({"train": (images, np.arange(64) % 4)}, num_classes=4)
+  p = data.Preprocess(size=8, channels=1, crop="pad_random", pad=2, randaugment=None,
+                      erasing=0.0, mean=(0.5,), std=(0.5,))
+  kw = dict(local_batch=8, seed=2, start_step=5)
+  threads = _take(data.train_batches(source, "train", p, threads=3, **kw), 6)
+  workers = _take(data.train_batches(source, "train", p, workers=2, **kw), 6)
+  for x, y in zip(threads, workers):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+
+
 def test_two_processes_read_disjoint_shards(fmnist):
   parts = [_rows(data.eval_batches(fmnist, "test", PLAIN, local_batch=1000, shard=(i, 2)))
            for i in range(2)]

@@ -41,6 +41,11 @@ Batch = dict[str, np.ndarray]
 _MAX_EPOCHS = 1_000_000  # the endless stream is this many epochs long
 
 
+def _check_batch(batch) -> None:
+  if int(batch) != batch or batch < 1:
+    raise ValueError(f"batch size must be a positive integer, got {batch!r}.")
+
+
 def _process_shard(shard):
   return shard if shard is not None else (jax.process_index(), jax.process_count())
 
@@ -48,8 +53,7 @@ def _process_shard(shard):
 def local_batch_size(global_batch: int, sharding: jax.sharding.NamedSharding | None = None,
                      process_count: int | None = None) -> int:
   """This process's share of `global_batch`, after checking that it divides evenly."""
-  if not isinstance(global_batch, int) or global_batch < 1:
-    raise ValueError(f"batch size must be a positive integer, got {global_batch!r}.")
+  _check_batch(global_batch)
   process_count = jax.process_count() if process_count is None else process_count
   if sharding is not None:
     axes = sharding.spec[0] if len(sharding.spec) else None
@@ -66,8 +70,7 @@ def local_batch_size(global_batch: int, sharding: jax.sharding.NamedSharding | N
 
 def steps_per_epoch(num_examples: int, local_batch: int, process_count: int) -> int:
   """Full batches per epoch, the same on every process (the smallest shard decides)."""
-  if local_batch < 1:
-    raise ValueError(f"batch size must be a positive integer, got {local_batch!r}.")
+  _check_batch(local_batch)
   steps = (num_examples // process_count) // local_batch
   if steps == 0:
     raise ValueError(f"{num_examples} examples over {process_count} process(es) do not fill "
@@ -82,8 +85,8 @@ class _EpochOrder:
   which the first `used` entries are read (whole batches only).
   """
 
-  def __init__(self, lo: int, hi: int, used: int, seed: int, shuffle: bool = True):
-    self.lo, self.hi, self.used, self.seed, self.shuffle = lo, hi, used, seed, shuffle
+  def __init__(self, lo: int, hi: int, used: int, seed: int):
+    self.lo, self.hi, self.used, self.seed = lo, hi, used, seed
     self._cache: tuple[int, np.ndarray] | None = None
 
   def __len__(self):
@@ -91,8 +94,6 @@ class _EpochOrder:
 
   def __getitem__(self, position: int) -> int:
     epoch, k = divmod(int(position), self.used)
-    if not self.shuffle:
-      return self.lo + k
     cached = self._cache
     if cached is None or cached[0] != epoch:
       order = np.random.default_rng([self.seed, epoch]).permutation(np.arange(self.lo, self.hi))
@@ -153,8 +154,7 @@ def eval_batches(source, split: str, preprocess: preprocess_lib.Preprocess, *,
                  local_batch: int, shard: tuple[int, int] | None = None,
                  threads: int | None = None, workers: int = 0) -> Iterator[Batch]:
   """Each example of this process's shard once, then padding rows with mask False."""
-  if local_batch < 1:
-    raise ValueError(f"batch size must be a positive integer, got {local_batch!r}.")
+  _check_batch(local_batch)
   index, count = _process_shard(shard)
   records = source.records(split)
   lo, hi = shard_bounds(len(records), index, count)
