@@ -144,7 +144,7 @@ def train(arg: str, workdir: str | os.PathLike, *, config: str = "configs/fashio
   """Runs train.py for `config:arg` in a subprocess into `workdir`; returns its summary.
 
   A workdir that already holds a summary is not run again; one with
-  checkpoints resumes. The subprocess's output goes to `workdir`.log.
+  checkpoints resumes. The subprocess's output goes to `<workdir>.log`.
   """
   workdir = pathlib.Path(workdir)
   done = workdir / "summary.json"
@@ -154,12 +154,13 @@ def train(arg: str, workdir: str | os.PathLike, *, config: str = "configs/fashio
   cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / config}:{arg}",
          f"--workdir={workdir}", *overrides]
   log(f"  $ {' '.join(cmd[1:])}")
+  log_path = workdir.parent / f"{workdir.name}.log"  # not with_suffix: names hold dots (0.7)
   t = time.perf_counter()
-  with open(workdir.with_suffix(".log"), "a") as f:
+  with open(log_path, "a") as f:
     proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
   if proc.returncode != 0 or not done.exists():
     raise RuntimeError(f"training {arg!r} failed (exit {proc.returncode}); see "
-                       f"{workdir.with_suffix('.log')}")
+                       f"{log_path}")
   summary = json.loads(done.read_text())
   log(f"    top-1 {100 * summary['top1']:.2f}%  ({time.perf_counter() - t:.0f}s)")
   return summary

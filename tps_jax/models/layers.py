@@ -142,16 +142,34 @@ class Encoder1DBlock(nn.Module):
     self.LayerNorm_1 = ln("LayerNorm_1")
     self.MlpBlock_0 = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")
 
-  def attend(self, x, **attn_kw) -> tuple[jax.Array, AttentionOut]:
-    """First half: (B, N, D) -> (B, N, D) plus what attention was asked to return."""
+  # The public halves take arrays only, so nn.remat can lift them (see REMAT_METHODS); each
+  # calls an unlifted helper, so a rematerialised __call__ does not nest checkpoints.
+  def _attend(self, x, **attn_kw) -> tuple[jax.Array, AttentionOut]:
     y, info = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), **attn_kw)
     return x + drop_path(self, y, self.drop_path, self.deterministic), info
 
-  def feed(self, x) -> jax.Array:
-    """Second half: (B, N', D) -> (B, N', D); N' may be smaller than in `attend`."""
+  def _feed(self, x) -> jax.Array:
     y = self.MlpBlock_0(self.LayerNorm_1(x))
     return x + drop_path(self, y, self.drop_path, self.deterministic)
 
-  def __call__(self, x, **attn_kw):
-    x, _ = self.attend(x, **attn_kw)
-    return self.feed(x)
+  def attend(self, x, bias=None) -> tuple[jax.Array, AttentionOut]:
+    """First half: x (B, N, D) -> (B, N, D), plus the cls attention row and mean keys.
+
+    bias: additive logit bias (B, 1|H, 1|N, N) (ToMe's size bias) or None. Both
+    extras are always returned; under jit XLA drops the one the caller ignores.
+    """
+    return self._attend(x, bias=bias, want_cls_attn=True, want_keys=True)
+
+  def feed(self, x) -> jax.Array:
+    """Second half: (B, N', D) -> (B, N', D); N' may be smaller than in `attend`."""
+    return self._feed(x)
+
+  def __call__(self, x, policy=None):
+    """The whole block; policy (B, N) 0/1 masks attention to dropped tokens (dTPS training)."""
+    x, _ = self._attend(x, policy=policy)
+    return self._feed(x)
+
+
+# Methods that `nn.remat(Encoder1DBlock, methods=REMAT_METHODS)` rematerialises: every way the
+# encoder runs a block, whole or in halves around a reduction stage.
+REMAT_METHODS = ("__call__", "attend", "feed")

@@ -22,6 +22,7 @@ tokens so the blocks after a stage run on fewer tokens.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 
 from tps_jax import ops
 from tps_jax.models import stages
-from tps_jax.models.layers import Encoder1DBlock
+from tps_jax.models.layers import REMAT_METHODS, Encoder1DBlock
 from tps_jax.models.reduction import Reduction
 from tps_jax.models.score_head import ScoreHead
 
@@ -85,7 +86,15 @@ class Encoder(nn.Module):
     decisions, hosts, keep_positions = [], [], []
     stage_at = red.stage_at
 
-    block_cls = nn.remat(Encoder1DBlock) if self.remat else Encoder1DBlock
+    # remat: every block is rematerialised whichever way it runs (whole, or in halves around
+    # an intra-block stage), and so is each stage's own work (score head, squeeze / fuse /
+    # merge), which holds (B, N, N') similarity and one-hot matrices.
+    if self.remat:
+      block_cls = nn.remat(Encoder1DBlock, methods=REMAT_METHODS)
+      head_cls = nn.remat(ScoreHead)
+      stage_fn = jax.checkpoint
+    else:
+      block_cls, head_cls, stage_fn = Encoder1DBlock, ScoreHead, lambda f: f
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)  # linear in depth, as DeiT
       block = block_cls(self.mlp_dim, self.num_heads, dtype=self.dtype,
@@ -94,35 +103,40 @@ class Encoder(nn.Module):
       s = stage_at.get(i)
 
       if s is not None and red.learned:  # between blocks, before block i
-        head = ScoreHead(dtype=self.dtype, name=f"score_head_{s}")
+        head = head_cls(dtype=self.dtype, name=f"score_head_{s}")
         if masked:
           logits = head(x[:, 1:], live)
           rng = self.make_rng("gumbel") if self.gumbel_noise else None
           keep = ops.gumbel_softmax_hard(logits, rng)[..., 0] * live
-          x, host = stages.decide_masked(x, keep, live, squeeze=red.squeezes,
-                                         temperature=red.temperature)
+          x, host = stage_fn(functools.partial(
+              stages.decide_masked, squeeze=red.squeezes, temperature=red.temperature))(
+                  x, keep, live)
           live = keep
           decisions.append(keep); hosts.append(host)
         else:
           logits = head(x[:, 1:], jnp.ones(x.shape[:2], jnp.float32)[:, 1:])
-          st = stages.prune_by_scores(
-              x, logits[..., 0], positions, red.keep_counts[s], num_patches=n0,
-              method="squeeze" if red.squeezes else "drop", temperature=red.temperature)
+          st = stage_fn(functools.partial(
+              stages.prune_by_scores, k=red.keep_counts[s], num_patches=n0,
+              method="squeeze" if red.squeezes else "drop", temperature=red.temperature))(
+                  x, logits[..., 0], positions)
           x, positions = st.x, st.positions
           decisions.append(st.decision); hosts.append(st.hosts); keep_positions.append(positions)
 
       if s is not None and red.intra_block:  # inside block i
-        y, info = block.attend(x, want_cls_attn=True)
+        y, info = block.attend(x)
         scores = jnp.mean(info.cls_attn[:, :, 1:], axis=1)  # (B, N)
         method = {"etps": "squeeze", "evit": "fuse", "topk": "drop"}[red.method]
-        st = stages.prune_by_scores(y, scores, positions, red.keep_counts[s], method=method,
-                                    num_patches=n0, temperature=red.temperature)
+        st = stage_fn(functools.partial(
+            stages.prune_by_scores, k=red.keep_counts[s], method=method, num_patches=n0,
+            temperature=red.temperature))(y, scores, positions)
         x, positions = block.feed(st.x), st.positions
         decisions.append(st.decision); hosts.append(st.hosts); keep_positions.append(positions)
       elif red.tome_r and red.tome_r[i]:
         bias = ops.proportional_attention_bias(size) if size is not None else None
-        y, info = block.attend(x, bias=bias, want_keys=True)
-        y, size = ops.merge_wavg(y, size, ops.bipartite_soft_matching(info.keys, red.tome_r[i]))
+        y, info = block.attend(x, bias=bias)
+        merge = lambda y, size, keys, r=red.tome_r[i]: ops.merge_wavg(
+            y, size, ops.bipartite_soft_matching(keys, r))
+        y, size = stage_fn(merge)(y, size, info.keys)
         x = block.feed(y)
       else:
         policy = jnp.pad(live, ((0, 0), (1, 0)), constant_values=1.0) if masked else None
