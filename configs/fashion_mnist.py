@@ -31,6 +31,7 @@ def get_config(arg=None):
   c.model = dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width,
                  patch_size=4, image_size=28,
                  layout="deit", channels=1, drop_path=0.0 if arg.tiny else 0.05, remat=False,
+                 policy_form="exact",  # dtps/dynamicvit training attention, ops.POLICY_FORMS
                  reduction=common.reduction(arg.method, arg.keep, locations, arg.tome_r))
 
   c.input.dataset = "fashion_mnist"

@@ -10,6 +10,8 @@ imagenet2012 is read through tfds from `data_dir` (prepare it once with
 weight decay 0.05, 5 warm-up epochs from 1e-6, cosine, keep-ratio loss x 2,
 KL + token distillation x 0.5 against the frozen dense model, DeiT
 augmentation. Dense: DeiT's 300 epochs at lr 5e-4 x batch / 512.
+`remat=True` rematerialises every block; `policy_form` picks the dtps/dynamicvit
+training attention (exact, deferred, or the fused approximation log_bias).
 """
 
 from configs import common
@@ -20,7 +22,7 @@ DROP_PATH = {"Ti": 0.0, "S": 0.1, "B": 0.1}
 def get_config(arg=None):
   arg = common.parse_arg(arg, variant="S", method="none", keep=0.7, init="", data_dir="",
                          batch=1024, epochs=0.0, fsdp=1, bf16=True, remat=False, seed=0,
-                         tome_r=13)
+                         tome_r=13, policy_form="exact")
   if arg.variant not in DROP_PATH:
     raise ValueError(f"unknown DeiT variant {arg.variant!r}; expected one of {sorted(DROP_PATH)}.")
   c = common.base()
@@ -28,7 +30,7 @@ def get_config(arg=None):
   c.num_classes = 1000
   c.mixed_precision = arg.bf16
   c.model = dict(variant=f"{arg.variant}/16", image_size=224, layout="deit",
-                 drop_path=DROP_PATH[arg.variant], remat=arg.remat,
+                 drop_path=DROP_PATH[arg.variant], remat=arg.remat, policy_form=arg.policy_form,
                  reduction=common.reduction(arg.method, arg.keep, (3, 6, 9), arg.tome_r))
   c.input.dataset = "imagenet2012"
   c.input.data_dir = arg.data_dir or None

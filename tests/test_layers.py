@@ -36,16 +36,21 @@ def test_full_policy_equals_plain_attention_and_halves_compose():
   np.testing.assert_allclose(plain, halves, atol=1e-6)
 
 
-def test_cls_attention_matches_full_softmax_row():
+@pytest.mark.parametrize("impl", ["einsum", "fused"])
+def test_cls_attention_matches_full_softmax_row(impl):
   x = tokens(2, 2, 7, 8)
-  attn = MultiHeadDotProductAttention(num_heads=2)
+  attn = MultiHeadDotProductAttention(num_heads=2, implementation=impl)
   params = attn.init(jax.random.key(1), x)
   bias = jnp.log(jnp.arange(1.0, 8.0))[None, None, None, :].repeat(2, 0)
-  _, fast = attn.apply(params, x, bias=bias, want_cls_attn=True, want_keys=True)
-  _, full = attn.apply(params, x, bias=bias, policy=jnp.ones((2, 7)), want_cls_attn=True)
-  np.testing.assert_allclose(fast.cls_attn, full.cls_attn, atol=1e-5)
-  np.testing.assert_allclose(np.sum(fast.cls_attn, -1), 1.0, atol=1e-5)
-  chex.assert_shape(fast.keys, (2, 7, 4))
+  _, out = attn.apply(params, x, bias=bias, want_cls_attn=True, want_keys=True)
+  p = params["params"]
+  proj = lambda name: np.einsum("bnd,dhk->bnhk", x, p[name]["kernel"]) + p[name]["bias"]
+  q, k = proj("query"), proj("key")
+  logits = np.einsum("bhk,bnhk->bhn", q[:, 0], k) / np.sqrt(4) + np.asarray(bias)[:, :, 0]
+  np.testing.assert_allclose(out.cls_attn, jax.nn.softmax(logits, -1), atol=1e-5)
+  np.testing.assert_allclose(out.keys, k.mean(axis=2), atol=1e-5)
+  with pytest.raises(ValueError, match="under a policy takes no bias"):
+    attn.apply(params, x, bias=bias, policy=jnp.ones((2, 7)))
 
 
 def test_policy_drops_tokens_from_others_view():

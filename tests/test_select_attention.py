@@ -103,6 +103,62 @@ class PolicySoftmaxTest(chex.TestCase):
     assert np.abs(np.asarray(g)).sum() > 0
 
 
+class PolicyAttentionTest(chex.TestCase):
+  """The forms of ops.policy_attention: exact and deferred are the SPEC, log_bias is close."""
+
+  @staticmethod
+  def _inputs(seed=7, b=2, n=9, h=3, d=4):
+    q, k, v = (tokens(seed + i, b, n, h, d) for i in range(3))
+    pi = (np.random.default_rng(seed).random((b, n)) > 0.4).astype(np.float32)
+    pi[:, 0] = 1.0  # cls is always live
+    return q, k, v, pi
+
+  def _reference(self, q, k, v, pi):
+    a = np.einsum("bqhd,bkhd->bhqk", q, k)
+    return np.einsum("bhqk,bkhd->bqhd", _policy_softmax_reference(a, pi), v)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters("exact", "deferred")
+  def test_exact_forms_match_the_spec(self, form):
+    q, k, v, pi = self._inputs()
+    out = self.variant(lambda *a: tps_jax.policy_attention(*a, form=form))(q, k, v, pi)
+    np.testing.assert_allclose(out, self._reference(q, k, v, pi), rtol=1e-5, atol=1e-6)
+
+  def test_deferred_has_the_exact_gradients(self):
+    q, k, v, pi = self._inputs(seed=11)
+    w = tokens(3, *v.shape)
+    grads = {form: jax.grad(lambda *a: jnp.sum(w * tps_jax.policy_attention(*a, form=form)),
+                            argnums=(0, 1, 2, 3))(q, k, v, pi)
+             for form in ("exact", "deferred")}
+    chex.assert_trees_all_close(grads["deferred"], grads["exact"], rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(grads["exact"][3])).sum() > 0  # the policy gets a gradient
+
+  def test_log_bias_is_close_but_cuts_the_dropped_tokens_policy_gradient(self):
+    q, k, v, pi = self._inputs(seed=13)
+    exact = tps_jax.policy_attention(q, k, v, pi, form="exact")
+    fused = tps_jax.policy_attention(q, k, v, pi, form="log_bias")
+    # Only the 1e-6 smoothing differs; it weighs more where a dropped key holds a row's max.
+    np.testing.assert_allclose(fused, exact, atol=2e-4)
+    w = tokens(4, *v.shape)
+    grad = lambda form: np.asarray(jax.grad(
+        lambda p: jnp.sum(w * tps_jax.policy_attention(q, k, v, p, form=form)))(pi))
+    exact_g, fused_g = grad("exact"), grad("log_bias")
+    np.testing.assert_allclose(fused_g[pi == 1], exact_g[pi == 1], rtol=1e-4, atol=1e-5)
+    assert (fused_g[pi == 0] == 0).all() and np.abs(exact_g[pi == 0]).min() > 0
+
+  def test_bfloat16_and_errors(self):
+    q, k, v, pi = (jnp.asarray(t, jnp.bfloat16) for t in self._inputs())
+    for form in tps_jax.ops.POLICY_FORMS:
+      out = tps_jax.policy_attention(q, k, v, pi, form=form)
+      chex.assert_type(out, jnp.bfloat16)
+      np.testing.assert_allclose(np.asarray(out, np.float32), self._reference(
+          *(np.asarray(t, np.float32) for t in (q, k, v, pi))), atol=0.05)
+    with pytest.raises(ValueError, match="unknown policy attention form 'flash'"):
+      tps_jax.policy_attention(q, k, v, pi, form="flash")
+    with pytest.raises(ValueError, match="policy must have shape"):
+      tps_jax.policy_attention(q, k, v, pi[:, :4])
+
+
 class ClassAttentionTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)

@@ -56,11 +56,13 @@ class MultiHeadDotProductAttention(nn.Module):
 
   `implementation`: "einsum" (explicit (B, H, N, d) einsums; fastest on CPU),
   "fused" (`jax.nn.dot_product_attention`, cuDNN / flash kernels on GPU), or
-  "auto": fused on GPU / TPU, einsum on CPU. A policy always takes the einsum path.
+  "auto": fused on GPU / TPU, einsum on CPU. Under a policy, `policy_form` decides
+  instead (`ops.POLICY_FORMS`: "exact", "deferred", or the fused "log_bias").
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   implementation: str = "auto"
+  policy_form: str = "exact"
 
   def _fused(self) -> bool:
     if self.implementation not in ("auto", "einsum", "fused"):
@@ -84,7 +86,13 @@ class MultiHeadDotProductAttention(nn.Module):
     scale = head_dim ** -0.5
     cls_attn = None
 
-    if policy is None and self._fused():
+    if policy is not None:
+      if want_cls_attn or bias is not None:
+        raise ValueError("attention under a policy takes no bias and returns no cls attention "
+                         "(dTPS training needs neither).")
+      y = ops.policy_attention(q * jnp.asarray(scale, q.dtype), k, v, policy,
+                               form=self.policy_form)
+    elif self._fused():
       y = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
       if want_cls_attn:  # one query row: cheap beside the fused attention
         logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], k,
@@ -98,10 +106,7 @@ class MultiHeadDotProductAttention(nn.Module):
                           heads_first(k))
       if bias is not None:
         logits = logits + bias
-      if policy is None:
-        attn = jax.nn.softmax(upcast(logits), axis=-1).astype(logits.dtype)
-      else:
-        attn = ops.policy_softmax(logits, policy)
+      attn = jax.nn.softmax(upcast(logits), axis=-1).astype(logits.dtype)
       y = jnp.einsum("bhqk,bhkd->bhqd", attn, heads_first(v)).transpose(0, 2, 1, 3)
       if want_cls_attn:
         cls_attn = upcast(attn[:, :, 0])
@@ -130,6 +135,7 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
   layer_norm_eps: float = 1e-6
   attention: str = "auto"  # MultiHeadDotProductAttention.implementation
+  policy_form: str = "exact"  # MultiHeadDotProductAttention.policy_form
   drop_path: float = 0.0
   deterministic: bool = True
 
@@ -138,7 +144,7 @@ class Encoder1DBlock(nn.Module):
     self.LayerNorm_0 = ln("LayerNorm_0")
     self.MultiHeadDotProductAttention_0 = MultiHeadDotProductAttention(
         self.num_heads, dtype=self.dtype, implementation=self.attention,
-        name="MultiHeadDotProductAttention_0")
+        policy_form=self.policy_form, name="MultiHeadDotProductAttention_0")
     self.LayerNorm_1 = ln("LayerNorm_1")
     self.MlpBlock_0 = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")
 

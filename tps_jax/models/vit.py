@@ -44,6 +44,7 @@ VARIANTS = {
     "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
 }
 LAYOUTS = ("deit", "big_vision")
+ATTENTIONS = ("auto", "einsum", "fused")
 
 
 def decode_variant(variant: str | None) -> dict[str, Any]:
@@ -71,6 +72,7 @@ class Encoder(nn.Module):
   layer_norm_eps: float = 1e-6
   gumbel_noise: bool = True
   attention: str = "auto"
+  policy_form: str = "exact"
   drop_path: float = 0.0
   remat: bool = False
 
@@ -99,7 +101,8 @@ class Encoder(nn.Module):
       rate = self.drop_path * i / max(self.depth - 1, 1)  # linear in depth, as DeiT
       block = block_cls(self.mlp_dim, self.num_heads, dtype=self.dtype,
                         layer_norm_eps=self.layer_norm_eps, attention=self.attention,
-                        drop_path=rate, deterministic=not train, name=f"encoderblock_{i}")
+                        policy_form=self.policy_form, drop_path=rate,
+                        deterministic=not train, name=f"encoderblock_{i}")
       s = stage_at.get(i)
 
       if s is not None and red.learned:  # between blocks, before block i
@@ -171,6 +174,8 @@ class VisionTransformer(nn.Module):
   layer_norm_eps: float = 1e-6
   gumbel_noise: bool = True
   attention: str = "auto"  # "auto" | "einsum" | "fused"; see layers.MultiHeadDotProductAttention
+  # dTPS / DynamicViT training attention: "exact" | "deferred" | "log_bias"; see ops.POLICY_FORMS
+  policy_form: str = "exact"
   drop_path: float = 0.0  # stochastic depth of the last block (linear from 0), train only
   remat: bool = False  # rematerialise the blocks (nn.remat) to save activation memory
   channels: int = 3  # input image channels
@@ -206,8 +211,8 @@ class VisionTransformer(nn.Module):
     x, enc_out = Encoder(self.depth, self.mlp_dim, self.num_heads, self.reduction, n0,
                          dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
                          gumbel_noise=self.gumbel_noise, attention=self.attention,
-                         drop_path=self.drop_path, remat=self.remat,
-                         name="Transformer")(x, train=train)
+                         policy_form=self.policy_form, drop_path=self.drop_path,
+                         remat=self.remat, name="Transformer")(x, train=train)
     out.update(enc_out)
     out["encoded"] = x
     out["pre_logits"] = x[:, 0]
@@ -233,6 +238,11 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
   if missing:
     raise ValueError(f"Model needs {missing} (or a variant such as 'S/16').")
   cfg.setdefault("mlp_dim", 4 * cfg["width"])
+  if kw.get("policy_form", "exact") not in ops.POLICY_FORMS:
+    raise ValueError(f"unknown policy_form {kw['policy_form']!r}; expected one of "
+                     f"{ops.POLICY_FORMS}.")
+  if kw.get("attention", "auto") not in ATTENTIONS:
+    raise ValueError(f"unknown attention {kw['attention']!r}; expected one of {ATTENTIONS}.")
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}.")
   if image_size % cfg["patch_size"]:
