@@ -1,31 +1,19 @@
-"""Timing and reporting shared by the benchmarks: median of repeats, a table, a JSON file."""
+"""Reporting shared by the benchmarks: the machine, a table, a JSON file (atomic).
+
+Timing is `tps_jax.timing.time_call` (the trainer's images/s uses it too)."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import platform
-import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
+from tps_jax import atomic
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-
-
-def time_jitted(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> dict[str, float]:
-  """Seconds per call of an already-jitted `fn` (compile excluded): median, min, max."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-          "repeats": repeats}
 
 
 def machine() -> dict[str, Any]:
@@ -48,7 +36,6 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 def write_json(name: str, payload: dict[str, Any], out: str | None = None) -> pathlib.Path:
   path = pathlib.Path(out) if out else RESULTS / f"{name}_{jax.devices()[0].platform}.json"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+  atomic.write_json(path, {"machine": machine(), **payload})
   print(f"wrote {path}")
   return path

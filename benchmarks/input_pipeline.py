@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import common
+from tps_jax import timing
 from tps_jax import data
 
 FMNIST = data.Preprocess(size=28, channels=1, crop="pad_random", pad=2, randaugment=(2, 9),
@@ -70,9 +71,9 @@ def _device_rate(preprocess, batch: int, repeats: int = 5) -> float:
   images = jax.random.randint(jax.random.key(0), (batch, size, size, channels), 0, 256,
                               jnp.int32).astype(jnp.uint8)
   fn = jax.jit(data.train_images, static_argnums=2)
-  timing = common.time_jitted(lambda: fn(jax.random.key(1), images, preprocess),
-                              repeats=repeats, warmup=1)
-  return batch / timing["median_s"]
+  t = timing.time_call(lambda: fn(jax.random.key(1), images, preprocess),
+                       repeats=repeats, warmup=1)
+  return batch / t["median_s"]
 
 
 def main():

@@ -23,6 +23,7 @@ import numpy as np
 
 import tps_jax
 from benchmarks import common
+from tps_jax import timing
 from tps_jax.models.layers import Encoder1DBlock
 
 
@@ -82,9 +83,9 @@ def main(argv=None):
   params = block.init(jax.random.key(0), x[:1])
   block_fn = jax.jit(lambda p, x: block.apply(p, x))
 
-  rows = [{"op": "block", **common.time_jitted(block_fn, params, x, repeats=args.repeats)}]
+  rows = [{"op": "block", **timing.time_call(block_fn, params, x, repeats=args.repeats)}]
   for name, fn in reduction_fns(args.keep).items():
-    rows.append({"op": name, **common.time_jitted(jax.jit(fn), x, scores, repeats=args.repeats)})
+    rows.append({"op": name, **timing.time_call(jax.jit(fn), x, scores, repeats=args.repeats)})
   block_s = rows[0]["median_s"]
   topk_s = rows[1]["median_s"]
   for row in rows:

@@ -15,11 +15,10 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import common
-from tps_jax import flops
 from tps_jax.models.vit import Model
+from tps_jax.trainer import evaluation
 
 METHODS = {
     "none": dict(method="none"),
@@ -35,13 +34,10 @@ METHODS = {
 def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_size: int):
   model = Model(1000, variant=variant, image_size=image_size, reduction=METHODS[method],
                 dtype=jnp.dtype(dtype))
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)),
-                  jnp.dtype(dtype))
-  params = jax.jit(model.init)(jax.random.key(0), x[:1])
-  fn = jax.jit(lambda p, x: model.apply(p, x, train=False)[0])
-  t = common.time_jitted(fn, params, x, repeats=repeats, warmup=1)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+  cost = evaluation.cost(model, params["params"], batch=batch, repeats=repeats)
   return {"model": variant, "batch": batch, "dtype": dtype, "method": method,
-          "gmacs": flops.macs(model) / 1e9, "img_per_s": batch / t["median_s"], **t}
+          "gmacs": cost["gmacs"], "img_per_s": cost["images_per_s"]}
 
 
 def main(argv=None):

@@ -21,9 +21,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
-from benchmarks import common  # pylint: disable=wrong-import-position
+from benchmarks import common
+from tps_jax import timing  # pylint: disable=wrong-import-position
 from configs import common as common_cfg, fashion_mnist  # pylint: disable=wrong-import-position
 from tps_jax import data  # pylint: disable=wrong-import-position
+from tps_jax.models.vit import build_model  # pylint: disable=wrong-import-position
 from tps_jax.trainer import loop, optim  # pylint: disable=wrong-import-position
 
 LOSS = {"keep_weight": 2.0, "distill_weight": 0.5, "token_distill": True}
@@ -32,7 +34,7 @@ LOSS = {"keep_weight": 2.0, "distill_weight": 0.5, "token_distill": True}
 def _case(name, model_cfg, *, method, batch, channels, teacher, repeats, mixed_precision):
   locations = model_cfg.pop("locations")
   cfg = {**model_cfg, "reduction": common_cfg.reduction(method, 0.7, locations)}
-  model = loop.build_model(cfg, 10 if channels == 1 else 1000, mixed_precision=mixed_precision)
+  model = build_model(cfg, 10 if channels == 1 else 1000, mixed_precision=mixed_precision)
   size = model.image_size
   rng = jax.random.key(0)
   params = jax.jit(model.init)(rng, jnp.zeros((1, size, size, channels)))["params"]
@@ -42,7 +44,7 @@ def _case(name, model_cfg, *, method, batch, channels, teacher, repeats, mixed_p
            "rng": jax.random.key_data(rng)}
   t_model = t_params = None
   if teacher:
-    t_model = loop.build_model({**cfg, "reduction": None}, model.num_classes,
+    t_model = build_model({**cfg, "reduction": None}, model.num_classes,
                                mixed_precision=mixed_precision)
     t_params = jax.jit(t_model.init)(rng, jnp.zeros((1, size, size, channels)))["params"]
   step = jax.jit(loop.make_train_step(model, tx, num_classes=model.num_classes,
@@ -62,9 +64,9 @@ def _case(name, model_cfg, *, method, batch, channels, teacher, repeats, mixed_p
     holder["state"], m = step(holder["state"], batch_data, t_params)
     return m["loss"]
 
-  timing = common.time_jitted(one, repeats=repeats, warmup=1)
+  t = timing.time_call(one, repeats=repeats, warmup=1)
   row = {"case": name, "method": method + (" + teacher" if teacher else ""), "batch": batch,
-         "images_per_s": batch / timing["median_s"], "step_s": timing["median_s"],
+         "images_per_s": batch / t["median_s"], "step_s": t["median_s"],
          "xla_mem_mb": mem_bytes / 2**20}
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:

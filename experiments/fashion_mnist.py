@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from experiments import study  # noqa: E402
+from tps_jax import atomic  # noqa: E402
 
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 OFFSHELF_METHODS = ("etps", "evit", "topk", "tome")
@@ -66,7 +67,7 @@ def teacher(args) -> None:
   dest.mkdir(parents=True, exist_ok=True)
   for name in ("params.npz", "summary.json", "config.json"):
     shutil.copy(runs / best / name, dest / name)
-  (dest / "phases.json").write_text(json.dumps(summaries, indent=2) + "\n")
+  atomic.write_json(dest / "phases.json", summaries)
   print(f"teacher: {best}, top-1 {100 * summaries[best]['top1']:.2f}% -> {dest}")
 
 
@@ -129,7 +130,7 @@ def _print_rows(rows) -> None:
 def pictures(args) -> None:
   from tps_jax import visualize  # pylint: disable=g-import-not-at-top
   from tps_jax.data import fashion_mnist as fm  # pylint: disable=g-import-not-at-top
-  from tps_jax.trainer import state as state_lib  # pylint: disable=g-import-not-at-top
+  from tps_jax import checkpoints  # pylint: disable=g-import-not-at-top
 
   images, _ = fm.load("test")
   x, raw = study.normalise(images[list(args.images)], study.fashion_mnist_config(args.arg))
@@ -140,7 +141,7 @@ def pictures(args) -> None:
     source = args.teacher
     if method in ("dtps", "dynamicvit"):  # needs its fine-tuned score heads
       source = pathlib.Path(args.workdir) / f"{method}_{args.keep}_s0" / "params.npz"
-    params = state_lib.load_params(source, model)
+    params = checkpoints.load_params(source, model)
     path = out / f"fmnist_tokens_{method}.png"
     visualize.token_pictures(model, params, x, path, display_images=raw,
                              title=f"{method}, keep {args.keep} ({study.relative(source)})")
@@ -167,7 +168,8 @@ def quick(args) -> None:
   from benchmarks.common import print_table  # pylint: disable=g-import-not-at-top
   from tps_jax import visualize  # pylint: disable=g-import-not-at-top
   from tps_jax.data import fashion_mnist as fm  # pylint: disable=g-import-not-at-top
-  from tps_jax.trainer import loop, state as state_lib  # pylint: disable=g-import-not-at-top
+  from tps_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from tps_jax.trainer import loop  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
   out = fresh_out(pathlib.Path(args.out), args.overwrite)
@@ -213,7 +215,7 @@ def quick(args) -> None:
                                              f"({args.steps} fine-tuning steps)")
   model = study.build_model(study.fashion_mnist_config(args.arg, "method=dtps", f"keep={keep}"))
   x, raw = study.normalise(fm.load("test")[0][:4], cfg)
-  visualize.token_pictures(model, state_lib.load_params(out / "dtps" / "params.npz", model),
+  visualize.token_pictures(model, checkpoints.load_params(out / "dtps" / "params.npz", model),
                            x, out / "tokens_dtps.png", display_images=raw,
                            title=f"dTPS, keep {keep}, fine-tuned {args.steps} steps")
   print(f"wrote {out / 'quick.json'}, {png} and {out / 'tokens_dtps.png'} "

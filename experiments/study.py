@@ -26,8 +26,9 @@ import numpy as np
 
 from configs import common as config_common
 from configs import fashion_mnist as fmnist_config
-from tps_jax import data, flops
-from tps_jax.trainer import loop, state as state_lib
+from tps_jax import atomic, checkpoints, data
+from tps_jax.models.vit import build_model as _build_model
+from tps_jax.trainer import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -71,7 +72,7 @@ def build_model(config, **overrides):
   """The inference model of `config` (classes from the config or else from its dataset)."""
   num_classes = config.get("num_classes") or data.get_source(
       config.input.dataset, data_dir=config.input.get("data_dir")).num_classes
-  return loop.build_model(config.model, num_classes, **overrides)
+  return _build_model(config.model, num_classes, **overrides)
 
 
 def load_dense(config, checkpoint: str | os.PathLike):
@@ -80,7 +81,7 @@ def load_dense(config, checkpoint: str | os.PathLike):
   if not path.exists():
     raise FileNotFoundError(f"teacher checkpoint {path} does not exist; train it with\n  "
                             f"{TEACHER_COMMAND}")
-  return state_lib.load_params(path, build_model(config, reduction=None))
+  return checkpoints.load_params(path, build_model(config, reduction=None))
 
 
 def normalise(images_uint8, config):
@@ -102,16 +103,9 @@ def evaluate_reduction(config, params, reduction: dict | None) -> dict[str, Any]
   run = loop.Run(cfg)
   placed = jax.device_put(params, run.state_shardings["params"])
   run.compile_eval()
-  result = run.evaluate(placed)
-  result["gmacs"] = flops.macs(run.eval_model) / 1e9
-  red = run.eval_model.reduction
-  result.update(method=red.method, keep_counts=list(red.keep_counts),
-                tome_r=max(red.tome_r) if red.tome_r else 0)
+  result = run.summary(placed, speed_repeats=3)
   if reduction and "keep_ratio" in reduction:
     result["keep"] = reduction["keep_ratio"]
-  result["images_per_s"] = loop.images_per_second(
-      run.eval_model, placed, batch=cfg.input.eval_batch_size, data_sharding=run.data_sharding,
-      repeats=3)
   return result
 
 
@@ -225,9 +219,4 @@ def plot_curves(points: Sequence[dict[str, Any]], path: str | os.PathLike, *, ti
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> pathlib.Path:
   """Writes `payload` plus the machine it ran on, atomically."""
   from benchmarks.common import machine  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
-  os.replace(tmp, path)
-  return path
+  return atomic.write_json(path, {"machine": machine(), **payload})

@@ -4,7 +4,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from absl.testing import parameterized
 
 import tps_jax
@@ -164,7 +163,6 @@ class EdgeCaseTest(chex.TestCase):
     x = tokens(24, 2, 5, 8)
     x[:, 0] = 0.0  # a zero token: the cosine's norm must not give NaN gradients
     keep = np.zeros((2, 5), np.float32); keep[:, n_pruned:] = 1
-    pruned = 1 - keep
     g = jax.grad(lambda x, k: jnp.sum(tps_jax.squeeze_masked(x, k, 1 - k) ** 2),
                  argnums=(0, 1))(x, keep)
     chex.assert_tree_all_finite(g)

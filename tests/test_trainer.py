@@ -2,13 +2,13 @@
 
 import json
 import os
-import pathlib
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import chex
 import jax
@@ -20,6 +20,7 @@ from configs import common, fashion_mnist, imagenet
 from conftest import ROOT
 from tps_jax import checkpoints as foreign, data, flops
 from tps_jax.data import fashion_mnist as fm
+from tps_jax.models.vit import build_model
 from tps_jax.trainer import loop, sharding, state as state_lib
 
 
@@ -137,8 +138,8 @@ def test_train_resume_init_and_mismatch(tmp_path):
   assert summary["step"] == 12 and summary["examples"] == 10000
   # The reported top-1 is that of the exported parameters on all 10 000 test images,
   # computed here without the input pipeline or the eval step.
-  model = loop.build_model(config.model, 10)
-  params = state_lib.load_params(tmp_path / "dense" / "params.npz", model)
+  model = build_model(config.model, 10)
+  params = foreign.load_params(tmp_path / "dense" / "params.npz", model)
   images, labels = fm.load("test")
   x = (images[..., None] / 255.0 - 0.286) / 0.353
   logits = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])(params, x)
@@ -159,6 +160,65 @@ def test_train_resume_init_and_mismatch(tmp_path):
   # Evaluate entry point on the exported params.
   ev = loop.evaluate(_config("tiny"), tmp_path / "dense" / "params.npz")
   assert ev["top1"] == pytest.approx(summary["top1"]) and ev["images_per_s"] > 0
+  # Bytes flipped in the latest checkpoint (12): the run says so loudly and resumes from the
+  # newest intact one (10) instead of calling it a config change.
+  _flip_bytes(tmp_path / "dense" / "checkpoints" / "12")
+  messages = []
+  with mock.patch.object(loop.metrics_lib.Writer, "message",
+                         lambda self, text: messages.append(text)):
+    again = loop.train_and_evaluate(_config("tiny,steps=14"), tmp_path / "dense")
+  assert again["step"] == 14
+  assert any("checkpoints/12 is corrupt" in m and "WARNING" in m for m in messages), messages
+  assert any(m.endswith("checkpoints/10") for m in messages if m.startswith("resuming")), messages
+  assert (tmp_path / "dense" / "checkpoints" / "corrupt-12").is_dir()
+
+
+def _flip_bytes(step_dir, count=16):
+  """Inverts `count` bytes in the middle of the largest file of an Orbax step."""
+  biggest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  raw = bytearray(biggest.read_bytes())
+  mid = len(raw) // 2
+  raw[mid:mid + count] = bytes(b ^ 0xFF for b in raw[mid:mid + count])
+  biggest.write_bytes(bytes(raw))
+  return biggest
+
+
+def test_checkpoints_tell_corruption_from_mismatch(tmp_path):
+  state = lambda step: {"step": jnp.asarray(step, jnp.int32),
+                        "params": {"w": jnp.arange(4096.0).reshape(64, 64) + step}}
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          state(0))
+  ckpt = state_lib.Checkpoints(tmp_path, keep=5)
+  for step in (1, 2, 3):
+    ckpt.save(step, state(step))
+  ckpt.close()
+  root = tmp_path / "checkpoints"
+  assert all((root / str(s) / "tps_jax_sha256.json").exists() for s in (1, 2, 3))
+  _flip_bytes(root / "3")  # Orbax alone would restore these bytes as wrong numbers
+  ckpt = state_lib.Checkpoints(tmp_path, keep=5)
+  with pytest.raises(foreign.CheckpointCorruptError, match="differ from the checksums"):
+    ckpt.restore(abstract, step=3)  # an explicit step is refused, never replaced
+  # Another layout is a mismatch (names the array), not corruption: nothing is set aside.
+  other = {**abstract, "params": {"w": jax.ShapeDtypeStruct((32, 64), jnp.float32)}}
+  with pytest.raises(foreign.CheckpointMismatchError, match=r"params/w.*\(64, 64\).*\(32, 64\)"):
+    ckpt.restore(other, step=2)
+  warnings = []
+  restored = ckpt.restore(abstract, warn=warnings.append)
+  assert int(restored["step"]) == 2
+  np.testing.assert_array_equal(restored["params"]["w"], state(2)["params"]["w"])
+  assert len(warnings) == 1 and "checkpoints/3 is corrupt" in warnings[0]
+  assert (root / "corrupt-3").is_dir() and ckpt.latest_step() == 2
+  ckpt.save(3, state(3), wait=True)  # the redone step is saved again, not skipped
+  assert int(ckpt.restore(abstract)["step"]) == 3
+  ckpt.close()
+  # Without checksums (an older checkpoint), unreadable metadata is still corruption.
+  for step in (1, 2, 3):
+    (root / str(step) / "tps_jax_sha256.json").unlink()
+    (root / str(step) / "default" / "_METADATA").write_bytes(b"\xff\xfe not json")
+  ckpt = state_lib.Checkpoints(tmp_path, keep=5)
+  with pytest.raises(foreign.CheckpointCorruptError, match="every checkpoint .* is corrupt"):
+    ckpt.restore(abstract, warn=warnings.append)
+  ckpt.close()
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

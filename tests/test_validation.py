@@ -1,11 +1,9 @@
 """Bad input raises a ValueError naming the argument and shapes, at trace time."""
 
-import functools
 
 import jax
 import numpy as np
 import pytest
-from absl.testing import parameterized
 
 import tps_jax
 from conftest import tokens

@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +35,6 @@ class Mixing:
     return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
 
-def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
-  """int (B,) -> float32 (B, K): 1 - smoothing + smoothing / K on the label."""
-  off = smoothing / num_classes
-  return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
-
-
 def cutmix_box(rng: jax.Array, height: int, width: int, lam: jax.Array):
   """timm's rand_bbox: a box of sides sqrt(1 - lam) * (H, W), clipped; mask (H, W), area."""
   cut = jnp.sqrt(1.0 - lam)
@@ -57,7 +52,8 @@ def cutmix_box(rng: jax.Array, height: int, width: int, lam: jax.Array):
 def mix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
         config: Mixing = Mixing()):
   """images (B, H, W, C), int labels (B,) -> mixed images, soft targets (B, K) summing to 1."""
-  targets = smooth_labels(labels, num_classes, config.smoothing)
+  # timm's smoothing: 1 - smoothing + smoothing / K on the label, smoothing / K elsewhere.
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), config.smoothing)
   if not config.active:
     return images, targets
   k_apply, k_switch, k_mixup, k_cutmix, k_box = jax.random.split(rng, 5)

@@ -17,7 +17,7 @@ Methods (SPEC sections 2-3):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from tps_jax import ops
 

@@ -254,3 +254,17 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
   reduction = Reduction.create(reduction, depth=cfg["depth"], num_patches=num_patches)
   return VisionTransformer(num_classes=num_classes, image_size=image_size, layout=layout,
                            reduction=reduction, **cfg)
+
+
+def build_model(model_cfg, num_classes: int | None, *, mixed_precision: bool = False,
+                **overrides) -> VisionTransformer:
+  """`Model` from a config's model section (a ConfigDict or mapping, as configs/ build it).
+
+  `mixed_precision`: bfloat16 compute with float32 parameters. `overrides` replace
+  config entries (e.g. `reduction=None` for the dense model of a config).
+  """
+  cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg or {})
+  kw = {k: tuple(v) if isinstance(v, list) else v for k, v in {**cfg, **overrides}.items()}
+  if mixed_precision:
+    kw["dtype"] = jnp.bfloat16
+  return Model(num_classes, **kw)

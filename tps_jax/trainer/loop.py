@@ -12,7 +12,6 @@ a function of the step), on whatever mesh this run has.
 from __future__ import annotations
 
 import contextlib
-import json
 import pathlib
 import signal
 import threading
@@ -25,9 +24,10 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from tps_jax import data, flops
-from tps_jax.models.vit import Model, VisionTransformer
-from tps_jax.trainer import losses, metrics as metrics_lib, optim, sharding, state as state_lib
+from tps_jax import atomic, checkpoints, data
+from tps_jax.models.vit import VisionTransformer, build_model
+from tps_jax.trainer import (evaluation, losses, metrics as metrics_lib, optim, sharding,
+                             state as state_lib)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -38,14 +38,6 @@ def _to_dict(cfg) -> dict:
   """A ConfigDict or mapping -> plain dict, lists (from JSON-like configs) as tuples."""
   d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
   return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-
-
-def build_model(model_cfg, num_classes: int, *, mixed_precision: bool = False,
-                **overrides) -> VisionTransformer:
-  kw = {**_to_dict(model_cfg), **overrides}
-  if mixed_precision:
-    kw["dtype"] = jnp.bfloat16  # compute; parameters stay float32
-  return Model(num_classes, **kw)
 
 
 def _dummy(model: VisionTransformer):
@@ -108,7 +100,7 @@ def _host(tree):
 def make_train_step(model: VisionTransformer, tx, *, num_classes: int, mixing: data.Mixing,
                     loss_cfg: dict, teacher: VisionTransformer | None,
                     preprocess: data.Preprocess):
-  """(state, batch, teacher_params) -> (state, metrics); updates are skipped if not finite.
+  """(state, batch, teacher_params) -> (state, metrics); non-finite gradients are skipped.
 
   `batch["image"]` is the host's uint8 (B, S, S, C); the device part of the
   augmentation (RandAugment, normalisation, erasing, mixing) happens here,
@@ -138,56 +130,18 @@ def make_train_step(model: VisionTransformer, tx, *, num_classes: int, mixing: d
 
     (loss, (terms, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     grad_norm = optax.tree.norm(grads)
+    # optax.apply_if_finite (in the optimizer) skips the update if the gradients are not finite.
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {"step": state["step"] + 1,
-                 "params": keep_old(params, state["params"]),
-                 "opt_state": keep_old(opt_state, state["opt_state"]),
-                 "rng": state["rng"]}
+                 "params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state, "rng": state["rng"]}
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
     out = {"loss": loss, "grad_norm": grad_norm, "accuracy": accuracy,
            "nonfinite": 1.0 - finite.astype(jnp.float32), **terms}
     return new_state, out
 
   return step_fn
-
-
-def make_eval_step(model: VisionTransformer, preprocess: data.Preprocess):
-  def eval_fn(params, batch):
-    images = data.eval_images(batch["image"], preprocess)
-    logits, _ = model.apply({"params": params}, images, train=False)
-    correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
-    return jnp.sum(correct), jnp.sum(batch["mask"])
-  return eval_fn
-
-
-def run_eval(eval_step, params, source, split, preprocess, *, global_batch: int,
-             data_sharding) -> dict[str, float]:
-  """Top-1 over every example of `split` exactly once (padding masked out)."""
-  local = data.local_batch_size(global_batch, data_sharding)
-  correct = total = 0
-  for batch in data.device_prefetch(
-      data.eval_batches(source, split, preprocess, local_batch=local), data_sharding):
-    c, n = eval_step(params, batch)
-    correct, total = correct + c, total + n
-  correct, total = int(correct), int(total)
-  return {"top1": correct / max(total, 1), "examples": total}
-
-
-def images_per_second(model: VisionTransformer, params, *, batch: int, data_sharding,
-                      repeats: int = 5) -> float:
-  """Inference images/s of the jitted model on a batch (compile excluded)."""
-  images = jax.device_put(
-      jnp.zeros((batch, model.image_size, model.image_size, model.channels), jnp.float32),
-      data_sharding)
-  fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
-  jax.block_until_ready(fwd(params, images))
-  start = time.perf_counter()
-  for _ in range(repeats):
-    jax.block_until_ready(fwd(params, images))
-  return batch * repeats / (time.perf_counter() - start)
 
 
 class Run:
@@ -244,7 +198,7 @@ class Run:
     """A fresh state (from `config.init.checkpoint` if given), laid out by the rules."""
     init = self.config.get("init", {}) or {}
     if init.get("checkpoint"):
-      params = state_lib.load_params(init.checkpoint, self.eval_model,
+      params = checkpoints.load_params(init.checkpoint, self.eval_model,
                                      fresh=tuple(init.get("fresh", ())), rng=self._k_init)
       params = jax.device_put(params, self.state_shardings["params"])
     else:
@@ -262,7 +216,7 @@ class Run:
     self.teacher = build_model(model_cfg, self.num_classes,
                                mixed_precision=cfg.get("mixed_precision", False))
     # Parameters are float32 whatever the compute dtype, so the teacher itself says what to load.
-    params = state_lib.load_params(teacher_cfg.checkpoint, self.teacher)
+    params = checkpoints.load_params(teacher_cfg.checkpoint, self.teacher)
     self.teacher_params = jax.device_put(
         params, sharding.tree_shardings(params, self.mesh, self.min_shard_size))
 
@@ -281,25 +235,23 @@ class Run:
 
   def compile_eval(self):
     repl = sharding.replicated(self.mesh)
-    self.eval_step = jax.jit(make_eval_step(self.eval_model, self.preprocess),
+    self.eval_step = jax.jit(evaluation.make_eval_step(self.eval_model, self.preprocess),
                              in_shardings=(self.state_shardings["params"], self.data_sharding),
                              out_shardings=(repl, repl))
 
   def evaluate(self, params) -> dict[str, float]:
     inp = self.config.input
-    return run_eval(self.eval_step, params, self.source, inp.eval_split, self.preprocess,
+    return evaluation.top1(self.eval_step, params, self.source, inp.eval_split, self.preprocess,
                     global_batch=inp.get("eval_batch_size", inp.batch_size),
                     data_sharding=self.data_sharding)
 
-  def summary(self, params) -> dict[str, Any]:
+  def summary(self, params, *, speed_repeats: int = 5) -> dict[str, Any]:
+    """Top-1 over the eval split, GMACs and inference images/s: the one evaluation path."""
     inp = self.config.input
-    result = self.evaluate(params)
-    result["gmacs"] = flops.macs(self.eval_model) / 1e9
-    result["images_per_s"] = images_per_second(
-        self.eval_model, params, batch=inp.get("eval_batch_size", inp.batch_size),
-        data_sharding=self.data_sharding)
-    result["method"] = self.eval_model.reduction.method
-    return result
+    return {**self.evaluate(params),
+            **evaluation.cost(self.eval_model, params,
+                              batch=inp.get("eval_batch_size", inp.batch_size),
+                              data_sharding=self.data_sharding, repeats=speed_repeats)}
 
 
 def _check_finite(step: int, fetched: list[dict], writer, ckpt) -> None:
@@ -325,12 +277,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
                               tensorboard=config.get("tensorboard", True))
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    atomic.write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
 
-  start = ckpt.latest_step()
-  if start is not None:
-    state = ckpt.restore(run.abstract_state)
-    writer.message(f"resuming from {ckpt.directory}/{start}")
+  if ckpt.latest_step() is not None:  # the newest intact step; corrupt ones are set aside
+    state = ckpt.restore(run.abstract_state, warn=writer.message)
+    writer.message(f"resuming from {ckpt.directory}/{int(state['step'])}")
   else:
     state = run.init_state()
   start = int(state["step"])
@@ -390,8 +341,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
                                  if isinstance(v, (int, float))}, kind="final")
   params = _host(state["params"])
   if jax.process_index() == 0:
-    state_lib.save_params_npz(params, workdir / "params.npz")
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    checkpoints.save_params_npz(params, workdir / "params.npz")
+    atomic.write_json(workdir / "summary.json", summary)
   writer.message(f"done: top-1 {100 * summary['top1']:.2f}% on {summary['examples']} examples | "
                  f"{summary['gmacs']:.3f} GMACs | {summary['images_per_s']:.0f} img/s "
                  f"({summary['method']})")
@@ -405,7 +356,7 @@ def evaluate(config, checkpoint: str | pathlib.Path | None = None) -> dict[str, 
   path = checkpoint or (config.get("init", {}) or {}).get("checkpoint")
   if not path:
     raise ValueError("evaluate needs a checkpoint (a workdir, params.npz or a state dict).")
-  params = jax.device_put(state_lib.load_params(path, run.eval_model),
+  params = jax.device_put(checkpoints.load_params(path, run.eval_model),
                           run.state_shardings["params"])
   run.compile_eval()
   summary = run.summary(params)

@@ -3,7 +3,8 @@
   L = CE(soft targets) + keep_weight * keep-ratio loss
       + distill_weight * (KL(teacher || student) + token MSE)
 
-Every term is a float32 scalar averaged over the batch.
+Every term is a float32 scalar averaged over the batch. Cross-entropy and KL are Optax's
+(`optax.losses`); the keep-ratio and token terms are TPS's own.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """logits (B, K), soft targets (B, K) summing to 1 -> mean_b -sum_k t log softmax."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.sum(targets * logp, axis=-1))
+  return jnp.mean(optax.losses.softmax_cross_entropy(logits.astype(jnp.float32), targets))
 
 
 def keep_ratio_loss(decisions: Sequence[jax.Array], ratios: Sequence[float]) -> jax.Array:
@@ -33,7 +34,7 @@ def distill_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Arra
   """KL(p_teacher || p_student), summed over classes, mean over the batch (T = 1)."""
   logp_s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
   logp_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
-  return jnp.mean(jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1))
+  return jnp.mean(optax.losses.kl_divergence_with_log_targets(logp_s, logp_t))
 
 
 def token_mse(student: jax.Array, teacher: jax.Array, live: jax.Array) -> jax.Array:

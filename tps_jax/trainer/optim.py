@@ -1,5 +1,5 @@
 """AdamW with warm-up + cosine, the paper's backbone/score-head learning rates, no decay on
-biases, norms, `pos_embedding` and `cls`.
+biases, norms, `pos_embedding` and `cls`; steps with non-finite gradients are skipped.
 
   tx, schedule = make_optimizer(params, total_steps=..., lr=..., ...)
 """
@@ -13,6 +13,9 @@ import optax
 
 SCORER = re.compile(r"(^|/)score_head_\d+/")
 NO_DECAY_NAMES = ("pos_embedding", "cls")
+# apply_if_finite applies non-finite updates after this many skipped steps in a row; the
+# trainer stops long before (at its next log or checkpoint step), so it is never reached.
+MAX_NONFINITE_STEPS = 2**30
 
 
 def _tree_like(params, fn):
@@ -62,4 +65,7 @@ def make_optimizer(params, *, total_steps: int, lr: float, warmup_steps: int = 0
        "scorer": adamw(sched)}, lr_groups)
   if clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+  # A step whose gradients are not finite leaves parameters and optimizer state as they were
+  # (the trainer then stops at its next sync point with the last good checkpoint kept).
+  tx = optax.apply_if_finite(tx, max_consecutive_errors=MAX_NONFINITE_STEPS)
   return tx, sched

@@ -1,4 +1,4 @@
-"""The train state, its Orbax checkpoints, and loading parameters from any checkpoint kind.
+"""The train state and its Orbax checkpoints.
 
   state = {"step": int32 (), "params": ..., "opt_state": ..., "rng": uint32 key data}
 
@@ -6,25 +6,43 @@
 and writes each step atomically (Orbax renames a finished temporary
 directory), so a killed run restarts from its last complete step. Restoring
 takes the target shardings, so a run resumes onto a different mesh.
+
+Orbax does not checksum array data: flipped bytes restore as wrong numbers.
+So once a step is written, a SHA-256 of each of its files goes into
+`STEP/tps_jax_sha256.json` (`checkpoints.write_checksums`), and a restore checks them first. A corrupt step
+(bad checksum, unreadable metadata or data) is told apart from a mismatch (the
+step's arrays have other names or shapes than this run's state: the config
+changed): a mismatch stops the run, a corrupt latest step is moved aside to
+`checkpoints/corrupt-STEP` with a loud warning and the newest intact step is
+restored instead (the input stream is a function of the step, so the redone
+steps see the same batches).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
-from typing import Any, Iterable
+from typing import Callable
 
-import flax
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from tps_jax import checkpoints as foreign
-from tps_jax.models.vit import VisionTransformer
+
+
+def _layout(tree) -> dict[str, tuple]:
+  """"a/b/c" -> (shape, dtype) of each array of a state or of Orbax metadata (which stores a
+  named tuple's fields as dict keys: both spell a field by its name)."""
+  def name(k) -> str:  # DictKey.key, GetAttrKey.name, SequenceKey.idx
+    return str(next((getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)), k))
+  return {"/".join(name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class Checkpoints:
-  """Orbax CheckpointManager over `workdir/checkpoints`."""
+  """Orbax CheckpointManager over `workdir/checkpoints`, with per-step checksums."""
 
   def __init__(self, workdir: str | os.PathLike, *, every_steps: int = 1000, keep: int = 3,
                async_save: bool = True):
@@ -33,7 +51,9 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=1, create=True,
         enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_handlers=ocp.StandardCheckpointHandler())
+    self._unsealed: list[int] = []  # saved by this run, checksums not yet written
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -44,67 +64,96 @@ class Checkpoints:
   def save(self, step: int, state: dict, *, wait: bool = False) -> None:
     if step in self.manager.all_steps():
       return
+    self._seal()
     self.manager.save(step, args=ocp.args.StandardSave(state))
+    self._unsealed.append(step)
     if wait:
-      self.manager.wait_until_finished()
+      self._seal()
 
-  def restore(self, abstract_state: dict, step: int | None = None) -> dict:
-    """The state at `step` (default: latest), laid out as `abstract_state`'s shardings."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+  def _seal(self) -> None:
+    """Waits for pending saves, then writes the checksums of the steps they finished."""
+    self.manager.wait_until_finished()
+    if jax.process_index() == 0:  # Orbax finalises a step only once every process wrote it
+      for step in self._unsealed:
+        step_dir = self.directory / str(step)
+        if step_dir.is_dir():  # max_to_keep may have removed it already
+          foreign.write_checksums(step_dir)
+    self._unsealed = []
+
+  def verify(self, step: int, abstract_state: dict | None = None) -> None:
+    """Raises CheckpointCorruptError if `step`'s bytes are damaged, CheckpointMismatchError
+    if its arrays differ in name, shape or dtype from `abstract_state`'s."""
+    step_dir = self.directory / str(step)
+    foreign.check_checksums(step_dir)
+    if abstract_state is None:
+      return
+    try:
+      saved = _layout(self.manager.item_metadata(step).tree)
+    except Exception as e:  # pylint: disable=broad-except
+      raise foreign.CheckpointCorruptError(f"checkpoint {step_dir} is corrupt: its metadata "
+                                           f"cannot be read ({type(e).__name__}: {e}).") from e
+    want = _layout(abstract_state)
+    if saved != want:
+      diff = [f"{k}: checkpoint {saved.get(k, 'absent')}, run {want.get(k, 'absent')}"
+              for k in sorted(saved.keys() | want.keys()) if saved.get(k) != want.get(k)]
+      raise foreign.CheckpointMismatchError(
+          f"checkpoint {step_dir} does not match this run's model or optimizer (was the "
+          f"config changed?): {len(diff)} array(s) differ, e.g. {diff[:3]}.")
+
+  def restore(self, abstract_state: dict, step: int | None = None, *,
+              warn: Callable[[str], None] | None = None) -> dict:
+    """The state at `step`, laid out as `abstract_state`'s shardings.
+
+    With no `step`: the newest intact step. Corrupt newer steps are moved to
+    `checkpoints/corrupt-STEP` and reported through `warn` (and logging).
+    An explicit `step` is restored or refused, never replaced.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}.")
+    skipped = []
+    for s in steps:
+      try:
+        return self._restore(s, abstract_state)
+      except foreign.CheckpointCorruptError as e:
+        if step is not None:
+          raise
+        skipped.append(s)
+        dest = self._set_aside(s)
+        message = (f"WARNING: {e} Moved it to {dest.name} and going back to the previous "
+                   f"step; the steps after that one will be trained again.")
+        logging.warning(message)
+        if warn:
+          warn(message)
+    raise foreign.CheckpointCorruptError(
+        f"every checkpoint in {self.directory} is corrupt (steps {skipped}, now in "
+        f"corrupt-STEP); delete them to start afresh.")
+
+  def _restore(self, step: int, abstract_state: dict) -> dict:
+    self.verify(step, abstract_state)
     try:
       return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except (ValueError, KeyError, TypeError) as e:
-      raise foreign.CheckpointMismatchError(
-          f"checkpoint {self.directory}/{step} does not match this run's model or optimizer "
-          f"(was the config changed?): {e}") from e
+    except Exception as e:  # pylint: disable=broad-except
+      # The layout matched, so a failure to read it is damage, not a config change.
+      raise foreign.CheckpointCorruptError(
+          f"checkpoint {self.directory}/{step} is corrupt: its data cannot be read "
+          f"({type(e).__name__}: {str(e)[:300]}).") from e
+
+  def _set_aside(self, step: int) -> pathlib.Path:
+    """Renames a corrupt step out of Orbax's sight (kept for inspection); returns where to."""
+    dest, n = self.directory / f"corrupt-{step}", 1
+    while dest.exists():  # the same step may go bad twice
+      dest, n = self.directory / f"corrupt-{step}-{n}", n + 1
+    multi = jax.process_count() > 1
+    if multi:  # every process has chosen `dest` before it is created
+      multihost_utils.sync_global_devices(f"tps_jax: choose where checkpoint {step} goes")
+    if jax.process_index() == 0:
+      os.replace(self.directory / str(step), dest)
+    if multi:
+      multihost_utils.sync_global_devices(f"tps_jax: checkpoint {step} set aside")
+    self.manager.reload()
+    return dest
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self._seal()
     self.manager.close()
-
-
-def _orbax_params(path: pathlib.Path) -> dict[str, np.ndarray]:
-  """Flat params of the latest step under a workdir, a checkpoints dir, or a step dir."""
-  root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-  steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
-  item = (root / str(max(steps)) if steps else path) / "default"  # Checkpoints' item name
-  if not item.is_dir():
-    raise FileNotFoundError(f"no tps_jax checkpoint under {path} "
-                            f"(expected WORKDIR/checkpoints/STEP).")
-  restored = ocp.StandardCheckpointer().restore(item.absolute())
-  if "params" not in restored:
-    raise foreign.CheckpointMismatchError(f"{item} holds no 'params' entry.")
-  flat = flax.traverse_util.flatten_dict(restored["params"], sep="/")
-  return {k: np.asarray(v) for k, v in flat.items()}
-
-
-def load_params(path: str | os.PathLike, model: VisionTransformer, *,
-                fresh: Iterable[str] = (), rng: jax.Array | None = None) -> Any:
-  """Parameters for `model` from a checkpoint of any kind this library reads.
-
-  - a directory: a tps_jax workdir (its latest checkpoint) or an Orbax step;
-  - `.npz` with "a/b/c" keys: ours (`params.npz`) or big_vision / AugReg;
-  - `.npz` / `.safetensors` / `.pth` with "a.b.c" keys: a timm / DeiT / TPS state dict.
-  Mismatches raise `CheckpointMismatchError` naming the keys.
-  """
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"checkpoint {path} does not exist.")
-  if path.is_dir():  # assemble ignores (and re-initialises) the `fresh` groups itself
-    return foreign.assemble(_orbax_params(path), model, fresh=fresh, rng=rng,
-                            source=f"checkpoint {path}")
-  flat = foreign.load_state_dict(path)
-  if any("/" in k for k in flat):
-    return foreign.from_big_vision_npz(flat, model, fresh=fresh, rng=rng)
-  return foreign.from_torch_state_dict(flat, model, fresh=fresh, rng=rng)
-
-
-def save_params_npz(params, path: str | os.PathLike) -> pathlib.Path:
-  """params -> a flat "a/b/c" `.npz` (big_vision layout names), written atomically."""
-  path = pathlib.Path(path)
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, **foreign.to_flat(params))
-  os.replace(tmp, path)
-  return path
