@@ -17,18 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
+from tps_jax.models import reduction
 from tps_jax.models.vit import Model
 from tps_jax.trainer import evaluation
 
-METHODS = {
-    "none": dict(method="none"),
-    "dtps": dict(method="dtps", keep_ratio=0.7),
-    "dynamicvit": dict(method="dynamicvit", keep_ratio=0.7),
-    "etps": dict(method="etps", keep_ratio=0.7),
-    "evit": dict(method="evit", keep_ratio=0.7),
-    "topk": dict(method="topk", keep_ratio=0.7),
-    "tome": dict(method="tome", r=13),
-}
+# Every method at the paper's DeiT-S operating point: keep 0.7 at blocks 3, 6, 9; ToMe r = 13.
+METHODS = {m: reduction.spec(m, 0.7, r=13) for m in reduction.METHODS}
 
 
 def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_size: int):

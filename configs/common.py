@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome")
+from tps_jax.models import reduction as reduction_lib
 
 
 _TRUE, _FALSE = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -53,13 +53,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def reduction(method: str, keep: float, locations=(3, 6, 9), tome_r: int = 0) -> dict | None:
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
-  if method == "none":
-    return None
-  if method == "tome":
-    return {"method": "tome", "r": tome_r}
-  return {"method": method, "keep_ratio": keep, "locations": tuple(locations)}
+  """config.model.reduction for a recipe's method argument (`models.reduction.spec`)."""
+  return reduction_lib.spec(method, keep, locations, r=tome_r)
 
 
 def base() -> ml_collections.ConfigDict:
@@ -115,7 +110,7 @@ def base() -> ml_collections.ConfigDict:
 
 def finetune(c: ml_collections.ConfigDict, method: str) -> None:
   """SPEC section 4 on top of `c`: backbone lr x 0.01 for learned scorers, distillation."""
-  learned = method in ("dtps", "dynamicvit")
+  learned = method in reduction_lib.LEARNED
   c.optim.backbone_lr_scale = 0.01 if learned else 1.0
   c.loss.keep_weight = 2.0 if learned else 0.0
   c.loss.distill_weight = 0.5

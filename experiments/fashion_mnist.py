@@ -28,11 +28,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from experiments import study  # noqa: E402
 from tps_jax import atomic  # noqa: E402
+from tps_jax.models import reduction  # noqa: E402
 
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
-OFFSHELF_METHODS = ("etps", "evit", "topk", "tome")
+OFFSHELF_METHODS = reduction.TRAINING_FREE
 TOME_RS = (1, 2, 3, 4, 5)
-FINETUNE_PAIRS = (("dtps", "dynamicvit"), ("etps", "evit"))
+FINETUNE_PAIRS = tuple(reduction.TPS_BASELINES.items())
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -43,8 +44,13 @@ def _ints(s: str) -> tuple[int, ...]:
   return tuple(int(v) for v in s.split(",") if v)
 
 
-def _strs(s: str) -> tuple[str, ...]:
-  return tuple(v for v in s.split(",") if v)
+def _methods(s: str) -> tuple[str, ...]:
+  methods = tuple(v for v in s.split(",") if v)
+  unknown = [m for m in methods if m not in reduction.METHODS]
+  if unknown:
+    raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; expected some of "
+                                     f"{reduction.METHODS}")
+  return methods
 
 
 # The teacher's schedule: 12 epochs from scratch (lr 2e-3), then two warm-started cosine cycles of
@@ -139,7 +145,7 @@ def pictures(args) -> None:
     model = study.build_model(study.fashion_mnist_config(args.arg, f"method={method}",
                                                          f"keep={args.keep}"))
     source = args.teacher
-    if method in ("dtps", "dynamicvit"):  # needs its fine-tuned score heads
+    if method in reduction.LEARNED:  # needs its fine-tuned score heads
       source = pathlib.Path(args.workdir) / f"{method}_{args.keep}_s0" / "params.npz"
     params = checkpoints.load_params(source, model)
     path = out / f"fmnist_tokens_{method}.png"
@@ -188,7 +194,7 @@ def quick(args) -> None:
   print(f"1/3 the dense teacher ({teacher_path})")
   add("dense", "teacher", study.evaluate_reduction(cfg, params, None))
   print(f"2/3 fine-tune {args.steps} steps from the teacher, keep {keep}")
-  for method in ("dtps", "dynamicvit"):
+  for method in reduction.LEARNED:
     fcfg = study.fashion_mnist_config(args.arg, f"method={method}", f"keep={keep}",
                                       f"init={teacher_path}", f"steps={args.steps}")
     fcfg.tensorboard = False
@@ -288,16 +294,16 @@ def main(argv=None) -> None:
   sub = p.add_subparsers(dest="command", required=True)
   sub.add_parser("teacher", help="train the dense teacher and copy it into results/")
   s = sub.add_parser("offshelf", help="training-free methods at several keep ratios")
-  s.add_argument("--methods", type=_strs, default=OFFSHELF_METHODS)
+  s.add_argument("--methods", type=_methods, default=OFFSHELF_METHODS)
   s.add_argument("--keeps", type=_floats, default=KEEPS)
   s.add_argument("--tome_rs", type=_ints, default=TOME_RS)
   s = sub.add_parser("finetune", help="fine-tuned comparisons over seeds")
-  s.add_argument("--methods", type=_strs, default=tuple(m for pr in FINETUNE_PAIRS for m in pr))
+  s.add_argument("--methods", type=_methods, default=tuple(m for pr in FINETUNE_PAIRS for m in pr))
   s.add_argument("--keeps", type=_floats, default=(0.7, 0.5, 0.3))
   s.add_argument("--seeds", type=_ints, default=(0, 1))
   s.add_argument("--steps", type=int, default=100)
   s = sub.add_parser("pictures", help="kept / pruned / host pictures")
-  s.add_argument("--methods", type=_strs, default=("dtps", "etps", "evit", "topk"))
+  s.add_argument("--methods", type=_methods, default=("dtps", "etps", "evit", "topk"))
   s.add_argument("--keep", type=float, default=0.5)
   s.add_argument("--images", type=_ints, default=(0, 1, 2, 3))
   sub.add_parser("report", help="markdown tables of the results JSON")

@@ -21,11 +21,30 @@ from typing import Any, Mapping
 
 from tps_jax import ops
 
+# The one list of methods: configs, experiments and benchmarks take theirs from here.
 METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome")
 LEARNED = ("dtps", "dynamicvit")  # score head, between blocks
 INTRA_BLOCK = ("etps", "evit", "topk")  # cls attention, inside the block
 SQUEEZING = ("dtps", "etps")
+TRAINING_FREE = INTRA_BLOCK + ("tome",)  # run on a dense model's parameters as they are
+# Each TPS variant and the baseline with its scorer that drops (DynamicViT) or fuses (EViT).
+TPS_BASELINES = {"dtps": "dynamicvit", "etps": "evit"}
 DEFAULT_LOCATIONS = (3, 6, 9)
+
+
+def spec(method: str, keep_ratio: float = 0.7, locations=DEFAULT_LOCATIONS,
+         r: int = 0) -> dict[str, Any] | None:
+  """The reduction mapping a config carries for `method` (None for the dense model).
+
+  keep_ratio and locations serve the staged methods, r (tokens merged per block) ToMe.
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
+  if method == "none":
+    return None
+  if method == "tome":
+    return {"method": "tome", "r": r}
+  return {"method": method, "keep_ratio": keep_ratio, "locations": tuple(locations)}
 
 
 @dataclasses.dataclass(frozen=True)
