@@ -1,41 +1,60 @@
-"""Training images/s and memory of one jitted train step: dense vs dtps vs etps.
+"""Training images/s, memory and MFU of the trainer's jitted step, against timm + torch.compile.
 
-  python -m benchmarks.train_step [--quick]
+  python -m benchmarks.train_step            # GPU: DeiT-S/16 224px, batch 256, bf16
+  python -m benchmarks.train_step --quick    # the Fashion-MNIST ViT only (CPU)
+  python -m benchmarks.train_step --max_batch   # also the largest batch that fits
 
-Cases: DeiT-S/16 at 224 (batch 32 on CPU, 256 on GPU) and the Fashion-MNIST
-ViT of configs/fashion_mnist.py (batch 128). The step is the trainer's own
-(`loop.make_train_step`: device augmentation of uint8 batches (DeiT: RandAugment
-m9 + erasing), mixing, forward, SPEC-4 losses, AdamW update);
-fine-tuning methods are timed with and without the frozen dense teacher.
-Memory is XLA's compiled estimate (arguments + outputs + temporaries); on a GPU
-the device's peak bytes in use are added.
+Each row is the trainer's own step (`loop.make_train_step`: device augmentation
+of uint8 batches, mixing, forward, SPEC-4 losses, AdamW) for one (method,
+teacher, remat, policy_form), run in its own subprocess so the device's peak
+memory (`memory_stats`) is that row's. dTPS / DynamicViT run the masked path
+with policy attention, as the authors train them. MFU counts training FLOPs as
+6 x forward MACs (`flops.macs`, per image) over the bf16 matmul peak measured
+in the same run. Where torch and timm import, timm's DeiT-S train step (AdamW,
+bf16 autocast, torch.compile) is timed in a subprocess as the reference row.
+The largest batch is found from XLA's compiled memory at two batch sizes
+(linear in the batch) and checked by compiling it. Writes
+benchmarks/results/train_step_<platform>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
-from benchmarks import common
-from tps_jax import timing  # pylint: disable=wrong-import-position
+from benchmarks import common  # pylint: disable=wrong-import-position
 from configs import common as common_cfg, fashion_mnist  # pylint: disable=wrong-import-position
-from tps_jax import data  # pylint: disable=wrong-import-position
+from tps_jax import data, flops, timing  # pylint: disable=wrong-import-position
 from tps_jax.models.vit import build_model  # pylint: disable=wrong-import-position
 from tps_jax.trainer import loop, optim  # pylint: disable=wrong-import-position
 
 LOSS = {"keep_weight": 2.0, "distill_weight": 0.5, "token_distill": True}
+CASES = {
+    "deit_s": {"label": "DeiT-S/16 224px", "channels": 3, "classes": 1000,
+               "model": {"variant": "S/16", "image_size": 224}, "locations": (3, 6, 9),
+               "preprocess": {"size": 224}},  # DeiT's: RandAugment m9, erasing 0.25
+    "fmnist": {"label": "fmnist ViT 28px", "channels": 1, "classes": 10,
+               "model": {**fashion_mnist.get_config().model.to_dict()}, "locations": (2, 4, 6),
+               "preprocess": fashion_mnist.get_config().input.preprocess.to_dict()},
+}
 
 
-def _case(name, model_cfg, *, method, batch, channels, teacher, repeats, mixed_precision):
-  locations = model_cfg.pop("locations")
-  cfg = {**model_cfg, "reduction": common_cfg.reduction(method, 0.7, locations)}
-  model = build_model(cfg, 10 if channels == 1 else 1000, mixed_precision=mixed_precision)
-  size = model.image_size
+def _step(case: str, method: str, teacher: bool, batch: int, remat: bool, policy_form: str,
+          bf16: bool):
+  """The jitted step, its arguments and its model, for one row."""
+  c = CASES[case]
+  cfg = {**c["model"], "remat": remat, "policy_form": policy_form,
+         "reduction": common_cfg.reduction(method, 0.7, c["locations"])}
+  model = build_model(cfg, c["classes"], mixed_precision=bf16)
+  size, channels = model.image_size, c["channels"]
   rng = jax.random.key(0)
   params = jax.jit(model.init)(rng, jnp.zeros((1, size, size, channels)))["params"]
   tx, _ = optim.make_optimizer(params, total_steps=1000, lr=1e-4, warmup_steps=10,
@@ -44,59 +63,136 @@ def _case(name, model_cfg, *, method, batch, channels, teacher, repeats, mixed_p
            "rng": jax.random.key_data(rng)}
   t_model = t_params = None
   if teacher:
-    t_model = build_model({**cfg, "reduction": None}, model.num_classes,
-                               mixed_precision=mixed_precision)
+    t_model = build_model({**cfg, "reduction": None, "remat": False}, c["classes"],
+                          mixed_precision=bf16)
     t_params = jax.jit(t_model.init)(rng, jnp.zeros((1, size, size, channels)))["params"]
-  step = jax.jit(loop.make_train_step(model, tx, num_classes=model.num_classes,
-                                      mixing=data.Mixing(), loss_cfg=LOSS, teacher=t_model,
-                                      preprocess=data.Preprocess(size=size, channels=channels)),
+  step = jax.jit(loop.make_train_step(model, tx, num_classes=c["classes"], mixing=data.Mixing(),
+                                      loss_cfg=LOSS, teacher=t_model,
+                                      preprocess=data.Preprocess(**c["preprocess"])),
                  donate_argnums=0)
-  batch_data = {"image": jax.random.randint(rng, (batch, size, size, channels), 0, 256,
-                                            jnp.int32).astype(jnp.uint8),
-                "label": jnp.zeros((batch,), jnp.int32)}
-  compiled = step.lower(state, batch_data, t_params).compile()
+  images = jax.random.randint(rng, (batch, size, size, channels), 0, 256, jnp.int32)
+  batch_data = {"image": images.astype(jnp.uint8), "label": jnp.zeros((batch,), jnp.int32)}
+  return step, (state, batch_data, t_params), model
+
+
+def _compiled_mb(compiled) -> float:
   mem = compiled.memory_analysis()
-  mem_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-               if mem is not None else float("nan"))
-  holder = {"state": state}
+  if mem is None:
+    return float("nan")
+  return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes) / 2**20
+
+
+def row(case: str, method: str, teacher: bool, batch: int, remat: bool, policy_form: str,
+        bf16: bool, repeats: int) -> dict:
+  """Times one configuration in this process (run it in a fresh one for its peak memory)."""
+  step, args, model = _step(case, method, teacher, batch, remat, policy_form, bf16)
+  compiled = step.lower(*args).compile()
+  holder = {"state": args[0]}
 
   def one():
-    holder["state"], m = step(holder["state"], batch_data, t_params)
+    holder["state"], m = compiled(holder["state"], *args[1:])
     return m["loss"]
 
-  t = timing.time_call(one, repeats=repeats, warmup=1)
-  row = {"case": name, "method": method + (" + teacher" if teacher else ""), "batch": batch,
-         "images_per_s": batch / t["median_s"], "step_s": t["median_s"],
-         "xla_mem_mb": mem_bytes / 2**20}
+  t = timing.time_call(one, repeats=repeats, warmup=2)
+  out = {"impl": "tps_jax", "model": CASES[case]["label"], "method": method,
+         "teacher": teacher, "batch": batch, "dtype": "bfloat16" if bf16 else "float32",
+         "remat": remat, "policy_form": policy_form if method in ("dtps", "dynamicvit") else "",
+         "img_per_s": batch / t["median_s"], "step_s": t["median_s"],
+         "xla_mem_mb": _compiled_mb(compiled), "fwd_gmacs": flops.macs(model) / 1e9}
   stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    row["peak_mem_mb"] = stats["peak_bytes_in_use"] / 2**20
-  return row
+  out["peak_mem_mb"] = stats.get("peak_bytes_in_use", float("nan")) / 2**20
+  return out
 
 
-def main():
+def max_batch(case: str, method: str, remat: bool, bf16: bool, limit_mb: float,
+              probe: tuple[int, int] = (64, 128)) -> dict:
+  """Largest batch whose compiled step fits `limit_mb`, from a linear fit of two compiles."""
+  mem = {}
+  for b in probe:
+    step, args, _ = _step(case, method, False, b, remat, "exact", bf16)
+    mem[b] = _compiled_mb(step.lower(*args).compile())
+  slope = (mem[probe[1]] - mem[probe[0]]) / (probe[1] - probe[0])
+  fixed = mem[probe[0]] - slope * probe[0]
+  guess = int((limit_mb - fixed) / slope) // 8 * 8
+  step, args, _ = _step(case, method, False, guess, remat, "exact", bf16)
+  checked = _compiled_mb(step.lower(*args).compile())
+  return {"model": CASES[case]["label"], "method": method, "remat": remat,
+          "max_batch": guess, "mb_per_image": slope, "fixed_mb": fixed,
+          "compiled_mb_at_max": checked, "limit_mb": limit_mb}
+
+
+def _subprocess(args: list[str], env=None) -> dict | None:
+  proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("ROW ")]
+  if proc.returncode or not lines:
+    print(f"  failed: {' '.join(args)}\n{proc.stderr[-2000:]}", flush=True)
+    return None
+  return json.loads(lines[-1][4:])
+
+
+def bf16_peak_tflops(n: int = 8192) -> float:
+  """Measured bf16 matmul throughput of this device (the MFU denominator)."""
+  a = jnp.ones((n, n), jnp.bfloat16)
+  mm = jax.jit(lambda a: a @ a)
+  t = timing.time_call(mm, a, repeats=10, warmup=3)
+  return 2 * n ** 3 / t["median_s"] / 1e12
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="Fashion-MNIST ViT only")
+  parser.add_argument("--quick", action="store_true", help="the Fashion-MNIST ViT only")
+  parser.add_argument("--max_batch", action="store_true", help="also the largest batches")
+  parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # one row, as JSON
   parser.add_argument("--out", default=None)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  if args.row:
+    print("ROW " + json.dumps(row(**json.loads(args.row))), flush=True)
+    return
   gpu = jax.default_backend() != "cpu"
-  fm = fashion_mnist.get_config()
-  fm_model = {**fm.model.to_dict(), "locations": (2, 4, 6)}
-  cases = [("fmnist ViT 28px", fm_model, 128, 1, 10 if not gpu else 30)]
+  plans = [("fmnist", 128, 10 if not gpu else 30)]
   if not args.quick:
-    cases.append(("DeiT-S/16 224px", {"variant": "S/16", "image_size": 224,
-                                      "locations": (3, 6, 9)}, 256 if gpu else 32, 3,
-                  3 if not gpu else 20))
+    plans.append(("deit_s", 256 if gpu else 32, 20 if gpu else 3))
+  variants = [("none", False, False, "exact"), ("none", False, True, "exact"),
+              ("dtps", False, False, "exact"), ("dtps", False, False, "deferred"),
+              ("dtps", False, False, "log_bias"), ("dtps", True, False, "exact"),
+              ("dtps", False, True, "exact"), ("etps", False, False, "exact"),
+              ("etps", True, False, "exact"), ("evit", False, False, "exact")]
   rows = []
-  for name, model_cfg, batch, channels, repeats in cases:
-    for method, teacher in (("none", False), ("dtps", False), ("dtps", True),
-                            ("etps", False), ("etps", True)):
-      row = _case(name, dict(model_cfg), method=method, batch=batch, channels=channels,
-                  teacher=teacher, repeats=repeats, mixed_precision=gpu)
-      print(row, flush=True)
-      rows.append(row)
-  common.print_table(rows, ["case", "method", "batch", "images_per_s", "step_s", "xla_mem_mb"])
-  common.write_json("train_step", {"rows": rows, "mixed_precision": gpu}, args.out)
+  for case, batch, repeats in plans:
+    for method, teacher, remat, form in variants:
+      spec = dict(case=case, method=method, teacher=teacher, batch=batch, remat=remat,
+                  policy_form=form, bf16=gpu, repeats=repeats)
+      r = _subprocess(["-m", "benchmarks.train_step", "--row", json.dumps(spec)])
+      if r:
+        print(f"  {r['model']} {method}{' + teacher' if teacher else ''} remat={remat} "
+              f"{form}: {r['img_per_s']:.1f} img/s", flush=True)
+        rows.append(r)
+    if case == "deit_s" and gpu:
+      ref = _subprocess(["-m", "benchmarks.timm_train_step", "--batch", str(batch)])
+      if ref:
+        dense = next(r for r in rows if r["model"] == ref["model"] and r["method"] == "none")
+        rows.append({**ref, "fwd_gmacs": dense["fwd_gmacs"]})
+  peak = bf16_peak_tflops() if gpu else float("nan")
+  for r in rows:
+    r["mfu"] = r["img_per_s"] * 6 * r["fwd_gmacs"] * 1e9 / (peak * 1e12) if gpu else None
+    dense = next((d for d in rows if d["impl"] == r["impl"] == "tps_jax" and
+                  d["model"] == r["model"] and d["method"] == "none" and not d["remat"]), None)
+    r["vs_dense"] = r["img_per_s"] / dense["img_per_s"] if dense else None
+  fits = []
+  if args.max_batch and gpu:
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0) / 2**20
+    for method in ("none", "dtps"):
+      for remat in (False, True):
+        fits.append(max_batch("deit_s", method, remat, gpu, limit))
+        print(f"  max batch {method} remat={remat}: {fits[-1]['max_batch']}", flush=True)
+  common.print_table(rows, ["impl", "model", "method", "teacher", "batch", "dtype", "remat",
+                            "policy_form", "img_per_s", "vs_dense", "peak_mem_mb", "mfu"])
+  if fits:
+    common.print_table(fits, ["model", "method", "remat", "max_batch", "mb_per_image"])
+  common.write_json("train_step", {"rows": rows, "max_batch": fits,
+                                   "bf16_peak_tflops": peak}, args.out)
 
 
 if __name__ == "__main__":
