@@ -188,7 +188,8 @@ def main(argv=None):
         fits.append(max_batch("deit_s", method, remat, gpu, limit))
         print(f"  max batch {method} remat={remat}: {fits[-1]['max_batch']}", flush=True)
   common.print_table(rows, ["impl", "model", "method", "teacher", "batch", "dtype", "remat",
-                            "policy_form", "img_per_s", "vs_dense", "peak_mem_mb", "mfu"])
+                            "policy_form", "img_per_s", "vs_dense", "xla_mem_mb", "peak_mem_mb",
+                            "mfu"])
   if fits:
     common.print_table(fits, ["model", "method", "remat", "max_batch", "mb_per_image"])
   common.write_json("train_step", {"rows": rows, "max_batch": fits,
