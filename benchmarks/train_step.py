@@ -22,15 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import tempfile
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
-from benchmarks import common  # pylint: disable=wrong-import-position
+from benchmarks import common, kernels  # pylint: disable=wrong-import-position
 from configs import common as common_cfg, fashion_mnist  # pylint: disable=wrong-import-position
 from tps_jax import data, flops, timing  # pylint: disable=wrong-import-position
 from tps_jax.models.vit import build_model  # pylint: disable=wrong-import-position
@@ -48,10 +51,14 @@ CASES = {
 
 
 def _step(case: str, method: str, teacher: bool, batch: int, remat: bool, policy_form: str,
-          bf16: bool):
-  """The jitted step, its arguments and its model, for one row."""
+          bf16: bool, attention: str = "auto", augment: bool = True):
+  """The jitted step, its arguments and its model, for one row.
+
+  `attention`: the model's attention implementation; `augment=False` leaves out the device
+  augmentation (RandAugment, erasing), to measure what it costs.
+  """
   c = CASES[case]
-  cfg = {**c["model"], "remat": remat, "policy_form": policy_form,
+  cfg = {**c["model"], "remat": remat, "policy_form": policy_form, "attention": attention,
          "reduction": common_cfg.reduction(method, 0.7, c["locations"])}
   model = build_model(cfg, c["classes"], mixed_precision=bf16)
   size, channels = model.image_size, c["channels"]
@@ -68,11 +75,18 @@ def _step(case: str, method: str, teacher: bool, batch: int, remat: bool, policy
     t_params = jax.jit(t_model.init)(rng, jnp.zeros((1, size, size, channels)))["params"]
   step = jax.jit(loop.make_train_step(model, tx, num_classes=c["classes"], mixing=data.Mixing(),
                                       loss_cfg=LOSS, teacher=t_model,
-                                      preprocess=data.Preprocess(**c["preprocess"])),
+                                      preprocess=_preprocess(case, augment)),
                  donate_argnums=0)
   images = jax.random.randint(rng, (batch, size, size, channels), 0, 256, jnp.int32)
   batch_data = {"image": images.astype(jnp.uint8), "label": jnp.zeros((batch,), jnp.int32)}
   return step, (state, batch_data, t_params), model
+
+
+def _preprocess(case: str, augment: bool) -> data.Preprocess:
+  kw = dict(CASES[case]["preprocess"])
+  if not augment:
+    kw.update(randaugment=None, erasing=0.0)
+  return data.Preprocess(**kw)
 
 
 def _compiled_mb(compiled) -> float:
@@ -84,9 +98,14 @@ def _compiled_mb(compiled) -> float:
 
 
 def row(case: str, method: str, teacher: bool, batch: int, remat: bool, policy_form: str,
-        bf16: bool, repeats: int) -> dict:
-  """Times one configuration in this process (run it in a fresh one for its peak memory)."""
-  step, args, model = _step(case, method, teacher, batch, remat, policy_form, bf16)
+        bf16: bool, repeats: int, attention: str = "auto", augment: bool = True,
+        trace: str | None = None) -> dict:
+  """Times one configuration in this process (run it in a fresh one for its peak memory).
+
+  `trace`: a path; if given, three more steps are traced there and their kernels summarised.
+  """
+  step, args, model = _step(case, method, teacher, batch, remat, policy_form, bf16, attention,
+                            augment)
   compiled = step.lower(*args).compile()
   holder = {"state": args[0]}
 
@@ -98,16 +117,20 @@ def row(case: str, method: str, teacher: bool, batch: int, remat: bool, policy_f
   out = {"impl": "tps_jax", "model": CASES[case]["label"], "method": method,
          "teacher": teacher, "batch": batch, "dtype": "bfloat16" if bf16 else "float32",
          "remat": remat, "policy_form": policy_form if method in ("dtps", "dynamicvit") else "",
+         "attention": attention, "augment": augment,
          "img_per_s": batch / t["median_s"], "step_s": t["median_s"],
          "xla_mem_mb": _compiled_mb(compiled), "fwd_gmacs": flops.macs(model) / 1e9}
   stats = jax.devices()[0].memory_stats() or {}
   out["peak_mem_mb"] = stats.get("peak_bytes_in_use", float("nan")) / 2**20
+  if trace:
+    out["kernels"] = kernels.trace(one, keep=trace)
   return out
 
 
 def max_batch(case: str, method: str, remat: bool, bf16: bool, limit_mb: float,
-              probe: tuple[int, int] = (64, 128)) -> dict:
-  """Largest batch whose compiled step fits `limit_mb`, from a linear fit of two compiles."""
+              probe: tuple[int, int] = (128, 256)) -> dict:
+  """Largest batch whose compiled step fits `limit_mb`, from a linear fit of two compiles,
+  checked by compiling it (compiles only: nothing is allocated or run)."""
   mem = {}
   for b in probe:
     step, args, _ = _step(case, method, False, b, remat, "exact", bf16)
@@ -133,67 +156,140 @@ def _subprocess(args: list[str], env=None) -> dict | None:
 
 
 def bf16_peak_tflops(n: int = 8192) -> float:
-  """Measured bf16 matmul throughput of this device (the MFU denominator)."""
-  a = jnp.ones((n, n), jnp.bfloat16)
+  """Measured bf16 matmul throughput of this device (the MFU denominator), on random data."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
   mm = jax.jit(lambda a: a @ a)
   t = timing.time_call(mm, a, repeats=10, warmup=3)
   return 2 * n ** 3 / t["median_s"] / 1e12
 
 
+# Named rows: (method, teacher, remat, policy_form, augment).
+VARIANTS = {
+    "dense": ("none", False, False, "exact", True),
+    "dense_remat": ("none", False, True, "exact", True),
+    "dense_noaug": ("none", False, False, "exact", False),
+    "dtps": ("dtps", False, False, "exact", True),
+    "dtps_deferred": ("dtps", False, False, "deferred", True),
+    "dtps_fused": ("dtps", False, False, "fused", True),
+    "dtps_log_bias": ("dtps", False, False, "log_bias", True),
+    "dtps_teacher": ("dtps", True, False, "exact", True),
+    "dtps_fused_teacher": ("dtps", True, False, "fused", True),
+    "dtps_remat": ("dtps", False, True, "exact", True),
+    "etps": ("etps", False, False, "exact", True),
+    "etps_teacher": ("etps", True, False, "exact", True),
+    "evit": ("evit", False, False, "exact", True),
+}
+CPU_VARIANTS = ("dense", "dense_remat", "dtps", "dtps_deferred", "dtps_fused", "dtps_log_bias",
+                "dtps_teacher", "dtps_remat", "etps", "etps_teacher", "evit")
+
+
+def _key(r: dict) -> tuple:
+  return tuple(r.get(k) for k in ("impl", "model", "method", "teacher", "batch", "dtype",
+                                  "remat", "policy_form", "augment"))
+
+
+def _finish(rows: list[dict], peak: float) -> None:
+  """MFU (where the row's own run measured the peak) and speed against the dense row."""
+  for r in rows:
+    if r.get("mfu") is None and peak == peak and r.get("fwd_gmacs"):
+      r["mfu"] = r["img_per_s"] * 6 * r["fwd_gmacs"] * 1e9 / (peak * 1e12)
+    dense = next((d for d in rows if d["impl"] == r["impl"] == "tps_jax" and
+                  d["model"] == r["model"] and d["method"] == "none" and not d["remat"]
+                  and d.get("augment", True) == r.get("augment", True)), None)
+    r["vs_dense"] = r["img_per_s"] / dense["img_per_s"] if dense else None
+    timm = next((t for t in rows if t["impl"] != "tps_jax" and t["model"] == r["model"]), None)
+    r["vs_timm"] = r["img_per_s"] / timm["img_per_s"] if timm else None
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="the Fashion-MNIST ViT only")
+  parser.add_argument("--variants", default=None,
+                      help=f"comma-separated subset of {', '.join(VARIANTS)}")
+  parser.add_argument("--timm", action=argparse.BooleanOptionalAction, default=True,
+                      help="the timm + torch.compile reference row (GPU, where importable)")
   parser.add_argument("--max_batch", action="store_true", help="also the largest batches")
+  parser.add_argument("--trace", default="", help="comma-separated variants to trace")
+  parser.add_argument("--append", action="store_true",
+                      help="keep the rows of an existing --out file that this run does not redo")
+  parser.add_argument("--deadline_s", type=float, default=None,
+                      help="start no row after this many seconds (the JSON is written per row)")
   parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # one row, as JSON
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   if args.row:
     print("ROW " + json.dumps(row(**json.loads(args.row))), flush=True)
     return
+  start = time.perf_counter()
   gpu = jax.default_backend() != "cpu"
-  plans = [("fmnist", 128, 10 if not gpu else 30)]
+  names = args.variants.split(",") if args.variants else list(
+      VARIANTS if gpu else CPU_VARIANTS)
+  unknown = [n for n in names if n not in VARIANTS]
+  if unknown:
+    raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+  plans = [("fmnist", 128, 10)] if args.quick or not gpu else []
   if not args.quick:
     plans.append(("deit_s", 256 if gpu else 32, 20 if gpu else 3))
-  variants = [("none", False, False, "exact"), ("none", False, True, "exact"),
-              ("dtps", False, False, "exact"), ("dtps", False, False, "deferred"),
-              ("dtps", False, False, "log_bias"), ("dtps", True, False, "exact"),
-              ("dtps", False, True, "exact"), ("etps", False, False, "exact"),
-              ("etps", True, False, "exact"), ("evit", False, False, "exact")]
-  rows = []
-  for case, batch, repeats in plans:
-    for method, teacher, remat, form in variants:
-      spec = dict(case=case, method=method, teacher=teacher, batch=batch, remat=remat,
-                  policy_form=form, bf16=gpu, repeats=repeats)
-      r = _subprocess(["-m", "benchmarks.train_step", "--row", json.dumps(spec)])
-      if r:
-        print(f"  {r['model']} {method}{' + teacher' if teacher else ''} remat={remat} "
-              f"{form}: {r['img_per_s']:.1f} img/s", flush=True)
-        rows.append(r)
-    if case == "deit_s" and gpu:
-      ref = _subprocess(["-m", "benchmarks.timm_train_step", "--batch", str(batch)])
-      if ref:
-        dense = next(r for r in rows if r["model"] == ref["model"] and r["method"] == "none")
-        rows.append({**ref, "fwd_gmacs": dense["fwd_gmacs"]})
+  out_path = pathlib.Path(args.out) if args.out else (
+      common.RESULTS / f"train_step_{jax.devices()[0].platform}.json")
+  old = json.loads(out_path.read_text()) if args.append and out_path.exists() else {}
+  rows, fits = [], list(old.get("max_batch", []))
   peak = bf16_peak_tflops() if gpu else float("nan")
-  for r in rows:
-    r["mfu"] = r["img_per_s"] * 6 * r["fwd_gmacs"] * 1e9 / (peak * 1e12) if gpu else None
-    dense = next((d for d in rows if d["impl"] == r["impl"] == "tps_jax" and
-                  d["model"] == r["model"] and d["method"] == "none" and not d["remat"]), None)
-    r["vs_dense"] = r["img_per_s"] / dense["img_per_s"] if dense else None
-  fits = []
-  if args.max_batch and gpu:
+  # Rows compile in their own processes; one persistent cache lets them share XLA's autotuning.
+  env = dict(os.environ)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="tps_jax_cache_"))
+  jax.config.update("jax_compilation_cache_dir", env["JAX_COMPILATION_CACHE_DIR"])
+  traced = set(filter(None, args.trace.split(",")))
+
+  def save():
+    fresh = {_key(r) for r in rows}
+    kept = [r for r in old.get("rows", []) if _key(r) not in fresh]
+    all_rows = kept + rows
+    _finish(all_rows, peak)
+    common.write_json("train_step", {"rows": all_rows, "max_batch": fits,
+                                     "bf16_peak_tflops": peak}, str(out_path))
+    return all_rows
+
+  def late():
+    return args.deadline_s and time.perf_counter() - start > args.deadline_s
+
+  if gpu and args.timm and not args.quick:  # first: the reference every target is held to
+    ref = _subprocess(["-m", "benchmarks.timm_train_step", "--batch", "256"], env)
+    if ref:
+      rows.append({**ref, "fwd_gmacs": flops.macs(build_model(
+          {**CASES["deit_s"]["model"]}, 1000)) / 1e9})
+      print(f"  timm + torch.compile: {ref['img_per_s']:.0f} img/s", flush=True)
+  for case, batch, repeats in plans:
+    for name in names:
+      if late():
+        print(f"  deadline: {name} and later rows not run", flush=True)
+        break
+      method, teacher, remat, form, augment = VARIANTS[name]
+      spec = dict(case=case, method=method, teacher=teacher, batch=batch, remat=remat,
+                  policy_form=form, bf16=gpu, repeats=repeats, augment=augment)
+      if name in traced:
+        spec["trace"] = str(out_path.with_name(f"trace_{case}_{name}.json.gz"))
+      r = _subprocess(["-m", "benchmarks.train_step", "--row", json.dumps(spec)], env)
+      if r:
+        r["variant"] = name
+        print(f"  {r['model']} {name}: {r['img_per_s']:.1f} img/s, "
+              f"peak {r['peak_mem_mb']:.0f} MB", flush=True)
+        rows.append(r)
+        save()
+  if args.max_batch and gpu and not late():
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0) / 2**20
+    fits = [f for f in fits if f.get("model") != CASES["deit_s"]["label"]]
     for method in ("none", "dtps"):
       for remat in (False, True):
         fits.append(max_batch("deit_s", method, remat, gpu, limit))
         print(f"  max batch {method} remat={remat}: {fits[-1]['max_batch']}", flush=True)
-  common.print_table(rows, ["impl", "model", "method", "teacher", "batch", "dtype", "remat",
-                            "policy_form", "img_per_s", "vs_dense", "xla_mem_mb", "peak_mem_mb",
-                            "mfu"])
+        save()
+  all_rows = save()
+  common.print_table(all_rows, ["impl", "model", "method", "teacher", "batch", "dtype", "remat",
+                                "policy_form", "augment", "img_per_s", "vs_dense", "vs_timm", "xla_mem_mb",
+                                "peak_mem_mb", "mfu"])
   if fits:
     common.print_table(fits, ["model", "method", "remat", "max_batch", "mb_per_image"])
-  common.write_json("train_step", {"rows": rows, "max_batch": fits,
-                                   "bf16_peak_tflops": peak}, args.out)
 
 
 if __name__ == "__main__":

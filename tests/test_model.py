@@ -53,9 +53,10 @@ class TestGolden:
     np.testing.assert_allclose(logits, g["logits_train"], atol=1e-4)
     np.testing.assert_array_equal(np.round(np.stack(out["decisions"])), g["train_keep_decisions"])
 
-  def test_log_bias_policy_attention_is_close_to_the_authors(self, golden_model):
+  @pytest.mark.parametrize("form", ["fused", "log_bias"])
+  def test_fused_policy_attention_is_close_to_the_authors(self, golden_model, form):
     g, _, model, params, x = golden_model
-    logits, out = model.clone(policy_form="log_bias").apply({"params": params}, x, train=True)
+    logits, out = model.clone(policy_form=form).apply({"params": params}, x, train=True)
     deviation = np.abs(np.asarray(logits) - g["logits_train"]).max()
     assert deviation < 1e-3, deviation  # the README's policy attention section quotes it
     np.testing.assert_array_equal(np.round(np.stack(out["decisions"])), g["train_keep_decisions"])

@@ -1,5 +1,7 @@
 """Selection, policy softmax, class-attention scores, Gumbel decisions, EViT fusion."""
 
+from unittest import mock
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -104,7 +106,8 @@ class PolicySoftmaxTest(chex.TestCase):
 
 
 class PolicyAttentionTest(chex.TestCase):
-  """The forms of ops.policy_attention: exact and deferred are the SPEC, log_bias is close."""
+  """The forms of ops.policy_attention: exact, deferred (and fused, to its 1e-6 smoothing) are
+  the SPEC; log_bias is close but cuts a gradient."""
 
   @staticmethod
   def _inputs(seed=7, b=2, n=9, h=3, d=4):
@@ -146,6 +149,47 @@ class PolicyAttentionTest(chex.TestCase):
     np.testing.assert_allclose(fused_g[pi == 1], exact_g[pi == 1], rtol=1e-4, atol=1e-5)
     assert (fused_g[pi == 0] == 0).all() and np.abs(exact_g[pi == 0]).min() > 0
 
+  def test_fused_has_the_exact_gradients_including_dropped_tokens_policy(self):
+    q, k, v, pi = self._inputs(seed=17)
+    soft = np.random.default_rng(5).random(pi.shape).astype(np.float32)
+    w = tokens(6, *v.shape)
+
+    def grads(form):  # through a straight-through policy, as dTPS trains
+      def loss(q, k, v, s):
+        p = pi - jax.lax.stop_gradient(s) + s
+        return jnp.sum(w * tps_jax.policy_attention(q, k, v, p, form=form))
+      return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, soft)
+
+    exact, fused = grads("exact"), grads("fused")
+    np.testing.assert_allclose(tps_jax.policy_attention(q, k, v, pi, form="fused"),
+                               self._reference(q, k, v, pi), atol=2e-4)
+    chex.assert_trees_all_close(fused, exact, rtol=1e-3, atol=1e-4)
+    assert np.abs(np.asarray(exact[3])[pi == 0]).min() > 0  # dropped tokens get a gradient
+
+  def test_cudnn_padding_of_odd_token_counts(self):
+    # cuDNN trains only over an even N: an odd N gets a zero token no query sees. Run the
+    # padded call through XLA here (no GPU) to check the padding, the mask and the slicing.
+    q, k, v, pi = self._inputs(seed=19)  # N = 9
+    real = jax.nn.dot_product_attention
+
+    def on_xla(*a, implementation=None, **kw):
+      del implementation
+      return real(*a, implementation="xla", **kw)
+
+    with mock.patch.object(jax.nn, "dot_product_attention", on_xla):
+      for form in ("fused", "log_bias"):
+        np.testing.assert_allclose(
+            tps_jax.policy_attention(q, k, v, pi, form=form, implementation="cudnn"),
+            tps_jax.policy_attention(q, k, v, pi, form=form), atol=1e-6)
+      bias = tokens(8, 2, 1, 1, 9)  # (B, 1, 1, N), as ToMe's size bias
+      for b in (None, bias):
+        got = tps_jax.ops.dot_product_attention(q, k, v, bias=b, implementation="cudnn",
+                                                return_lse=True)
+        want = tps_jax.ops.dot_product_attention(q, k, v, bias=b, return_lse=True)
+        chex.assert_trees_all_close(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+      tps_jax.ops.dot_product_attention(q, k, v, implementation="flash")
+
   def test_bfloat16_and_errors(self):
     q, k, v, pi = (jnp.asarray(t, jnp.bfloat16) for t in self._inputs())
     for form in tps_jax.ops.POLICY_FORMS:
@@ -155,6 +199,8 @@ class PolicyAttentionTest(chex.TestCase):
           *(np.asarray(t, np.float32) for t in (q, k, v, pi))), atol=0.05)
     with pytest.raises(ValueError, match="unknown policy attention form 'flash'"):
       tps_jax.policy_attention(q, k, v, pi, form="flash")
+    with pytest.raises(ValueError, match="unknown attention implementation 'tpu'"):
+      tps_jax.policy_attention(q, k, v, pi, form="fused", implementation="tpu")
     with pytest.raises(ValueError, match="policy must have shape"):
       tps_jax.policy_attention(q, k, v, pi[:, :4])
 

@@ -74,110 +74,169 @@ def affine(image, matrix):
   return jnp.where(inside[..., None], out, FILL)
 
 
+# Every op is one of three kinds, which `rand_augment` batches as three computations
+# instead of fifteen (under vmap, a switch computes every branch for every image):
+#   geometric  an affine warp; the op gives only its (6,) matrix from (height, width, level, key)
+#   table      a per-channel lookup table (256, C) of the pixel values, from (image, level, key):
+#              the pixel values are the integers 0..255, so table[image] is the op exactly
+#   blend      PIL's ImageEnhance blend with a degenerate image, from (image), and a factor
 # Each op: (image f32 (H, W, C) in 0..255, level in [0, 10], key) -> the same shape.
 
-def auto_contrast(image, level, key):
+def apply_table(image, table):
+  """image (H, W, C) of integer values 0..255, table (256, C) -> table[image[h, w, c], c]."""
+  h, w, c = image.shape
+  flat = image.reshape(h * w, c).astype(jnp.int32)
+  return jnp.take_along_axis(table, flat, axis=0).reshape(h, w, c)
+
+
+def _values(image):
+  """The pixel values 0..255 as (256, 1) float32, to tabulate an elementwise op."""
+  return jnp.arange(256, dtype=image.dtype)[:, None]
+
+
+def _auto_contrast_table(image, level, key):
   del level, key
-  lo = jnp.min(image, axis=(0, 1), keepdims=True)
-  hi = jnp.max(image, axis=(0, 1), keepdims=True)
+  lo = jnp.min(image, axis=(0, 1))  # (C,)
+  hi = jnp.max(image, axis=(0, 1))
   scale = 255.0 / jnp.maximum(hi - lo, 1.0)
-  return jnp.where(hi > lo, _u8(image * scale - lo * scale), image)  # PIL's lut arithmetic
+  v = _values(image)
+  return jnp.where(hi > lo, _u8(v * scale - lo * scale), v)  # PIL's lut arithmetic
 
 
-def _equalize_channel(channel):
-  """PIL's ImageOps.equalize on one channel (H, W)."""
+def _equalize_channel_table(channel):
+  """PIL's ImageOps.equalize lookup table (256,) for one channel (H, W)."""
   values = channel.astype(jnp.int32)
   hist = jnp.zeros(256, jnp.int32).at[values.ravel()].add(1)
   last = hist[255 - jnp.argmax(hist[::-1] > 0)]  # count of the brightest value present
   step = (jnp.sum(hist) - last) // 255
   lut = (jnp.cumsum(hist) - hist + step // 2) // jnp.maximum(step, 1)
-  return jnp.where(step > 0, jnp.clip(lut, 0, 255)[values], channel).astype(channel.dtype)
+  return jnp.where(step > 0, jnp.clip(lut, 0, 255), jnp.arange(256)).astype(channel.dtype)
 
 
-def equalize(image, level, key):
+def _equalize_table(image, level, key):
   del level, key
-  return jax.vmap(_equalize_channel, in_axes=-1, out_axes=-1)(image)
+  return jax.vmap(_equalize_channel_table, in_axes=-1, out_axes=-1)(image)
 
 
-def invert(image, level, key):
+def _invert_table(image, level, key):
   del level, key
-  return 255.0 - image
+  return jnp.broadcast_to(255.0 - _values(image), (256, image.shape[-1]))
 
 
-def rotate(image, level, key):
-  """PIL's rotate(degrees) about the image centre, counter-clockwise."""
-  h, w, _ = image.shape
-  theta = -_signed(level / MAX_LEVEL * 30.0, key) * math.pi / 180.0
-  cos, sin = jnp.cos(theta), jnp.sin(theta)
-  cx, cy = w / 2.0, h / 2.0
-  return affine(image, jnp.stack([cos, sin, cx - cos * cx - sin * cy,
-                                  -sin, cos, cy + sin * cx - cos * cy]))
-
-
-def posterize(image, level, key):
+def _posterize_table(image, level, key):
   del key
   bits = 4 - jnp.floor(level / MAX_LEVEL * 4)  # timm's increasing mapping
   step = 2.0 ** (8 - jnp.clip(bits, 0, 8))
-  return jnp.floor(image / step) * step
+  return jnp.broadcast_to(jnp.floor(_values(image) / step) * step, (256, image.shape[-1]))
 
 
-def solarize(image, level, key):
+def _solarize_table(image, level, key):
   del key
   threshold = 256 - jnp.floor(level / MAX_LEVEL * 256)
-  return jnp.where(image >= threshold, 255.0 - image, image)
+  v = _values(image)
+  return jnp.broadcast_to(jnp.where(v >= threshold, 255.0 - v, v), (256, image.shape[-1]))
 
 
-def solarize_add(image, level, key):
+def _solarize_add_table(image, level, key):
   del key
   add = jnp.floor(level / MAX_LEVEL * 110)
-  return jnp.where(image < 128, jnp.minimum(image + add, 255.0), image)
+  v = _values(image)
+  return jnp.broadcast_to(jnp.where(v < 128, jnp.minimum(v + add, 255.0), v),
+                          (256, image.shape[-1]))
 
 
 def _enhance_factor(level, key):
   return 1.0 + _signed(level / MAX_LEVEL * 0.9, key)
 
 
-def color(image, level, key):
-  return _blend(_luma(image)[..., None], image, _enhance_factor(level, key))
-
-
-def contrast(image, level, key):
+def _contrast_table(image, level, key):
   mean = jnp.floor(jnp.mean(_luma(image)) + 0.5)
-  return _blend(mean, image, _enhance_factor(level, key))
+  return jnp.broadcast_to(_blend(mean, _values(image), _enhance_factor(level, key)),
+                          (256, image.shape[-1]))
 
 
-def brightness(image, level, key):
-  return _blend(0.0, image, _enhance_factor(level, key))
+def _brightness_table(image, level, key):
+  return jnp.broadcast_to(_blend(0.0, _values(image), _enhance_factor(level, key)),
+                          (256, image.shape[-1]))
 
 
-def sharpness(image, level, key):
-  """Blends with PIL's SMOOTH filter (3x3, centre 5, /13; the border kept as it is)."""
+def _color_degenerate(image):
+  return _luma(image)[..., None]
+
+
+def _smooth_degenerate(image):
+  """PIL's SMOOTH filter (3x3, centre 5, /13; the border kept as it is)."""
   h, w, _ = image.shape
   box = sum(image[1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx]
             for dy in (-1, 0, 1) for dx in (-1, 0, 1))
   inner = jnp.clip(jnp.round((box + 4 * image[1:-1, 1:-1]) / 13.0), 0, 255)
-  degenerate = image.at[1:-1, 1:-1].set(inner)
-  return _blend(degenerate, image, _enhance_factor(level, key))
+  return image.at[1:-1, 1:-1].set(inner)
 
 
-def shear_x(image, level, key):
+def _rotate_matrix(h, w, level, key):
+  """PIL's rotate(degrees) about the image centre, counter-clockwise."""
+  theta = -_signed(level / MAX_LEVEL * 30.0, key) * math.pi / 180.0
+  cos, sin = jnp.cos(theta), jnp.sin(theta)
+  cx, cy = w / 2.0, h / 2.0
+  return jnp.stack([cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy])
+
+
+def _shear_x_matrix(h, w, level, key):
+  del h, w
   k = _signed(level / MAX_LEVEL * 0.3, key)
-  return affine(image, jnp.stack([1.0, k, 0.0, 0.0, 1.0, 0.0]))
+  return jnp.stack([1.0, k, 0.0, 0.0, 1.0, 0.0])
 
 
-def shear_y(image, level, key):
+def _shear_y_matrix(h, w, level, key):
+  del h, w
   k = _signed(level / MAX_LEVEL * 0.3, key)
-  return affine(image, jnp.stack([1.0, 0.0, 0.0, k, 1.0, 0.0]))
+  return jnp.stack([1.0, 0.0, 0.0, k, 1.0, 0.0])
 
 
-def translate_x(image, level, key):
-  dx = _signed(level / MAX_LEVEL * 0.45, key) * image.shape[1]
-  return affine(image, jnp.stack([1.0, 0.0, dx, 0.0, 1.0, 0.0]))
+def _translate_x_matrix(h, w, level, key):
+  del h
+  dx = _signed(level / MAX_LEVEL * 0.45, key) * w
+  return jnp.stack([1.0, 0.0, dx, 0.0, 1.0, 0.0])
 
 
-def translate_y(image, level, key):
-  dy = _signed(level / MAX_LEVEL * 0.45, key) * image.shape[0]
-  return affine(image, jnp.stack([1.0, 0.0, 0.0, 0.0, 1.0, dy]))
+def _translate_y_matrix(h, w, level, key):
+  del w
+  dy = _signed(level / MAX_LEVEL * 0.45, key) * h
+  return jnp.stack([1.0, 0.0, 0.0, 0.0, 1.0, dy])
+
+
+GEOMETRIC = {"Rotate": _rotate_matrix, "ShearX": _shear_x_matrix, "ShearY": _shear_y_matrix,
+             "TranslateX": _translate_x_matrix, "TranslateY": _translate_y_matrix}
+TABLES = {"AutoContrast": _auto_contrast_table, "Equalize": _equalize_table,
+          "Invert": _invert_table, "Posterize": _posterize_table, "Solarize": _solarize_table,
+          "SolarizeAdd": _solarize_add_table, "Contrast": _contrast_table,
+          "Brightness": _brightness_table}
+BLENDS = {"Color": _color_degenerate, "Sharpness": _smooth_degenerate}
+
+
+def _geometric_op(name):
+  def op(image, level, key):
+    h, w, _ = image.shape
+    return affine(image, GEOMETRIC[name](h, w, level, key))
+  return op
+
+
+def _table_op(name):
+  return lambda image, level, key: apply_table(image, TABLES[name](image, level, key))
+
+
+def _blend_op(name):
+  return lambda image, level, key: _blend(BLENDS[name](image), image,
+                                          _enhance_factor(level, key))
+
+
+# Each op on its own, by name (what the tests hold against PIL).
+auto_contrast, equalize, invert, posterize, solarize, solarize_add, contrast, brightness = (
+    _table_op(n) for n in ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize",
+                           "SolarizeAdd", "Contrast", "Brightness"))
+color, sharpness = _blend_op("Color"), _blend_op("Sharpness")
+rotate, shear_x, shear_y, translate_x, translate_y = (
+    _geometric_op(n) for n in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"))
 
 
 # timm's _RAND_INCREASING_TRANSFORMS, in its order.
@@ -200,11 +259,37 @@ def rand_augment(key, image, *, num_layers: int = 2, magnitude: float = 9.0,
     raise ValueError(f"unknown RandAugment ops {unknown}; known: {sorted(OPS)}.")
   if not 0 <= magnitude <= MAX_LEVEL:
     raise ValueError(f"RandAugment magnitude must be in [0, {MAX_LEVEL}], got {magnitude}.")
-  branches = [OPS[o] for o in ops]
+  kinds = [(GEOMETRIC, _geometric), (TABLES, _tabled), (BLENDS, _blended)]
+  groups = [[o for o in ops if o in kind] for kind, _ in kinds]
+  kind_list = [next(i for i, (kind, _) in enumerate(kinds) if o in kind) for o in ops]
+  kind_of = jnp.asarray(kind_list)
+  member_of = jnp.asarray([groups[i].index(o) for i, o in zip(kind_list, ops)])
   for layer in range(num_layers):
     k_op, k_apply, k_level, k_sign = jax.random.split(jax.random.fold_in(key, layer), 4)
-    index = jax.random.randint(k_op, (), 0, len(branches))
+    index = jax.random.randint(k_op, (), 0, len(ops))
     level = jnp.clip(magnitude + magnitude_std * jax.random.normal(k_level), 0.0, MAX_LEVEL)
-    augmented = jax.lax.switch(index, branches, image, level, k_sign)
+    kind, member = kind_of[index], member_of[index]
+    augmented = image
+    for i, (names, (table, run)) in enumerate(zip(groups, kinds)):
+      if names:  # one computation per kind present; the op picks its entry
+        fns = [table[n] for n in names]
+        out = run(image, fns, jnp.where(kind == i, member, 0), level, k_sign)
+        augmented = jnp.where(kind == i, out, augmented)
     image = jnp.where(jax.random.uniform(k_apply) < prob, augmented, image)
   return image
+
+
+def _geometric(image, fns, member, level, key):
+  h, w, _ = image.shape
+  return affine(image, jax.lax.switch(member, [lambda l, k, f=f: f(h, w, l, k) for f in fns],
+                                      level, key))
+
+
+def _tabled(image, fns, member, level, key):
+  return apply_table(image, jax.lax.switch(member, fns, image, level, key))
+
+
+def _blended(image, fns, member, level, key):
+  degenerate = jax.lax.switch(member, [lambda x, f=f: jnp.broadcast_to(f(x), x.shape)
+                                       for f in fns], image)
+  return _blend(degenerate, image, _enhance_factor(level, key))

@@ -48,6 +48,9 @@ class AttentionOut(NamedTuple):
   keys: jax.Array | None
 
 
+IMPLEMENTATIONS = ("auto", "einsum", "fused", "cudnn")
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with optional policy (dTPS training) or additive logit bias (ToMe).
 
@@ -55,22 +58,30 @@ class MultiHeadDotProductAttention(nn.Module):
   query/key/value kernels (D, H, D/H), out kernel (H, D/H, D).
 
   `implementation`: "einsum" (explicit (B, H, N, d) einsums; fastest on CPU),
-  "fused" (`jax.nn.dot_product_attention`, cuDNN / flash kernels on GPU), or
-  "auto": fused on GPU / TPU, einsum on CPU. Under a policy, `policy_form` decides
-  instead (`ops.POLICY_FORMS`: "exact", "deferred", or the fused "log_bias").
+  "fused" (`jax.nn.dot_product_attention`, XLA's own composition), "cudnn"
+  (the same call with cuDNN's flash kernel: GPU, bfloat16 / float16 only), or
+  "auto": cudnn on a GPU in bfloat16 / float16 (head dim a multiple of 8), fused on
+  other accelerators and float32, einsum on CPU. Under a policy, `policy_form` decides
+  instead (`ops.POLICY_FORMS`: "exact", "deferred", or the fused "log_bias", which
+  runs on cuDNN when `implementation` is "cudnn").
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   implementation: str = "auto"
   policy_form: str = "exact"
 
-  def _fused(self) -> bool:
-    if self.implementation not in ("auto", "einsum", "fused"):
+  def _fused(self, head_dim: int) -> str | None:
+    """The `ops.dot_product_attention` implementation to use, or None for einsums."""
+    if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(f"unknown attention implementation {self.implementation!r}; "
-                       "expected auto, einsum or fused.")
-    if self.implementation == "auto":
-      return jax.default_backend() != "cpu"
-    return self.implementation == "fused"
+                       f"expected one of {IMPLEMENTATIONS}.")
+    if self.implementation != "auto":
+      return {"einsum": None, "fused": "xla", "cudnn": "cudnn"}[self.implementation]
+    backend = jax.default_backend()
+    if backend == "cpu":
+      return None
+    half = jnp.dtype(self.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if backend == "gpu" and half and head_dim % 8 == 0 else "xla"
 
   @nn.compact
   def __call__(self, x, *, policy=None, bias=None, want_cls_attn=False,
@@ -85,15 +96,16 @@ class MultiHeadDotProductAttention(nn.Module):
     q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, N, H, hd)
     scale = head_dim ** -0.5
     cls_attn = None
+    fused = self._fused(head_dim)
 
     if policy is not None:
       if want_cls_attn or bias is not None:
         raise ValueError("attention under a policy takes no bias and returns no cls attention "
                          "(dTPS training needs neither).")
       y = ops.policy_attention(q * jnp.asarray(scale, q.dtype), k, v, policy,
-                               form=self.policy_form)
-    elif self._fused():
-      y = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
+                               form=self.policy_form, implementation=fused or "xla")
+    elif fused:
+      y = ops.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=fused)
       if want_cls_attn:  # one query row: cheap beside the fused attention
         logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], k,
                             preferred_element_type=jnp.float32) * scale

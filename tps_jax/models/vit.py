@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from tps_jax import ops
 from tps_jax.models import stages
-from tps_jax.models.layers import REMAT_METHODS, Encoder1DBlock
+from tps_jax.models.layers import IMPLEMENTATIONS, REMAT_METHODS, Encoder1DBlock
 from tps_jax.models.reduction import Reduction
 from tps_jax.models.score_head import ScoreHead
 
@@ -44,7 +44,7 @@ VARIANTS = {
     "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
 }
 LAYOUTS = ("deit", "big_vision")
-ATTENTIONS = ("auto", "einsum", "fused")
+ATTENTIONS = IMPLEMENTATIONS
 
 
 def decode_variant(variant: str | None) -> dict[str, Any]:
@@ -173,7 +173,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   layer_norm_eps: float = 1e-6
   gumbel_noise: bool = True
-  attention: str = "auto"  # "auto" | "einsum" | "fused"; see layers.MultiHeadDotProductAttention
+  attention: str = "auto"  # "auto" | "einsum" | "fused" | "cudnn"; see layers.MultiHeadDotProductAttention
   # dTPS / DynamicViT training attention: "exact" | "deferred" | "log_bias"; see ops.POLICY_FORMS
   policy_form: str = "exact"
   drop_path: float = 0.0  # stochastic depth of the last block (linear from 0), train only

@@ -5,6 +5,8 @@ SPEC section 2.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -43,10 +45,14 @@ def policy_softmax(logits: jax.Array, policy, eps: float = POLICY_EPS) -> jax.Ar
 #   deferred   the same algebra with the normalisation after the matmul (flash attention's
 #              order): exp(a - max) * P goes to the matmul unnormalised and the (B, H, N, d)
 #              output is divided by the row sums. Exact up to rounding; one N x N pass fewer.
-#   log_bias   jax.nn.dot_product_attention (cuDNN / flash kernels on GPU) with log P as an
-#              additive bias. Not exact: it drops the 1e-6 smoothing, and a dropped token's
-#              policy gets no gradient through attention (d log P / dP is cut at P = 0).
-POLICY_FORMS = ("exact", "deferred", "log_bias")
+#   fused      the forward pass in one fused attention kernel (cuDNN's flash attention on a
+#              GPU) with log P as an additive bias, and the SPEC's gradients: q, k, v from the
+#              kernel's backward pass, the policy's from its log-sum-exp (a custom VJP, below).
+#              Leaves out only the 1e-6 smoothing.
+#   log_bias   the same forward pass with the policy gradient cut where it is 0: a dropped
+#              token's policy gets no gradient through attention (d log P / dP at P = 0).
+#              Cheapest; an approximation of the authors' training signal.
+POLICY_FORMS = ("exact", "deferred", "fused", "log_bias")
 _LOG_FLOOR = -1e4  # bias on a dropped key: exp(-1e4) is 0 in float32 and bfloat16
 
 
@@ -56,8 +62,49 @@ def _allowed(policy: jax.Array, n: int, dtype) -> jax.Array:
   return pi + (1.0 - pi) * jnp.eye(n, dtype=dtype)[None, None]
 
 
+IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          bias: jax.Array | None = None, scale: float | None = None,
+                          implementation: str = "xla", return_lse: bool = False):
+  """`jax.nn.dot_product_attention` that takes any token count on cuDNN.
+
+  q, k, v (B, N, H, d); bias broadcastable to (B, H, N, N) or None. "xla" is XLA's
+  own composition; "cudnn" the flash kernel (GPU, bfloat16 / float16), which trains
+  only over an even N: an odd N gets one zero token that no query sees (masked by
+  the key length, or by a `_LOG_FLOOR` bias column), and its output row is dropped.
+  Returns (B, N, H, d), and with `return_lse` also each row's log-sum-exp of the
+  scaled, biased logits, (B, N, H) float32.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; expected one of "
+                     f"{IMPLEMENTATIONS}.")
+  if implementation == "xla":
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="xla",
+                                        return_residual=return_lse)
+  b, n, _, _ = validate.check_rank("q", q, 4, "(B, N, H, d)")
+  lengths = None
+  if bias is not None:  # cuDNN wants the query and key axes written out
+    bias = jnp.broadcast_to(bias, (bias.shape[0], bias.shape[1], n, n))
+  if n % 2:
+    q, k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (q, k, v))
+    if bias is None:
+      lengths = jnp.full((b,), n, jnp.int32)
+    else:
+      bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 1), (0, 0)))
+      bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=_LOG_FLOOR)
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
+                                     key_value_seq_lengths=lengths, implementation="cudnn",
+                                     return_residual=return_lse)
+  if return_lse:
+    return out[0][:, :n], out[1][:, :n].astype(jnp.float32)
+  return out[:, :n]
+
+
 def policy_attention(q: jax.Array, k: jax.Array, v: jax.Array, policy, *,
-                     form: str = "exact", eps: float = POLICY_EPS) -> jax.Array:
+                     form: str = "exact", eps: float = POLICY_EPS,
+                     implementation: str = "xla") -> jax.Array:
   """Self-attention in which tokens the policy dropped are invisible (SPEC 2, training).
 
   Args:
@@ -66,6 +113,7 @@ def policy_attention(q: jax.Array, k: jax.Array, v: jax.Array, policy, *,
     form: one of POLICY_FORMS (see above); "exact" and "deferred" give the SPEC's values
       and gradients, "log_bias" a fused-kernel approximation.
     eps: the authors' smoothing (exact and deferred only).
+    implementation: log_bias only, "xla" or "cudnn" (see `dot_product_attention`).
 
   Returns:
     (B, N, H, d) in v's dtype.
@@ -78,9 +126,10 @@ def policy_attention(q: jax.Array, k: jax.Array, v: jax.Array, policy, *,
   pi = validate.token_mask("policy", policy, b, n)
 
   if form == "log_bias":
-    allowed = _allowed(pi, n, jnp.float32)
-    bias = jnp.where(allowed > 0, jnp.log(jnp.maximum(allowed, 1e-30)), _LOG_FLOOR)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), scale=1.0)
+    return dot_product_attention(q, k, v, bias=_log_policy_bias(pi, n, q.dtype), scale=1.0,
+                                 implementation=implementation)
+  if form == "fused":
+    return _fused_policy_attention(q, k, v, pi, implementation)
 
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   if form == "exact":
@@ -93,6 +142,46 @@ def policy_attention(q: jax.Array, k: jax.Array, v: jax.Array, policy, *,
   num = jnp.einsum("bhqk,bkhd->bqhd", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
   num = num + (eps / n) * jnp.sum(upcast(v), axis=1, keepdims=True)
   return (num / den.transpose(0, 2, 1)[..., None]).astype(v.dtype)
+
+
+def _log_policy_bias(pi: jax.Array, n: int, dtype) -> jax.Array:
+  """log P (B, 1, N, N) in `dtype`, `_LOG_FLOOR` where P = 0 (no gradient there)."""
+  allowed = _allowed(pi, n, jnp.float32)
+  return jnp.where(allowed > 0, jnp.log(jnp.maximum(allowed, 1e-30)), _LOG_FLOOR).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_policy_attention(q, k, v, pi, implementation):
+  return _fused_policy_fwd(q, k, v, pi, implementation)[0]
+
+
+def _fused_policy_fwd(q, k, v, pi, implementation):
+  bias = jax.lax.stop_gradient(_log_policy_bias(pi, q.shape[1], q.dtype))
+  attend = lambda q, k, v: dot_product_attention(q, k, v, bias=bias, scale=1.0,
+                                                 implementation=implementation,
+                                                 return_lse=True)
+  y, attend_vjp, lse = jax.vjp(attend, q, k, v, has_aux=True)
+  return y, (q, k, v, pi, y, lse, attend_vjp)
+
+
+def _fused_policy_bwd(implementation, res, dy):
+  """q, k, v: the kernel's backward pass (P fixed). The policy: with w = exp(a - lse) the
+  unmasked weights (a = q.k, lse the masked row log-sum-exp), attn = w P, and
+  dL/dattn_ij = dy_i.v_j, dL/dP_ij = w_ij (dy_i.v_j - dy_i.y_i); P_ij = pi_j off the
+  diagonal and 1 on it, so dL/dpi_j sums dL/dP_ij over queries i != j and heads."""
+  del implementation
+  q, k, v, pi, y, lse, attend_vjp = res
+  dq, dk, dv = attend_vjp(dy)
+  n = q.shape[1]
+  a = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  g = jnp.einsum("bqhd,bkhd->bhqk", dy, v, preferred_element_type=jnp.float32)
+  dy_y = jnp.einsum("bqhd,bqhd->bhq", upcast(dy), upcast(y))
+  w = jnp.exp(a - lse.transpose(0, 2, 1)[..., None]) * (g - dy_y[..., None])
+  dpi = jnp.sum(w * (1.0 - jnp.eye(n, dtype=w.dtype)), axis=(1, 2))  # (B, N)
+  return dq, dk, dv, dpi.reshape(pi.shape).astype(pi.dtype)
+
+
+_fused_policy_attention.defvjp(_fused_policy_fwd, _fused_policy_bwd)
 
 
 def class_attention_scores(attn: jax.Array, num_prefix: int = 1) -> jax.Array:

@@ -1,0 +1,88 @@
+"""Where a train step's device time goes: time several step variants in one process, and
+break chosen ones down by kernel from a profiler trace.
+
+  python -m benchmarks.train_step_profile --specs '[{"method": "none"}, ...]' \\
+      --trace 0,2 --out DIR
+
+Each spec is a `benchmarks.train_step.row` configuration (defaults: DeiT-S, batch 256 on a
+GPU, bf16, no teacher, no remat, exact policy, auto attention, device augmentation on), plus
+optional XLA `compiler_options` (e.g. {"xla_gpu_autotune_level": 0}); the
+rows share one process, so they report time and compile time but not peak memory (that is
+`benchmarks.train_step`'s job). For each spec index in `--trace`, three steps are traced with
+`jax.profiler` and the device kernels summed by kind (matmul, attention, convolution,
+reduction, elementwise fusion, copy, other) and by XLA op (top 25); the summary goes to
+DIR/profile.json as rows finish, so a run stopped at a time limit keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # pylint: disable=wrong-import-position
+
+from benchmarks import common, kernels, train_step  # pylint: disable=wrong-import-position
+from tps_jax import atomic, timing  # pylint: disable=wrong-import-position
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--specs", required=True, help="JSON list of row configurations")
+  parser.add_argument("--trace", default="", help="comma-separated spec indices to trace")
+  parser.add_argument("--out", default="benchmarks/out/profile")
+  args = parser.parse_args(argv)
+  gpu = jax.default_backend() != "cpu"
+  defaults = dict(case="deit_s", method="none", teacher=False, batch=256 if gpu else 16,
+                  remat=False, policy_form="exact", bf16=gpu, repeats=20 if gpu else 2,
+                  attention="auto", augment=True)
+  traced = {int(i) for i in args.trace.split(",") if i}
+  out_dir = pathlib.Path(args.out)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  report = {"machine": common.machine(), "rows": []}
+  for i, spec in enumerate(json.loads(args.specs)):
+    spec = {**defaults, **spec}
+    start = time.perf_counter()
+    try:
+      step, step_args, _ = train_step._step(  # pylint: disable=protected-access
+          spec["case"], spec["method"], spec["teacher"], spec["batch"], spec["remat"],
+          spec["policy_form"], spec["bf16"], spec["attention"], spec["augment"])
+      compiled = step.lower(*step_args).compile(spec.get("compiler_options"))
+      compile_s = time.perf_counter() - start
+      holder = {"state": step_args[0]}
+
+      def one():
+        holder["state"], m = compiled(holder["state"], *step_args[1:])
+        return m["loss"]
+
+      t = timing.time_call(one, repeats=spec["repeats"], warmup=2)
+      r = {**spec, "compile_s": compile_s, "step_ms": 1e3 * t["median_s"],
+           "img_per_s": spec["batch"] / t["median_s"]}
+      if i in traced:
+        r["kernels"] = kernels.trace(one, keep=out_dir / f"trace_{i}.json.gz")
+    except Exception as e:  # pylint: disable=broad-except
+      r = {**spec, "error": f"{type(e).__name__}: {str(e)[:1500]}"}
+    report["rows"].append(r)
+    atomic.write_json(out_dir / "profile.json", report)
+    desc = " ".join(f"{k}={spec[k]}" for k in ("method", "teacher", "remat", "policy_form",
+                                                "attention", "augment"))
+    if "error" in r:
+      print(f"[{i}] {desc}: {r['error'][:300]}", flush=True)
+    else:
+      print(f"[{i}] {desc}: {r['step_ms']:.1f} ms/step, {r['img_per_s']:.0f} img/s "
+            f"(compile {r['compile_s']:.0f} s)", flush=True)
+      if "kernels" in r and "by_kind_ms" in r["kernels"]:
+        print("     " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                  r["kernels"]["by_kind_ms"].items()) +
+              f"; device {r['kernels']['device_ms_per_step']:.1f} ms", flush=True)
+    jax.clear_caches()
+  common.print_table([r for r in report["rows"] if "error" not in r],
+                     ["method", "teacher", "remat", "policy_form", "attention", "augment",
+                      "step_ms", "img_per_s", "compile_s"])
+
+
+if __name__ == "__main__":
+  main()
