@@ -122,6 +122,12 @@ def row(case: str, method: str, teacher: bool, batch: int, remat: bool, policy_f
          "xla_mem_mb": _compiled_mb(compiled), "fwd_gmacs": flops.macs(model) / 1e9}
   stats = jax.devices()[0].memory_stats() or {}
   out["peak_mem_mb"] = stats.get("peak_bytes_in_use", float("nan")) / 2**20
+  mem = compiled.memory_analysis()
+  if mem is not None and stats.get("bytes_limit"):  # activations grow with the batch, state not
+    per_image = (mem.temp_size_in_bytes + mem.output_size_in_bytes
+                 - mem.alias_size_in_bytes) / batch
+    out["limit_mb"] = stats["bytes_limit"] / 2**20
+    out["max_batch_est"] = int((stats["bytes_limit"] - mem.argument_size_in_bytes) / per_image)
   if trace:
     out["kernels"] = kernels.trace(one, keep=trace)
   return out
@@ -221,6 +227,10 @@ def main(argv=None):
     print("ROW " + json.dumps(row(**json.loads(args.row))), flush=True)
     return
   start = time.perf_counter()
+  # The rows run in subprocesses that need the device's memory: this process must not take it
+  # (XLA preallocates 75% of a GPU on first use).
+  env = dict(os.environ)
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   gpu = jax.default_backend() != "cpu"
   names = args.variants.split(",") if args.variants else list(
       VARIANTS if gpu else CPU_VARIANTS)
@@ -236,7 +246,6 @@ def main(argv=None):
   rows, fits = [], list(old.get("max_batch", []))
   peak = bf16_peak_tflops() if gpu else float("nan")
   # Rows compile in their own processes; one persistent cache lets them share XLA's autotuning.
-  env = dict(os.environ)
   env.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="tps_jax_cache_"))
   jax.config.update("jax_compilation_cache_dir", env["JAX_COMPILATION_CACHE_DIR"])
   traced = set(filter(None, args.trace.split(",")))
