@@ -181,6 +181,7 @@ VARIANTS = {
     "dtps_teacher": ("dtps", True, False, "exact", True),
     "dtps_fused_teacher": ("dtps", True, False, "fused", True),
     "dtps_remat": ("dtps", False, True, "exact", True),
+    "dtps_fused_remat": ("dtps", False, True, "fused", True),
     "etps": ("etps", False, False, "exact", True),
     "etps_teacher": ("etps", True, False, "exact", True),
     "evit": ("evit", False, False, "exact", True),
