@@ -15,7 +15,7 @@ import jax
 KINDS = (  # (kind, pattern on the kernel or op name), first match wins
     ("attention", r"fmha|flash|cudnn.*attn|_attn_|attention"),
     ("matmul", r"gemm|xmma|cutlass|nvjet|cublas|dot|sm\d+_.*mma"),
-    ("convolution", r"conv"),
+    ("convolution", r"conv(?!ert)|cudnn.*conv"),
     ("reduction", r"reduce|reduction|row_reduction|column_reduction"),
     ("sort/top-k", r"sort|topk|top_k|radix"),
     ("gather/scatter", r"gather|scatter|dynamic.slice|dynamic.update"),
