@@ -176,7 +176,10 @@ class PolicyAttentionTest(chex.TestCase):
       del implementation
       return real(*a, implementation="xla", **kw)
 
-    with mock.patch.object(jax.nn, "dot_product_attention", on_xla):
+    with pytest.raises(ValueError, match="cudnn attention needs a CUDA GPU"):
+      tps_jax.ops.dot_product_attention(q, k, v, implementation="cudnn")
+    with mock.patch.object(jax.nn, "dot_product_attention", on_xla), \
+         mock.patch("tps_jax.ops.attention._check_cudnn"):
       for form in ("fused", "log_bias"):
         np.testing.assert_allclose(
             tps_jax.policy_attention(q, k, v, pi, form=form, implementation="cudnn"),

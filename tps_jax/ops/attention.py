@@ -65,6 +65,16 @@ def _allowed(policy: jax.Array, n: int, dtype) -> jax.Array:
 IMPLEMENTATIONS = ("xla", "cudnn")
 
 
+def _check_cudnn(q: jax.Array) -> None:
+  """cuDNN attention runs on a CUDA GPU in bfloat16 / float16: say so, not a lowering error."""
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"cudnn attention needs a CUDA GPU, but JAX's backend is "
+                     f"{jax.default_backend()!r}; use attention='auto'.")
+  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"cudnn attention takes bfloat16 or float16, got {q.dtype}; use "
+                     "attention='auto' (or mixed precision).")
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           bias: jax.Array | None = None, scale: float | None = None,
                           implementation: str = "xla", return_lse: bool = False):
@@ -83,6 +93,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if implementation == "xla":
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="xla",
                                         return_residual=return_lse)
+  _check_cudnn(q)
   b, n, _, _ = validate.check_rank("q", q, 4, "(B, N, H, d)")
   lengths = None
   if bias is not None:  # cuDNN wants the query and key axes written out
