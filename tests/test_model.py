@@ -162,14 +162,13 @@ class TestRemat:
     assert saved_r < 0.2 * saved
 
   def test_fused_policy_attention_under_remat_has_the_exact_gradients(self):
-    # The fused form's custom VJP keeps a closure as a residual; remat must recompute it.
+    # The fused form's custom VJP keeps a closure as a residual; remat must recompute it, and
+    # the gradients (the score head's through the policy included) must stay the SPEC's.
     grads = {}
-    for form, remat in (("exact", False), ("fused", False), ("fused", True)):
+    for form, remat in (("exact", False), ("fused", True)):
       loss, params = self._loss_and_params("dtps", remat, policy_form=form)
-      grads[form, remat] = jax.jit(jax.grad(loss))(params)
-    chex.assert_trees_all_close(grads["fused", True], grads["fused", False], rtol=1e-4, atol=1e-4)
-    chex.assert_trees_all_close(grads["fused", False], grads["exact", False], rtol=1e-3,
-                                atol=1e-3)
+      grads[form] = jax.jit(jax.grad(loss))(params)
+    chex.assert_trees_all_close(grads["fused"], grads["exact"], rtol=1e-3, atol=1e-3)
 
   @pytest.mark.parametrize("method", ["etps", "dtps", "tome"])
   def test_only_the_head_matmul_is_outside_remat(self, method):
