@@ -8,7 +8,9 @@ and with grain worker processes:
   - DeiT's host part on 224-px crops of ~500x375 JPEGs written to a temporary
     image folder (decode, random resized crop, bicubic resize, flip).
 Device case: RandAugment m9 + normalise + random erasing of a uint8 batch,
-jitted, on this machine's default device (the part that moved off the host).
+jitted, on this machine's default device (the part that moved off the host);
+and RandAugment alone at 224 px, batched by kind (what the step runs) against
+the plain switch over the 15 ops (`rand_augment(by_kind=False)`), in one run.
 
 Rows give images/s in all and per host core used. `tf_data_before` is the
 figure of the TensorFlow pipeline this replaced, on the same 2-core CPU
@@ -32,6 +34,7 @@ from PIL import Image
 from benchmarks import common
 from tps_jax import timing
 from tps_jax import data
+from tps_jax.data import randaugment
 
 FMNIST = data.Preprocess(size=28, channels=1, crop="pad_random", pad=2, randaugment=(2, 9),
                          erasing=0.25, mean=(0.286,), std=(0.353,))
@@ -76,6 +79,15 @@ def _device_rate(preprocess, batch: int, repeats: int = 5) -> float:
   return batch / t["median_s"]
 
 
+def _randaugment_rate(size: int, batch: int, by_kind: bool, repeats: int = 5) -> float:
+  images = jax.random.randint(jax.random.key(0), (batch, size, size, 3), 0, 256,
+                              jnp.int32).astype(jnp.float32)
+  keys = jax.random.split(jax.random.key(1), batch)
+  fn = jax.jit(jax.vmap(lambda k, x: randaugment.rand_augment(k, x, by_kind=by_kind)))
+  t = timing.time_call(fn, keys, images, repeats=repeats, warmup=1)
+  return batch / t["median_s"]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=128)
@@ -108,6 +120,9 @@ def main():
   for name, p, batch in (("fashion_mnist 28px", FMNIST, args.batch), ("DeiT 224px", DEIT, 32)):
     add(f"{name} device (RandAugment m9, normalise, erasing)", None,
         _device_rate(p, batch), f"jit on {device}", 0 if device != "cpu" else cores)
+  for by_kind, label in ((True, "by kind"), (False, "switch over 15 ops")):
+    add(f"DeiT 224px device RandAugment m9 only, {label}", None,
+        _randaugment_rate(224, 32, by_kind), f"jit on {device}", 0 if device != "cpu" else cores)
   common.print_table(rows, ["case", "mode", "host_cores", "images_per_s", "per_core",
                             "tf_data_before", "vs_before"])
   common.write_json("input_pipeline", {"batch": args.batch, "cores": cores, "rows": rows},

@@ -36,6 +36,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 from benchmarks import common, kernels  # pylint: disable=wrong-import-position
 from configs import common as common_cfg, fashion_mnist  # pylint: disable=wrong-import-position
 from tps_jax import data, flops, timing  # pylint: disable=wrong-import-position
+from tps_jax.models import reduction  # pylint: disable=wrong-import-position
 from tps_jax.models.vit import build_model  # pylint: disable=wrong-import-position
 from tps_jax.trainer import loop, optim  # pylint: disable=wrong-import-position
 
@@ -90,7 +91,11 @@ def _preprocess(case: str, augment: bool) -> data.Preprocess:
 
 
 def _compiled_mb(compiled) -> float:
-  mem = compiled.memory_analysis()
+  return _memory_mb(compiled.memory_analysis())
+
+
+def _memory_mb(mem) -> float:
+  """XLA's compiled memory (arguments, outputs, temporaries, less donated aliases), MB."""
   if mem is None:
     return float("nan")
   return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
@@ -99,14 +104,17 @@ def _compiled_mb(compiled) -> float:
 
 def row(case: str, method: str, teacher: bool, batch: int, remat: bool, policy_form: str,
         bf16: bool, repeats: int, attention: str = "auto", augment: bool = True,
-        trace: str | None = None) -> dict:
+        trace: str | None = None, compiler_options: dict | None = None) -> dict:
   """Times one configuration in this process (run it in a fresh one for its peak memory).
 
   `trace`: a path; if given, three more steps are traced there and their kernels summarised.
+  `compiler_options`: XLA options for this compile (e.g. {"xla_gpu_autotune_level": 0}).
   """
+  start = time.perf_counter()
   step, args, model = _step(case, method, teacher, batch, remat, policy_form, bf16, attention,
                             augment)
-  compiled = step.lower(*args).compile()
+  compiled = step.lower(*args).compile(compiler_options)
+  compile_s = time.perf_counter() - start
   holder = {"state": args[0]}
 
   def one():
@@ -116,13 +124,14 @@ def row(case: str, method: str, teacher: bool, batch: int, remat: bool, policy_f
   t = timing.time_call(one, repeats=repeats, warmup=2)
   out = {"impl": "tps_jax", "model": CASES[case]["label"], "method": method,
          "teacher": teacher, "batch": batch, "dtype": "bfloat16" if bf16 else "float32",
-         "remat": remat, "policy_form": policy_form if method in ("dtps", "dynamicvit") else "",
+         "remat": remat, "policy_form": policy_form if method in reduction.LEARNED else "",
          "attention": attention, "augment": augment,
-         "img_per_s": batch / t["median_s"], "step_s": t["median_s"],
-         "xla_mem_mb": _compiled_mb(compiled), "fwd_gmacs": flops.macs(model) / 1e9}
+         "img_per_s": batch / t["median_s"], "step_s": t["median_s"], "compile_s": compile_s,
+         "fwd_gmacs": flops.macs(model) / 1e9}
+  mem = compiled.memory_analysis()
+  out["xla_mem_mb"] = _memory_mb(mem)
   stats = jax.devices()[0].memory_stats() or {}
   out["peak_mem_mb"] = stats.get("peak_bytes_in_use", float("nan")) / 2**20
-  mem = compiled.memory_analysis()
   if mem is not None and stats.get("bytes_limit"):  # activations grow with the batch, state not
     per_image = (mem.temp_size_in_bytes + mem.output_size_in_bytes
                  - mem.alias_size_in_bytes) / batch

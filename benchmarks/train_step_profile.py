@@ -5,13 +5,13 @@ break chosen ones down by kernel from a profiler trace.
       --trace 0,2 --out DIR
 
 Each spec is a `benchmarks.train_step.row` configuration (defaults: DeiT-S, batch 256 on a
-GPU, bf16, no teacher, no remat, exact policy, auto attention, device augmentation on), plus
-optional XLA `compiler_options` (e.g. {"xla_gpu_autotune_level": 0}); the
-rows share one process, so they report time and compile time but not peak memory (that is
-`benchmarks.train_step`'s job). For each spec index in `--trace`, three steps are traced with
-`jax.profiler` and the device kernels summed by kind (matmul, attention, convolution,
-reduction, elementwise fusion, copy, other) and by XLA op (top 25); the summary goes to
-DIR/profile.json as rows finish, so a run stopped at a time limit keeps what it measured.
+GPU, bf16, no teacher, no remat, exact policy, auto attention, device augmentation on; XLA
+`compiler_options` optional). The rows share one process, so they report time and compile
+time but not peak memory (that is `benchmarks.train_step`'s job: a process per row). For each
+spec index in `--trace`, three steps are traced with `jax.profiler` and the device kernels
+summed by kind (`benchmarks.kernels`: matmul, attention, convolution, reduction, elementwise
+fusion, copy, other) and by kernel (top 25); the summary goes to DIR/profile.json as rows
+finish, so a run stopped at a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ import argparse
 import json
 import os
 import pathlib
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # pylint: disable=wrong-import-position
 
-from benchmarks import common, kernels, train_step  # pylint: disable=wrong-import-position
-from tps_jax import atomic, timing  # pylint: disable=wrong-import-position
+from benchmarks import common, train_step  # pylint: disable=wrong-import-position
+from tps_jax import atomic  # pylint: disable=wrong-import-position
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -45,24 +44,10 @@ def main(argv=None):
   report = {"machine": common.machine(), "rows": []}
   for i, spec in enumerate(json.loads(args.specs)):
     spec = {**defaults, **spec}
-    start = time.perf_counter()
     try:
-      step, step_args, _ = train_step._step(  # pylint: disable=protected-access
-          spec["case"], spec["method"], spec["teacher"], spec["batch"], spec["remat"],
-          spec["policy_form"], spec["bf16"], spec["attention"], spec["augment"])
-      compiled = step.lower(*step_args).compile(spec.get("compiler_options"))
-      compile_s = time.perf_counter() - start
-      holder = {"state": step_args[0]}
-
-      def one():
-        holder["state"], m = compiled(holder["state"], *step_args[1:])
-        return m["loss"]
-
-      t = timing.time_call(one, repeats=spec["repeats"], warmup=2)
-      r = {**spec, "compile_s": compile_s, "step_ms": 1e3 * t["median_s"],
-           "img_per_s": spec["batch"] / t["median_s"]}
-      if i in traced:
-        r["kernels"] = kernels.trace(one, keep=out_dir / f"trace_{i}.json.gz")
+      trace = str(out_dir / f"trace_{i}.json.gz") if i in traced else None
+      r = {**spec, **train_step.row(**spec, trace=trace)}
+      r["step_ms"] = 1e3 * r["step_s"]
     except Exception as e:  # pylint: disable=broad-except
       r = {**spec, "error": f"{type(e).__name__}: {str(e)[:1500]}"}
     report["rows"].append(r)

@@ -214,44 +214,50 @@ TABLES = {"AutoContrast": _auto_contrast_table, "Equalize": _equalize_table,
 BLENDS = {"Color": _color_degenerate, "Sharpness": _smooth_degenerate}
 
 
-def _geometric_op(name):
-  def op(image, level, key):
-    h, w, _ = image.shape
-    return affine(image, GEOMETRIC[name](h, w, level, key))
-  return op
+def _geometric(image, fns, member, level, key):
+  """One affine warp; the op `fns[member]` gives its matrix."""
+  h, w, _ = image.shape
+  return affine(image, jax.lax.switch(member, [lambda l, k, f=f: f(h, w, l, k) for f in fns],
+                                      level, key))
 
 
-def _table_op(name):
-  return lambda image, level, key: apply_table(image, TABLES[name](image, level, key))
+def _tabled(image, fns, member, level, key):
+  """One table lookup; the op `fns[member]` gives the table."""
+  return apply_table(image, jax.lax.switch(member, fns, image, level, key))
 
 
-def _blend_op(name):
-  return lambda image, level, key: _blend(BLENDS[name](image), image,
-                                          _enhance_factor(level, key))
+def _blended(image, fns, member, level, key):
+  """One ImageEnhance blend; the op `fns[member]` gives the degenerate image."""
+  degenerate = jax.lax.switch(member, [lambda x, f=f: jnp.broadcast_to(f(x), x.shape)
+                                       for f in fns], image)
+  return _blend(degenerate, image, _enhance_factor(level, key))
 
 
-# Each op on its own, by name (what the tests hold against PIL).
-auto_contrast, equalize, invert, posterize, solarize, solarize_add, contrast, brightness = (
-    _table_op(n) for n in ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize",
-                           "SolarizeAdd", "Contrast", "Brightness"))
-color, sharpness = _blend_op("Color"), _blend_op("Sharpness")
-rotate, shear_x, shear_y, translate_x, translate_y = (
-    _geometric_op(n) for n in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"))
+KINDS = ((GEOMETRIC, _geometric), (TABLES, _tabled), (BLENDS, _blended))
 
 
-# timm's _RAND_INCREASING_TRANSFORMS, in its order.
-OPS = {
-    "AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert,
-    "Rotate": rotate, "Posterize": posterize, "Solarize": solarize,
-    "SolarizeAdd": solarize_add, "Color": color, "Contrast": contrast,
-    "Brightness": brightness, "Sharpness": sharpness, "ShearX": shear_x,
-    "ShearY": shear_y, "TranslateX": translate_x, "TranslateY": translate_y,
-}
+def _op(name):
+  """The op `name` on its own: its kind's computation with a single entry."""
+  entries, run = next((entries, run) for entries, run in KINDS if name in entries)
+  return lambda image, level, key: run(image, [entries[name]], 0, level, key)
+
+
+# timm's _RAND_INCREASING_TRANSFORMS, in its order; each op on its own (what the tests hold
+# against PIL).
+OPS = {name: _op(name) for name in (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
+    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX",
+    "TranslateY")}
 
 
 def rand_augment(key, image, *, num_layers: int = 2, magnitude: float = 9.0,
-                 magnitude_std: float = 0.5, prob: float = 0.5, ops=tuple(OPS)):
-  """Applies `num_layers` random ops to one image (H, W, C) of values 0..255."""
+                 magnitude_std: float = 0.5, prob: float = 0.5, ops=tuple(OPS),
+                 by_kind: bool = True):
+  """Applies `num_layers` random ops to one image (H, W, C) of values 0..255.
+
+  `by_kind=False` is the plain definition, a switch over the ops; the default computes the
+  same values with one computation per kind of op (cheaper under vmap, see KINDS).
+  """
   if not jnp.issubdtype(image.dtype, jnp.floating):
     raise ValueError(f"rand_augment expects float pixel values 0..255, got {image.dtype}.")
   unknown = [o for o in ops if o not in OPS]
@@ -259,37 +265,24 @@ def rand_augment(key, image, *, num_layers: int = 2, magnitude: float = 9.0,
     raise ValueError(f"unknown RandAugment ops {unknown}; known: {sorted(OPS)}.")
   if not 0 <= magnitude <= MAX_LEVEL:
     raise ValueError(f"RandAugment magnitude must be in [0, {MAX_LEVEL}], got {magnitude}.")
-  kinds = [(GEOMETRIC, _geometric), (TABLES, _tabled), (BLENDS, _blended)]
-  groups = [[o for o in ops if o in kind] for kind, _ in kinds]
-  kind_list = [next(i for i, (kind, _) in enumerate(kinds) if o in kind) for o in ops]
+  groups = [[o for o in ops if o in entries] for entries, _ in KINDS]
+  kind_list = [next(i for i, (entries, _) in enumerate(KINDS) if o in entries) for o in ops]
   kind_of = jnp.asarray(kind_list)
   member_of = jnp.asarray([groups[i].index(o) for i, o in zip(kind_list, ops)])
   for layer in range(num_layers):
     k_op, k_apply, k_level, k_sign = jax.random.split(jax.random.fold_in(key, layer), 4)
     index = jax.random.randint(k_op, (), 0, len(ops))
     level = jnp.clip(magnitude + magnitude_std * jax.random.normal(k_level), 0.0, MAX_LEVEL)
-    kind, member = kind_of[index], member_of[index]
-    augmented = image
-    for i, (names, (table, run)) in enumerate(zip(groups, kinds)):
-      if names:  # one computation per kind present; the op picks its entry
-        fns = [table[n] for n in names]
-        out = run(image, fns, jnp.where(kind == i, member, 0), level, k_sign)
-        augmented = jnp.where(kind == i, out, augmented)
+    if not by_kind:
+      augmented = jax.lax.switch(index, [OPS[o] for o in ops], image, level, k_sign)
+    else:
+      kind, member = kind_of[index], member_of[index]
+      augmented = image
+      for i, (names, (entries, run)) in enumerate(zip(groups, KINDS)):
+        if names:  # one computation per kind present; the op picks its entry
+          fns = [entries[n] for n in names]
+          out = run(image, fns, jnp.where(kind == i, member, 0), level, k_sign)
+          augmented = jnp.where(kind == i, out, augmented)
     image = jnp.where(jax.random.uniform(k_apply) < prob, augmented, image)
   return image
 
-
-def _geometric(image, fns, member, level, key):
-  h, w, _ = image.shape
-  return affine(image, jax.lax.switch(member, [lambda l, k, f=f: f(h, w, l, k) for f in fns],
-                                      level, key))
-
-
-def _tabled(image, fns, member, level, key):
-  return apply_table(image, jax.lax.switch(member, fns, image, level, key))
-
-
-def _blended(image, fns, member, level, key):
-  degenerate = jax.lax.switch(member, [lambda x, f=f: jnp.broadcast_to(f(x), x.shape)
-                                       for f in fns], image)
-  return _blend(degenerate, image, _enhance_factor(level, key))

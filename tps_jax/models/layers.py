@@ -62,8 +62,8 @@ class MultiHeadDotProductAttention(nn.Module):
   (the same call with cuDNN's flash kernel: GPU, bfloat16 / float16 only), or
   "auto": cudnn on a GPU in bfloat16 / float16 (head dim a multiple of 8), fused on
   other accelerators and float32, einsum on CPU. Under a policy, `policy_form` decides
-  instead (`ops.POLICY_FORMS`: "exact", "deferred", or the fused "log_bias", which
-  runs on cuDNN when `implementation` is "cudnn").
+  instead (`ops.POLICY_FORMS`); its kernel forms "fused" and "log_bias" run on cuDNN
+  where the implementation resolves to it.
   """
   num_heads: int
   dtype: Dtype = jnp.float32

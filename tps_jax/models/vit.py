@@ -173,8 +173,9 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   layer_norm_eps: float = 1e-6
   gumbel_noise: bool = True
-  attention: str = "auto"  # "auto" | "einsum" | "fused" | "cudnn"; see layers.MultiHeadDotProductAttention
-  # dTPS / DynamicViT training attention: "exact" | "deferred" | "log_bias"; see ops.POLICY_FORMS
+  attention: str = "auto"  # layers.IMPLEMENTATIONS; see layers.MultiHeadDotProductAttention
+  # dTPS / DynamicViT training attention: "exact" | "deferred" | "fused" | "log_bias";
+  # see ops.POLICY_FORMS
   policy_form: str = "exact"
   drop_path: float = 0.0  # stochastic depth of the last block (linear from 0), train only
   remat: bool = False  # rematerialise the blocks (nn.remat) to save activation memory

@@ -122,9 +122,9 @@ def policy_attention(q: jax.Array, k: jax.Array, v: jax.Array, policy, *,
     q, k, v: (B, N, H, d) queries (already scaled), keys, values.
     policy: (B, N) or (B, N, 1) 0/1 live mask, a straight-through float mask in training.
     form: one of POLICY_FORMS (see above); "exact" and "deferred" give the SPEC's values
-      and gradients, "log_bias" a fused-kernel approximation.
+      and gradients, "fused" the same up to the smoothing, "log_bias" an approximation.
     eps: the authors' smoothing (exact and deferred only).
-    implementation: log_bias only, "xla" or "cudnn" (see `dot_product_attention`).
+    implementation: fused and log_bias only, "xla" or "cudnn" (see `dot_product_attention`).
 
   Returns:
     (B, N, H, d) in v's dtype.
