@@ -10,7 +10,11 @@ and with grain worker processes:
 Device case: RandAugment m9 + normalise + random erasing of a uint8 batch,
 jitted, on this machine's default device (the part that moved off the host);
 and RandAugment alone at 224 px, batched by kind (what the step runs) against
-the plain switch over the 15 ops (`rand_augment(by_kind=False)`), in one run.
+the plain switch over the 15 ops (`rand_augment(by_kind=False)`), in one run;
+and Equalize's per-channel histograms of a 224-px batch by each method
+(`randaugment.HISTOGRAMS`), on noise and on smooth, photo-like content (where
+neighbouring pixels share a bin, the case that serialises atomic adds).
+`--device_only` skips the host cases (the lent GPU machine has no grain).
 
 Rows give images/s in all and per host core used. `tf_data_before` is the
 figure of the TensorFlow pipeline this replaced, on the same 2-core CPU
@@ -88,12 +92,29 @@ def _randaugment_rate(size: int, batch: int, by_kind: bool, repeats: int = 5) ->
   return batch / t["median_s"]
 
 
+def _histogram_rate(size: int, batch: int, method: str, smooth: bool,
+                    repeats: int = 5) -> float:
+  shape = (batch, size, size, 3)
+  if smooth:  # slow gradients, a few grey levels of noise: runs of equal values
+    yy, xx = jnp.meshgrid(jnp.arange(size), jnp.arange(size), indexing="ij")
+    base = (xx[..., None] * (1 + jnp.arange(3)) + yy[..., None]) % 256
+    noise = jax.random.randint(jax.random.key(0), shape, -2, 3)
+    images = jnp.clip(base + noise, 0, 255).astype(jnp.float32)
+  else:
+    images = jax.random.randint(jax.random.key(0), shape, 0, 256, jnp.int32).astype(jnp.float32)
+  per_channel = jax.vmap(lambda ch: randaugment.histogram(ch, method), in_axes=-1)
+  fn = jax.jit(jax.vmap(per_channel))
+  t = timing.time_call(fn, images, repeats=repeats, warmup=1)
+  return batch / t["median_s"]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--batches", type=int, default=40)
   parser.add_argument("--jpegs", type=int, default=512)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--device_only", action="store_true", help="skip the host cases")
   args = parser.parse_args()
   cores = os.cpu_count() or 1
   modes = [("threads", cores, 0), ("workers", 1, cores)]
@@ -105,24 +126,32 @@ def main():
                  "per_core": rate / used if used else None, "tf_data_before": before,
                  "vs_before": rate / before if before else None})
 
-  fmnist = data.get_source("fashion_mnist", prefer="idx")
-  for mode, threads, workers in modes:
-    add("fashion_mnist 28px host (pad-crop, flip)", TF_DATA_BEFORE["fmnist"],
-        _host_rate(fmnist, FMNIST, args.batch, args.batches, threads, workers), mode, cores)
-  with tempfile.TemporaryDirectory() as tmp:
-    _write_jpegs(pathlib.Path(tmp), args.jpegs)
-    folder = data.get_source("folder", data_dir=tmp)
-    jpeg_batches = max(2, min(args.batches, args.jpegs // 32 - 1))
+  if not args.device_only:
+    fmnist = data.get_source("fashion_mnist", prefer="idx")
     for mode, threads, workers in modes:
-      add("JPEG 500x375 -> 224px host (decode, RRC, flip)", TF_DATA_BEFORE["deit"],
-          _host_rate(folder, DEIT, 32, jpeg_batches, threads, workers), mode, cores)
+      add("fashion_mnist 28px host (pad-crop, flip)", TF_DATA_BEFORE["fmnist"],
+          _host_rate(fmnist, FMNIST, args.batch, args.batches, threads, workers), mode, cores)
+    with tempfile.TemporaryDirectory() as tmp:
+      _write_jpegs(pathlib.Path(tmp), args.jpegs)
+      folder = data.get_source("folder", data_dir=tmp)
+      jpeg_batches = max(2, min(args.batches, args.jpegs // 32 - 1))
+      for mode, threads, workers in modes:
+        add("JPEG 500x375 -> 224px host (decode, RRC, flip)", TF_DATA_BEFORE["deit"],
+            _host_rate(folder, DEIT, 32, jpeg_batches, threads, workers), mode, cores)
   device = jax.devices()[0].platform
-  for name, p, batch in (("fashion_mnist 28px", FMNIST, args.batch), ("DeiT 224px", DEIT, 32)):
+  used = 0 if device != "cpu" else cores
+  deit_batch = 32 if device == "cpu" else 256  # the GPU runs DeiT's training batch
+  for name, p, batch in (("fashion_mnist 28px", FMNIST, args.batch),
+                         ("DeiT 224px", DEIT, deit_batch)):
     add(f"{name} device (RandAugment m9, normalise, erasing)", None,
-        _device_rate(p, batch), f"jit on {device}", 0 if device != "cpu" else cores)
+        _device_rate(p, batch), f"jit on {device}", used)
   for by_kind, label in ((True, "by kind"), (False, "switch over 15 ops")):
     add(f"DeiT 224px device RandAugment m9 only, {label}", None,
-        _randaugment_rate(224, 32, by_kind), f"jit on {device}", 0 if device != "cpu" else cores)
+        _randaugment_rate(224, deit_batch, by_kind), f"jit on {device}", used)
+  for method in randaugment.HISTOGRAMS[1:]:
+    for smooth in (False, True):
+      add(f"DeiT 224px device Equalize histograms, {method}, {'smooth' if smooth else 'noise'}",
+          None, _histogram_rate(224, deit_batch, method, smooth), f"jit on {device}", used)
   common.print_table(rows, ["case", "mode", "host_cores", "images_per_s", "per_core",
                             "tf_data_before", "vs_before"])
   common.write_json("input_pipeline", {"batch": args.batch, "cores": cores, "rows": rows},

@@ -121,6 +121,28 @@ def test_rand_augment_by_kind_equals_the_switch_over_ops(channels):
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
 
 
+def test_histogram_methods_count_exactly_and_auto_picks_by_platform():
+  # Equalize's counts: the one-hot matmul (GPU/TPU) must equal the scatter (CPU) exactly,
+  # on smooth and noisy images and on single-valued ones (a bin holding every pixel).
+  cases = [NOISE, SMOOTH, np.zeros((32, 40, 3)), np.full((32, 40, 3), 255)]
+  count = jax.jit(jax.vmap(lambda x, m: ra.histogram(x, m), in_axes=(-1, None)),
+                  static_argnums=1)
+  for image in cases:
+    ref = np.stack([np.bincount(image[..., c].ravel().astype(int), minlength=256)
+                    for c in range(3)])
+    for method in ra.HISTOGRAMS:
+      np.testing.assert_array_equal(np.asarray(count(jnp.asarray(image, jnp.float32), method)),
+                                    ref, err_msg=method)
+  lowered = lambda platform: jax.jit(ra.histogram).trace(jnp.zeros((8, 8))).lower(
+      lowering_platforms=(platform,)).as_text()
+  assert "scatter" in lowered("cpu") and "dot_general" not in lowered("cpu")
+  assert "dot_general" in lowered("cuda") and "scatter" not in lowered("cuda")
+  with pytest.raises(ValueError, match="unknown histogram method 'sort'"):
+    ra.histogram(jnp.zeros(4), "sort")
+  with pytest.raises(ValueError, match="exact only below"):
+    ra.histogram(jax.ShapeDtypeStruct((2 ** 24,), jnp.float32), "matmul")
+
+
 def test_random_erasing_box_area_and_probability():
   x = jnp.zeros((200, 64, 64, 3))
   keys = jax.random.split(jax.random.key(9), 200)
