@@ -1,12 +1,13 @@
 """Transformer layers: big_vision names, and the policy / bias / cls-attention paths."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tps_jax.models.layers import Encoder1DBlock, MultiHeadDotProductAttention
+from tps_jax.models.layers import Encoder1DBlock, MultiHeadDotProductAttention, PatchEmbedding
 from conftest import tokens
 
 
@@ -24,6 +25,24 @@ def test_parameter_names_follow_big_vision():
   assert set(attn) == {"query", "key", "value", "out"}
   chex.assert_shape([attn["query"]["kernel"], attn["out"]["kernel"]], [(8, 2, 4), (2, 4, 8)])
   assert set(p["MlpBlock_0"]) == {"Dense_0", "Dense_1"}
+
+
+def test_patch_embedding_is_the_strided_convolution():
+  # Same parameters (names, shapes, initial values) and result as nn.Conv with stride p, so
+  # big_vision and imported checkpoints mean the same; patches in row-major order.
+  image = jax.random.normal(jax.random.key(0), (2, 12, 8, 3))
+  ours = PatchEmbedding(5, 4)
+  conv = nn.Conv(5, (4, 4), strides=(4, 4), padding="VALID")
+  params = ours.init(jax.random.key(1), image)
+  chex.assert_trees_all_equal(params, conv.init(jax.random.key(1), image))
+  params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), params)
+  want = conv.apply(params, image).reshape(2, 6, 5)
+  np.testing.assert_allclose(ours.apply(params, image), want, rtol=1e-5, atol=1e-5)
+  low = PatchEmbedding(5, 4, dtype=jnp.bfloat16).apply(params, image)
+  assert low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(low, np.float32), want, rtol=0.05, atol=0.1)
+  with pytest.raises(ValueError, match="does not split into 4x4 patches"):
+    ours.init(jax.random.key(1), jnp.zeros((1, 10, 8, 3)))
 
 
 def test_full_policy_equals_plain_attention_and_halves_compose():

@@ -147,7 +147,9 @@ class TestRemat:
     loss = lambda p: jnp.sum(model.apply({"params": p}, x, train=True, rngs=rngs)[0] ** 2)
     return loss, params
 
-  @pytest.mark.parametrize("method", METHODS)
+  # Each way a block runs: whole (none), under a policy (dtps), in halves around an
+  # intra-block reduction (etps; evit runs the same halves), with a size bias (tome).
+  @pytest.mark.parametrize("method", ["none", "dtps", "etps", "tome"])
   def test_gradients_equal_and_residuals_fall(self, method):
     (loss, params), (loss_r, _) = (self._loss_and_params(method, r) for r in (False, True))
     grad, grad_r = jax.jit(jax.grad(loss))(params), jax.jit(jax.grad(loss_r))(params)
@@ -171,10 +173,10 @@ class TestRemat:
     chex.assert_trees_all_close(grads["fused"], grads["exact"], rtol=1e-3, atol=1e-3)
 
   @pytest.mark.parametrize("method", ["etps", "dtps", "tome"])
-  def test_only_the_head_matmul_is_outside_remat(self, method):
+  def test_only_the_embedding_and_head_matmuls_are_outside_remat(self, method):
     loss, params = self._loss_and_params(method, True)
     top = [e.primitive.name for e in jax.make_jaxpr(loss)(params).jaxpr.eqns]
-    assert top.count("dot_general") == 1  # the classifier head; the rest is rematerialised
+    assert top.count("dot_general") == 2  # patch embedding, classifier head; the rest remat
 
 
 @pytest.mark.parametrize("method", ["dtps", "dynamicvit"])

@@ -5,7 +5,7 @@ big_vision's interface and parameter names:
   model = Model(num_classes, variant="S/16", reduction=dict(method="dtps", keep_ratio=0.7))
   logits, out = model.apply({"params": params}, images_nhwc, train=False)
 
-Parameters: `embedding` (patch conv), `cls`, `pos_embedding`,
+Parameters: `embedding` (patch projection, nn.Conv's kernel), `cls`, `pos_embedding`,
 `Transformer/encoderblock_{i}/...`, `Transformer/encoder_norm`, `head`, and for
 learned methods `Transformer/score_head_{s}` (leave them out to load a dense
 checkpoint).
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from tps_jax import ops
 from tps_jax.models import stages
-from tps_jax.models.layers import IMPLEMENTATIONS, REMAT_METHODS, Encoder1DBlock
+from tps_jax.models.layers import IMPLEMENTATIONS, REMAT_METHODS, Encoder1DBlock, PatchEmbedding
 from tps_jax.models.reduction import Reduction
 from tps_jax.models.score_head import ScoreHead
 
@@ -194,10 +194,8 @@ class VisionTransformer(nn.Module):
                        f"got shape {image.shape}.")
     out = {}
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                name="embedding")(image)
+    x = PatchEmbedding(self.width, p, dtype=self.dtype, name="embedding")(image)  # (B, N0, D)
     b = x.shape[0]
-    x = x.reshape(b, -1, self.width)  # (B, N0, D)
     n0 = x.shape[1]
     init = nn.initializers.normal(stddev=0.02)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
