@@ -27,7 +27,7 @@ def machine() -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
   fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
   cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
   print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
   print("  ".join("-" * w for w in widths))
   for row in cells:

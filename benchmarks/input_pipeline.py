@@ -14,7 +14,8 @@ the plain switch over the 15 ops (`rand_augment(by_kind=False)`), in one run;
 and Equalize's per-channel histograms of a 224-px batch by each method
 (`randaugment.HISTOGRAMS`), on noise and on smooth, photo-like content (where
 neighbouring pixels share a bin, the case that serialises atomic adds).
-`--device_only` skips the host cases (the lent GPU machine has no grain).
+`--device_only` skips the host cases (the lent GPU machine has no grain), `--only TEXT`
+runs only the device cases whose name holds TEXT (e.g. "histograms").
 
 Rows give images/s in all and per host core used. `tf_data_before` is the
 figure of the TensorFlow pipeline this replaced, on the same 2-core CPU
@@ -115,6 +116,7 @@ def main():
   parser.add_argument("--jpegs", type=int, default=512)
   parser.add_argument("--out", default=None)
   parser.add_argument("--device_only", action="store_true", help="skip the host cases")
+  parser.add_argument("--only", default="", help="run only the device cases naming this")
   args = parser.parse_args()
   cores = os.cpu_count() or 1
   modes = [("threads", cores, 0), ("workers", 1, cores)]
@@ -141,17 +143,21 @@ def main():
   device = jax.devices()[0].platform
   used = 0 if device != "cpu" else cores
   deit_batch = 32 if device == "cpu" else 256  # the GPU runs DeiT's training batch
-  for name, p, batch in (("fashion_mnist 28px", FMNIST, args.batch),
-                         ("DeiT 224px", DEIT, deit_batch)):
-    add(f"{name} device (RandAugment m9, normalise, erasing)", None,
-        _device_rate(p, batch), f"jit on {device}", used)
+  cases = {f"{name} device (RandAugment m9, normalise, erasing)":
+           lambda p=p, b=b: _device_rate(p, b)
+           for name, p, b in (("fashion_mnist 28px", FMNIST, args.batch),
+                              ("DeiT 224px", DEIT, deit_batch))}
   for by_kind, label in ((True, "by kind"), (False, "switch over 15 ops")):
-    add(f"DeiT 224px device RandAugment m9 only, {label}", None,
-        _randaugment_rate(224, deit_batch, by_kind), f"jit on {device}", used)
+    cases[f"DeiT 224px device RandAugment m9 only, {label}"] = (
+        lambda k=by_kind: _randaugment_rate(224, deit_batch, k))
   for method in randaugment.HISTOGRAMS[1:]:
     for smooth in (False, True):
-      add(f"DeiT 224px device Equalize histograms, {method}, {'smooth' if smooth else 'noise'}",
-          None, _histogram_rate(224, deit_batch, method, smooth), f"jit on {device}", used)
+      cases[f"DeiT 224px device Equalize histograms, {method}, "
+            f"{'smooth' if smooth else 'noise'}"] = (
+                lambda m=method, s=smooth: _histogram_rate(224, deit_batch, m, s))
+  for case, rate in cases.items():
+    if args.only in case:
+      add(case, None, rate(), f"jit on {device}", used)
   common.print_table(rows, ["case", "mode", "host_cores", "images_per_s", "per_core",
                             "tf_data_before", "vs_before"])
   common.write_json("input_pipeline", {"batch": args.batch, "cores": cores, "rows": rows},

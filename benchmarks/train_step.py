@@ -20,6 +20,7 @@ benchmarks/results/train_step_<platform>.json.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import pathlib
@@ -104,10 +105,13 @@ def _memory_mb(mem) -> float:
 
 def row(case: str, method: str, teacher: bool, batch: int, remat: bool, policy_form: str,
         bf16: bool, repeats: int, attention: str = "auto", augment: bool = True,
-        trace: str | None = None, compiler_options: dict | None = None) -> dict:
+        trace: str | None = None, compiler_options: dict | None = None,
+        hlo: str | None = None) -> dict:
   """Times one configuration in this process (run it in a fresh one for its peak memory).
 
   `trace`: a path; if given, three more steps are traced there and their kernels summarised.
+  `hlo`: a path (.txt.gz); if given, the optimised HLO of the step is written there, to look
+  up a trace's kernels (fusion names) offline.
   `compiler_options`: XLA options for this compile (e.g. {"xla_gpu_autotune_level": 0}).
   """
   start = time.perf_counter()
@@ -115,6 +119,9 @@ def row(case: str, method: str, teacher: bool, batch: int, remat: bool, policy_f
                             augment)
   compiled = step.lower(*args).compile(compiler_options)
   compile_s = time.perf_counter() - start
+  if hlo:
+    with gzip.open(hlo, "wt") as f:
+      f.write(compiled.as_text())
   holder = {"state": args[0]}
 
   def one():
@@ -145,16 +152,18 @@ def row(case: str, method: str, teacher: bool, batch: int, remat: bool, policy_f
 def max_batch(case: str, method: str, remat: bool, bf16: bool, limit_mb: float,
               probe: tuple[int, int] = (128, 256)) -> dict:
   """Largest batch whose compiled step fits `limit_mb`, from a linear fit of two compiles,
-  checked by compiling it (compiles only: nothing is allocated or run)."""
+  checked by compiling it (compiles only: nothing is allocated or run). On a GPU these
+  compiles skip XLA's autotuning, which picks kernels, not buffers, and takes compile time."""
+  options = {"xla_gpu_autotune_level": 0} if jax.default_backend() == "gpu" else None
   mem = {}
   for b in probe:
     step, args, _ = _step(case, method, False, b, remat, "exact", bf16)
-    mem[b] = _compiled_mb(step.lower(*args).compile())
+    mem[b] = _compiled_mb(step.lower(*args).compile(options))
   slope = (mem[probe[1]] - mem[probe[0]]) / (probe[1] - probe[0])
   fixed = mem[probe[0]] - slope * probe[0]
   guess = int((limit_mb - fixed) / slope) // 8 * 8
   step, args, _ = _step(case, method, False, guess, remat, "exact", bf16)
-  checked = _compiled_mb(step.lower(*args).compile())
+  checked = _compiled_mb(step.lower(*args).compile(options))
   return {"model": CASES[case]["label"], "method": method, "remat": remat,
           "max_batch": guess, "mb_per_image": slope, "fixed_mb": fixed,
           "compiled_mb_at_max": checked, "limit_mb": limit_mb}
@@ -242,8 +251,8 @@ def main(argv=None):
   env = dict(os.environ)
   os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   gpu = jax.default_backend() != "cpu"
-  names = args.variants.split(",") if args.variants else list(
-      VARIANTS if gpu else CPU_VARIANTS)
+  names = [n for n in args.variants.split(",") if n] if args.variants is not None else list(
+      VARIANTS if gpu else CPU_VARIANTS)  # --variants "" runs none (e.g. --max_batch alone)
   unknown = [n for n in names if n not in VARIANTS]
   if unknown:
     raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")

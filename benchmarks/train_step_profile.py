@@ -2,7 +2,7 @@
 break chosen ones down by kernel from a profiler trace.
 
   python -m benchmarks.train_step_profile --specs '[{"method": "none"}, ...]' \\
-      --trace 0,2 --out DIR
+      --trace 0,2 [--hlo 0] --out DIR
 
 Each spec is a `benchmarks.train_step.row` configuration (defaults: DeiT-S, batch 256 on a
 GPU, bf16, no teacher, no remat, exact policy, auto attention, device augmentation on; XLA
@@ -11,7 +11,8 @@ time but not peak memory (that is `benchmarks.train_step`'s job: a process per r
 spec index in `--trace`, three steps are traced with `jax.profiler` and the device kernels
 summed by kind (`benchmarks.kernels`: matmul, attention, convolution, reduction, elementwise
 fusion, copy, other) and by kernel (top 25); the summary goes to DIR/profile.json as rows
-finish, so a run stopped at a time limit keeps what it measured.
+finish, so a run stopped at a time limit keeps what it measured. For each index in `--hlo`,
+the step's optimised HLO goes to DIR/hlo_I.txt.gz, where the trace's fusion names are defined.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--specs", required=True, help="JSON list of row configurations")
   parser.add_argument("--trace", default="", help="comma-separated spec indices to trace")
+  parser.add_argument("--hlo", default="", help="comma-separated spec indices to dump HLO of")
   parser.add_argument("--out", default="benchmarks/out/profile")
   args = parser.parse_args(argv)
   gpu = jax.default_backend() != "cpu"
@@ -39,6 +41,7 @@ def main(argv=None):
                   remat=False, policy_form="exact", bf16=gpu, repeats=20 if gpu else 2,
                   attention="auto", augment=True)
   traced = {int(i) for i in args.trace.split(",") if i}
+  dumped = {int(i) for i in args.hlo.split(",") if i}
   out_dir = pathlib.Path(args.out)
   out_dir.mkdir(parents=True, exist_ok=True)
   report = {"machine": common.machine(), "rows": []}
@@ -46,7 +49,8 @@ def main(argv=None):
     spec = {**defaults, **spec}
     try:
       trace = str(out_dir / f"trace_{i}.json.gz") if i in traced else None
-      r = {**spec, **train_step.row(**spec, trace=trace)}
+      hlo = str(out_dir / f"hlo_{i}.txt.gz") if i in dumped else None
+      r = {**spec, **train_step.row(**spec, trace=trace, hlo=hlo)}
       r["step_ms"] = 1e3 * r["step_s"]
     except Exception as e:  # pylint: disable=broad-except
       r = {**spec, "error": f"{type(e).__name__}: {str(e)[:1500]}"}
