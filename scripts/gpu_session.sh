@@ -5,8 +5,9 @@
 #      rows timm, dense, dtps_fused
 #   2  the rows dtps (exact), etps, evit, dtps_fused_teacher, dense_remat
 #   3  the row dtps_fused_remat and the largest batches (dense, dtps; remat off and on)
-#   4  one process timing dense and dtps_fused with kernel breakdowns and their optimised HLO
-#      (to name the reductions the traces show)
+#   4  one process timing dense and dtps_fused with kernel breakdowns (and dense's optimised
+#      HLO, to name the reductions the traces show), and dense with cuDNN's LayerNorm and with
+#      cuBLAS in place of Triton GEMMs (XLA compiler options)
 # A DeiT-S step compiles in about 80 s, so 30 device-minutes hold about three of these calls.
 # The rows accumulate in benchmarks/results/train_step_gpu.json (--append): between calls,
 # copy the returned train_step_gpu.json over it here, so the next call keeps its rows. Never
@@ -31,9 +32,11 @@ case "${1:?phase 1 to 4}" in
   3)
     rows --no-timm --variants dtps_fused_remat --max_batch ;;
   4)
-    SPECS='[{"method":"none"},{"method":"dtps","policy_form":"fused"}]'
-    timeout 450 python3 -m benchmarks.train_step_profile --specs "$SPECS" --trace 0,1 \
-      --hlo 0,1 --out "$OUT/prof" 2>&1 | tail -12 ;;
+    SPECS='[{"method":"none"},{"method":"dtps","policy_form":"fused"},
+      {"method":"none","compiler_options":{"xla_gpu_enable_cudnn_layer_norm":true}},
+      {"method":"none","compiler_options":{"xla_gpu_enable_triton_gemm":false}}]'
+    timeout 540 python3 -m benchmarks.train_step_profile --specs "$SPECS" --trace 0,1 \
+      --hlo 0 --out "$OUT/prof" 2>&1 | tail -12 ;;
   *) echo "phase must be 1 to 4" >&2; exit 2 ;;
 esac
 cp "$RESULT" "$OUT/train_step_gpu.json"
