@@ -10,6 +10,7 @@ does not. Run on the lent machine: `python3 -m pytest -q tests/test_gpu.py`.
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image, ImageOps
 import pytest
 
 import tps_jax
@@ -124,3 +125,15 @@ def test_histogram_on_the_gpu_counts_exactly():
   want = np.stack([[np.bincount(np.asarray(im[..., c], int).ravel(), minlength=256)
                     for c in range(3)] for im in np.asarray(images)])
   np.testing.assert_array_equal(np.asarray(count(images)), want)
+
+
+def test_equalize_on_the_gpu_is_pils():
+  # The op as RandAugment runs it (the matmul histogram here), against PIL, to the pixel.
+  rng = np.random.default_rng(1)
+  yy, xx = np.mgrid[0:64, 0:48]
+  smooth = np.stack([xx * 5, yy * 3, (xx + yy) * 2], -1).clip(0, 255).astype(np.uint8)
+  noise = rng.normal(120, 40, (64, 48, 3)).clip(0, 255).astype(np.uint8)
+  op = jax.jit(lambda x: ra.OPS["Equalize"](x, 5.0, jax.random.key(0)))
+  for image in (smooth, noise):
+    want = np.asarray(ImageOps.equalize(Image.fromarray(image)))
+    np.testing.assert_array_equal(np.asarray(op(jnp.asarray(image, jnp.float32))), want)
