@@ -29,8 +29,9 @@ def _rel(got, want) -> float:
 
 
 def _qkv(seed):
-  """Pre-scaled queries, keys, values whose logits q.k centre on -4: a key the padding leaves
-  unmasked (logit 0, value 0) would take about 15% of every row, not a rounding's worth."""
+  """Pre-scaled queries, keys, values whose logits q.k centre on -4, so that a key the padding
+  leaves unmasked (logit 0, value 0) shows: breaking the mask through XLA gave a relative error
+  of 0.22 against the bound of about 0.01."""
   keys = jax.random.split(jax.random.key(seed), 3)
   q = jax.random.normal(keys[0], (B, N, H, D)) / np.sqrt(D) - 4.0 / D
   return q, jax.random.normal(keys[1], (B, N, H, D)) + 1.0, jax.random.normal(keys[2], (B, N, H, D))

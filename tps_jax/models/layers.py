@@ -108,8 +108,8 @@ class MultiHeadDotProductAttention(nn.Module):
     backend = jax.default_backend()
     if backend == "cpu":
       return None
-    half = jnp.dtype(self.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if backend == "gpu" and half and head_dim % 8 == 0 else "xla"
+    cudnn = jnp.dtype(self.dtype) in ops.attention.CUDNN_DTYPES and head_dim % 8 == 0
+    return "cudnn" if backend == "gpu" and cudnn else "xla"
 
   @nn.compact
   def __call__(self, x, *, policy=None, bias=None, want_cls_attn=False,

@@ -44,7 +44,6 @@ VARIANTS = {
     "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
 }
 LAYOUTS = ("deit", "big_vision")
-ATTENTIONS = IMPLEMENTATIONS
 
 
 def decode_variant(variant: str | None) -> dict[str, Any]:
@@ -240,8 +239,9 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
   if kw.get("policy_form", "exact") not in ops.POLICY_FORMS:
     raise ValueError(f"unknown policy_form {kw['policy_form']!r}; expected one of "
                      f"{ops.POLICY_FORMS}.")
-  if kw.get("attention", "auto") not in ATTENTIONS:
-    raise ValueError(f"unknown attention {kw['attention']!r}; expected one of {ATTENTIONS}.")
+  if kw.get("attention", "auto") not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention {kw['attention']!r}; expected one of "
+                     f"{IMPLEMENTATIONS}.")
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}.")
   if image_size % cfg["patch_size"]:

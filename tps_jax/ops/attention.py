@@ -63,6 +63,7 @@ def _allowed(policy: jax.Array, n: int, dtype) -> jax.Array:
 
 
 IMPLEMENTATIONS = ("xla", "cudnn")
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # what cuDNN attention takes
 
 
 def _check_cudnn(q: jax.Array) -> None:
@@ -70,7 +71,7 @@ def _check_cudnn(q: jax.Array) -> None:
   if jax.default_backend() != "gpu":
     raise ValueError(f"cudnn attention needs a CUDA GPU, but JAX's backend is "
                      f"{jax.default_backend()!r}; use attention='auto'.")
-  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+  if jnp.dtype(q.dtype) not in CUDNN_DTYPES:
     raise ValueError(f"cudnn attention takes bfloat16 or float16, got {q.dtype}; use "
                      "attention='auto' (or mixed precision).")
 
