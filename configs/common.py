@@ -66,6 +66,7 @@ def base() -> ml_collections.ConfigDict:
   c.mixed_precision = False  # bfloat16 compute, float32 parameters and optimizer state
   c.log_every_steps = 50
   c.eval_every_steps = 0  # 0: evaluate at the end only
+  c.eval_at_steps = ()  # and at these steps too (learning curves)
   c.tensorboard = True
 
   c.model = ml_collections.ConfigDict()

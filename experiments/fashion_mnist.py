@@ -3,6 +3,7 @@
   python -m experiments.fashion_mnist quick       # the README's main job (minutes)
   python -m experiments.fashion_mnist teacher     # the dense teacher (about 2 h 50 min, 2 cores)
   python -m experiments.fashion_mnist offshelf    # training-free eTPS / EViT / top-k / ToMe
+  python -m experiments.fashion_mnist curve       # how long the learned scorers need
   python -m experiments.fashion_mnist finetune    # dTPS vs DynamicViT, eTPS vs EViT, seeds
   python -m experiments.fashion_mnist pictures    # kept / pruned / host pictures per stage
   python -m experiments.fashion_mnist report      # markdown tables of the results (README)
@@ -122,6 +123,47 @@ def finetune(args) -> None:
                                 f"± std over {len(args.seeds)} seeds vs MACs")
   _print_rows(rows)
   print(f"wrote {out / 'fmnist_finetune.json'} and {png}")
+
+
+def read_evals(workdir: pathlib.Path) -> dict[int, float]:
+  """Step -> test top-1 of a run's evaluations (metrics.jsonl; a resumed step keeps its last)."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  evals = {}
+  if path.exists():
+    for line in path.read_text().splitlines():
+      r = json.loads(line)
+      if r.get("kind") in ("eval", "final") and "top1" in r:
+        evals[int(r["step"])] = float(r["top1"])
+  return dict(sorted(evals.items()))
+
+
+def curve(args) -> None:
+  """One long fine-tune per learned method with test top-1 at several steps: how many steps
+  does a scorer need? (issue 23: the length the study then uses is picked from this curve)."""
+  teacher_path = pathlib.Path(args.teacher).resolve()
+  steps = max(args.at)
+  curves = []
+  for method in args.methods:
+    name = f"{method}_{args.keep}_s{args.seed}_{steps}"
+    arg = study.join_args(args.arg, f"method={method}", f"keep={args.keep}",
+                          f"init={teacher_path}", f"seed={args.seed}", f"steps={steps}")
+    workdir = pathlib.Path(args.workdir) / name
+    print(f"fine-tune {name} (evaluations at {list(args.at)}):")
+    s = study.train(arg, workdir, overrides=[
+        "--config.tensorboard=False",
+        f"--config.eval_at_steps=({','.join(str(a) for a in args.at if a != steps)},)"])
+    curves.append({"method": method, "keep": args.keep, "seed": args.seed, "steps": steps,
+                   "gmacs": s["gmacs"], "top1_at": {str(k): v for k, v in
+                                                    read_evals(workdir).items()},
+                   "workdir": name})
+  out = pathlib.Path(args.results)
+  study.write_json(out / "fmnist_curve.json", {
+      "what": "test top-1 (all 10 000 images) during one cosine fine-tune per method from the "
+              "teacher; each run's schedule is its full length (warm-up then cosine to "
+              f"{steps} steps)", "teacher": str(args.teacher), "curves": curves})
+  for c in curves:
+    print(f"{c['method']:10s} " + "  ".join(f"{k}: {100 * v:.2f}" for k, v in c["top1_at"].items()))
+  print(f"wrote {out / 'fmnist_curve.json'}")
 
 
 def _print_rows(rows) -> None:
@@ -302,6 +344,11 @@ def main(argv=None) -> None:
   s.add_argument("--keeps", type=_floats, default=(0.7, 0.5, 0.3))
   s.add_argument("--seeds", type=_ints, default=(0, 1))
   s.add_argument("--steps", type=int, default=100)
+  s = sub.add_parser("curve", help="test top-1 along one long fine-tune per learned method")
+  s.add_argument("--methods", type=_methods, default=reduction.LEARNED)
+  s.add_argument("--keep", type=float, default=0.5)
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--at", type=_ints, default=(100, 250, 500, 1000, 2000))
   s = sub.add_parser("pictures", help="kept / pruned / host pictures")
   s.add_argument("--methods", type=_methods, default=("dtps", "etps", "evit", "topk"))
   s.add_argument("--keep", type=float, default=0.5)
@@ -315,7 +362,7 @@ def main(argv=None) -> None:
                  help="delete --out first even if this job did not write it")
   args = p.parse_args(argv)
   {"teacher": teacher, "offshelf": offshelf, "finetune": finetune, "pictures": pictures,
-   "quick": quick, "report": report}[args.command](args)
+   "quick": quick, "report": report, "curve": curve}[args.command](args)
 
 
 if __name__ == "__main__":

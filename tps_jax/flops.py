@@ -43,12 +43,19 @@ def _score_head(n: int, d: int) -> int:
 def breakdown(model: VisionTransformer) -> dict[str, int]:
   """MACs of one image through `model` at inference, by part."""
   d, m = model.width, model.mlp_dim
-  red = model.reduction
+  red = model.plan()
   n0 = model.num_patches
-  parts = {"embedding": n0 * model.patch_size ** 2 * model.channels * d, "blocks": 0,
-           "score_heads": 0,
-           "reduction": 0, "head": d * (model.num_classes or 0)}
-  n = n0  # current patch-side tokens (cls excluded)
+  p = model.num_prefix  # protected tokens (cls, pool "0"'s readout) beside the reducible ones
+  ph, pw = ((model.patch_size,) * 2 if isinstance(model.patch_size, int)
+            else tuple(model.patch_size))
+  rep = 0
+  if model.rep_size:
+    rep = d * (d if model.rep_size is True else int(model.rep_size))
+  out_d = (d if model.rep_size is True else int(model.rep_size)) if model.rep_size else d
+  parts = {"embedding": n0 * ph * pw * model.channels * d, "blocks": 0,
+           "score_heads": 0, "reduction": 0, "pool": 0,
+           "head": rep + out_d * (model.num_classes or 0)}
+  n = model.num_reducible  # current reducible tokens
   stage_at = red.stage_at
   for i in range(model.depth):
     s = stage_at.get(i)
@@ -61,7 +68,8 @@ def breakdown(model: VisionTransformer) -> dict[str, int]:
     n_attn = n
     if s is not None and red.intra_block:
       k = red.keep_counts[s]
-      parts["reduction"] += (n + 1) * d  # the cls attention row
+      # the score row (cls or mean query); "received" is the attention matrix's column means
+      parts["reduction"] += (n + p) * d
       if red.method == "etps":
         parts["reduction"] += 2 * (n - k) * k * d
       elif red.method == "evit":
@@ -69,12 +77,23 @@ def breakdown(model: VisionTransformer) -> dict[str, int]:
         k += 1
       n = k
     elif red.tome_r and red.tome_r[i]:
-      r, t = red.tome_r[i], n + 1
+      r, t = red.tome_r[i], n + p
       na, nb = (t + 1) // 2, t // 2
       parts["reduction"] += na * nb * (d // model.num_heads) + r * nb * (d + 1)
       n -= r
-    parts["blocks"] += _attention(n_attn + 1, d) + _mlp(n + 1, d, m)
+    parts["blocks"] += _attention(n_attn + p, d) + _mlp(n + p, d, m)
+  if model.pool_type == "map":  # one probe query to the t final tokens, then its MLP
+    t = n + p
+    parts["pool"] = 2 * d * d + 2 * t * d * d + 2 * t * d + 2 * d * m
   return parts
+
+
+def _image_shape(model: VisionTransformer) -> tuple[int, int, int, int]:
+  if model.image_size is None:
+    raise ValueError("counting MACs needs a model built with an image_size.")
+  h, w = ((model.image_size,) * 2 if isinstance(model.image_size, int)
+          else tuple(model.image_size))
+  return (1, h, w, model.channels)
 
 
 def macs(model: VisionTransformer) -> int:
@@ -84,8 +103,7 @@ def macs(model: VisionTransformer) -> int:
 
 def xla_macs(model: VisionTransformer, params: Any = None) -> float:
   """Half of XLA's flop count for the jitted inference of one image (elementwise ops included)."""
-  image = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.channels),
-                               jnp.float32)
+  image = jax.ShapeDtypeStruct(_image_shape(model), jnp.float32)
   if params is None:
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(image.shape)))
   fn = jax.jit(lambda p, x: model.apply(p, x, train=False)[0])
@@ -124,7 +142,7 @@ def _jaxpr_macs(jaxpr) -> int:
 
 def matmul_macs(model: VisionTransformer, params: Any = None) -> int:
   """MACs of the matrix products and convolutions of one image's inference, from the jaxpr."""
-  image = jnp.zeros((1, model.image_size, model.image_size, model.channels), jnp.float32)
+  image = jnp.zeros(_image_shape(model), jnp.float32)
   if params is None:
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), image))
   jaxpr = jax.make_jaxpr(lambda p, x: model.apply(p, x, train=False)[0])(params, image)

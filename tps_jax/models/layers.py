@@ -20,49 +20,62 @@ from tps_jax import ops
 from tps_jax.ops.dtypes import upcast
 
 Dtype = Any
-# DeiT and big_vision both use the exact (erf) GELU; flax's default is the tanh one.
-gelu = lambda x: nn.gelu(x, approximate=False)
+# The two GELUs ViTs use: DeiT / timm (PyTorch's nn.GELU) the exact erf one; big_vision,
+# AugReg and SigLIP flax's default `nn.gelu`, the tanh approximation (6e-4 apart in logits).
+GELUS = ("exact", "tanh")
+
+
+def gelu(x, kind: str = "exact"):
+  """GELU of `kind` ("exact": erf, as PyTorch; "tanh": flax's default approximation)."""
+  if kind not in GELUS:
+    raise ValueError(f"unknown gelu {kind!r}; expected one of {GELUS}.")
+  return nn.gelu(x, approximate=kind == "tanh")
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> Dense, (B, N, D) -> (B, N, D)."""
+  """Dense -> GELU -> (dropout) -> Dense, (B, N, D) -> (B, N, D)."""
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  gelu: str = "exact"  # GELUS
+  dropout: float = 0.0
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
-    x = gelu(x)
+    x = gelu(x, self.gelu)
+    x = nn.Dropout(rate=self.dropout)(x, self.deterministic)
     return nn.Dense(d, dtype=self.dtype, name="Dense_1")(x)
 
 
 class PatchEmbedding(nn.Module):
-  """Non-overlapping p x p patches, (B, H, W, C) -> (B, H/p * W/p, features), row-major.
+  """Non-overlapping patches, (B, H, W, C) -> (B, H/ph * W/pw, features), row-major.
 
-  The parameters (`kernel` (p, p, C, features), `bias`), their initialisation and the result
-  are `nn.Conv(features, (p, p), strides=p, padding="VALID")`'s, so big_vision checkpoints
-  load; the product is one (B N, p p C) @ (p p C, features) matmul of the patches, which a GPU
-  runs on its matrix units (cuDNN's convolution over 3 input channels took 1.6 ms of an H100's
-  DeiT-S train step, forward and backward).
+  The parameters (`kernel` (ph, pw, C, features), `bias`), their initialisation and the
+  result are `nn.Conv(features, (ph, pw), strides=(ph, pw), padding="VALID")`'s, so
+  big_vision checkpoints load; the product is one (B N, ph pw C) @ (ph pw C, features)
+  matmul of the patches, which a GPU runs on its matrix units (cuDNN's convolution over 3
+  input channels took 1.6 ms of an H100's DeiT-S train step, forward and backward).
   """
   features: int
-  patch_size: int
+  patch_size: Any  # int or (ph, pw)
   dtype: Dtype = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()  # nn.Conv's default, fan-in p p C
+  kernel_init: Any = nn.initializers.lecun_normal()  # nn.Conv's default, fan-in ph pw C
 
   @nn.compact
   def __call__(self, image):
     b, h, w, c = image.shape
-    p = self.patch_size
-    if h % p or w % p:
-      raise ValueError(f"image {h}x{w} does not split into {p}x{p} patches.")
-    kernel = self.param("kernel", self.kernel_init, (p, p, c, self.features))
+    ph, pw = ((self.patch_size, self.patch_size) if isinstance(self.patch_size, int)
+              else tuple(self.patch_size))
+    if h % ph or w % pw:
+      raise ValueError(f"image {h}x{w} does not split into {ph}x{pw} patches.")
+    kernel = self.param("kernel", self.kernel_init, (ph, pw, c, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     image, kernel, bias = nn.dtypes.promote_dtype(image, kernel, bias, dtype=self.dtype)
-    patches = image.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(b, (h // p) * (w // p), p * p * c)  # (B, N0, p p C), (y, x, c)
-    return patches @ kernel.reshape(p * p * c, self.features) + bias  # (B, N0, features)
+    patches = image.reshape(b, h // ph, ph, w // pw, pw, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, (h // ph) * (w // pw), ph * pw * c)  # (B, N0, ph pw C)
+    return patches @ kernel.reshape(ph * pw * c, self.features) + bias  # (B, N0, features)
 
 
 class AttentionOut(NamedTuple):
@@ -71,9 +84,15 @@ class AttentionOut(NamedTuple):
   cls_attn: (B, H, N) softmax attention from token 0 to every token, float32,
     or None when not asked for.
   keys: (B, N, D/H) keys averaged over heads (ToMe's metric), or None.
+  received: (B, H, N) attention each token receives, averaged over queries (a
+    cls-free importance score), float32, or None when not asked for.
+  mean_query: (B, H, N) softmax attention from the mean query (the average token's
+    view: a cls-free score at the cost of one row), float32, or None.
   """
   cls_attn: jax.Array | None
   keys: jax.Array | None
+  received: jax.Array | None = None
+  mean_query: jax.Array | None = None
 
 
 IMPLEMENTATIONS = ("auto", "einsum", "fused", "cudnn")
@@ -113,7 +132,8 @@ class MultiHeadDotProductAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, policy=None, bias=None, want_cls_attn=False,
-               want_keys=False) -> tuple[jax.Array, AttentionOut]:
+               want_keys=False, want_received=False,
+               want_mean_query=False) -> tuple[jax.Array, AttentionOut]:
     """x (B, N, D); policy (B, N) 0/1 or None; bias (B, 1|H, 1|N, N) or None."""
     _, _, d = x.shape
     if d % self.num_heads:
@@ -123,23 +143,28 @@ class MultiHeadDotProductAttention(nn.Module):
                                          name=name)
     q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, N, H, hd)
     scale = head_dim ** -0.5
-    cls_attn = None
+    cls_attn = received = mean_query = None
     fused = self._fused(head_dim)
 
+    def row_softmax(query):  # (B, H, hd) one query per head -> (B, H, N) float32
+      logits = jnp.einsum("bhd,bkhd->bhk", query, k, preferred_element_type=jnp.float32) * scale
+      if bias is not None:
+        logits = logits + jnp.broadcast_to(bias, logits.shape[:1] + bias.shape[1:])[:, :, 0]
+      return jax.nn.softmax(logits, axis=-1)
+
+    if want_mean_query:
+      mean_query = row_softmax(jnp.mean(q, axis=1))
+
     if policy is not None:
-      if want_cls_attn or bias is not None:
+      if want_cls_attn or want_received or bias is not None:
         raise ValueError("attention under a policy takes no bias and returns no cls attention "
                          "(dTPS training needs neither).")
       y = ops.policy_attention(q * jnp.asarray(scale, q.dtype), k, v, policy,
                                form=self.policy_form, implementation=fused or "xla")
-    elif fused:
+    elif fused and not want_received:
       y = ops.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=fused)
       if want_cls_attn:  # one query row: cheap beside the fused attention
-        logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], k,
-                            preferred_element_type=jnp.float32) * scale
-        if bias is not None:
-          logits = logits + jnp.broadcast_to(bias, logits.shape[:1] + bias.shape[1:])[:, :, 0]
-        cls_attn = jax.nn.softmax(logits, axis=-1)
+        cls_attn = row_softmax(q[:, 0])
     else:
       heads_first = lambda t: t.transpose(0, 2, 1, 3)  # (B, H, N, hd)
       logits = jnp.einsum("bhqd,bhkd->bhqk", heads_first(q) * jnp.asarray(scale, q.dtype),
@@ -150,15 +175,20 @@ class MultiHeadDotProductAttention(nn.Module):
       y = jnp.einsum("bhqk,bhkd->bhqd", attn, heads_first(v)).transpose(0, 2, 1, 3)
       if want_cls_attn:
         cls_attn = upcast(attn[:, :, 0])
+      if want_received:  # the whole matrix is at hand: its column means
+        received = jnp.mean(upcast(attn), axis=2)
 
     out = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(y)
     keys = jnp.mean(k, axis=2) if want_keys else None
-    return out, AttentionOut(cls_attn, keys)
+    return out, AttentionOut(cls_attn, keys, received, mean_query)
 
 
-def drop_path(module: nn.Module, y: jax.Array, rate: float, deterministic: bool) -> jax.Array:
-  """Stochastic depth: zero a residual branch y (B, ...) per example, scale the rest."""
-  if deterministic or rate == 0.0:
+def drop_path(module: nn.Module, y: jax.Array, rate, deterministic: bool) -> jax.Array:
+  """Stochastic depth: zero a residual branch y (B, ...) per example, scale the rest.
+
+  `rate` is a float, or a traced scalar (blocks scanned over depth with a rate each).
+  """
+  if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
     return y
   keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, (y.shape[0],))
   return y * (keep.astype(y.dtype) / (1.0 - rate)).reshape((-1,) + (1,) * (y.ndim - 1))
@@ -168,7 +198,8 @@ class Encoder1DBlock(nn.Module):
   """Pre-norm transformer block, x + Attn(LN(x)), then x + MLP(LN(x)).
 
   `drop_path` > 0 with `deterministic=False` drops each residual branch per
-  example (rng stream "dropout").
+  example, `dropout` > 0 drops activations after the attention and inside and
+  after the MLP, as big_vision does (both rng stream "dropout").
   """
   mlp_dim: int
   num_heads: int
@@ -178,6 +209,8 @@ class Encoder1DBlock(nn.Module):
   policy_form: str = "exact"  # MultiHeadDotProductAttention.policy_form
   drop_path: float = 0.0
   deterministic: bool = True
+  gelu: str = "exact"  # GELUS
+  dropout: float = 0.0
 
   def setup(self):
     ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
@@ -186,36 +219,54 @@ class Encoder1DBlock(nn.Module):
         self.num_heads, dtype=self.dtype, implementation=self.attention,
         policy_form=self.policy_form, name="MultiHeadDotProductAttention_0")
     self.LayerNorm_1 = ln("LayerNorm_1")
-    self.MlpBlock_0 = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")
+    self.MlpBlock_0 = MlpBlock(self.mlp_dim, dtype=self.dtype, gelu=self.gelu,
+                               dropout=self.dropout, deterministic=self.deterministic,
+                               name="MlpBlock_0")
+    self.Dropout_0 = nn.Dropout(rate=self.dropout)
+
+  def _branch(self, y, rate):
+    y = self.Dropout_0(y, self.deterministic)
+    return drop_path(self, y, self.drop_path if rate is None else rate, self.deterministic)
 
   # The public halves take arrays only, so nn.remat can lift them (see REMAT_METHODS); each
   # calls an unlifted helper, so a rematerialised __call__ does not nest checkpoints.
-  def _attend(self, x, **attn_kw) -> tuple[jax.Array, AttentionOut]:
+  def _attend(self, x, rate=None, **attn_kw) -> tuple[jax.Array, AttentionOut]:
     y, info = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), **attn_kw)
-    return x + drop_path(self, y, self.drop_path, self.deterministic), info
+    return x + self._branch(y, rate), info
 
-  def _feed(self, x) -> jax.Array:
+  def _feed(self, x, rate=None) -> jax.Array:
     y = self.MlpBlock_0(self.LayerNorm_1(x))
-    return x + drop_path(self, y, self.drop_path, self.deterministic)
+    return x + self._branch(y, rate)
 
   def attend(self, x, bias=None) -> tuple[jax.Array, AttentionOut]:
-    """First half: x (B, N, D) -> (B, N, D), plus the cls attention row and mean keys.
+    """First half: x (B, N, D) -> (B, N, D), plus the cls attention row, mean keys and the
+    mean-query row.
 
-    bias: additive logit bias (B, 1|H, 1|N, N) (ToMe's size bias) or None. Both
-    extras are always returned; under jit XLA drops the one the caller ignores.
+    bias: additive logit bias (B, 1|H, 1|N, N) (ToMe's size bias) or None. The
+    extras are always returned; under jit XLA drops those the caller ignores.
     """
-    return self._attend(x, bias=bias, want_cls_attn=True, want_keys=True)
+    return self._attend(x, bias=bias, want_cls_attn=True, want_keys=True,
+                        want_mean_query=True)
+
+  def attend_received(self, x) -> tuple[jax.Array, AttentionOut]:
+    """`attend` that also returns each token's attention received (column means of the
+    attention matrix, which is then formed whatever the implementation)."""
+    return self._attend(x, want_cls_attn=True, want_keys=True, want_received=True,
+                        want_mean_query=True)
 
   def feed(self, x) -> jax.Array:
     """Second half: (B, N', D) -> (B, N', D); N' may be smaller than in `attend`."""
     return self._feed(x)
 
-  def __call__(self, x, policy=None):
-    """The whole block; policy (B, N) 0/1 masks attention to dropped tokens (dTPS training)."""
-    x, _ = self._attend(x, policy=policy)
-    return self._feed(x)
+  def __call__(self, x, policy=None, rate=None):
+    """The whole block; policy (B, N) 0/1 masks attention to dropped tokens (dTPS training).
+
+    rate: this block's stochastic-depth rate as an array (scanned blocks), else `drop_path`.
+    """
+    x, _ = self._attend(x, rate=rate, policy=policy)
+    return self._feed(x, rate=rate)
 
 
 # Methods that `nn.remat(Encoder1DBlock, methods=REMAT_METHODS)` rematerialises: every way the
 # encoder runs a block, whole or in halves around a reduction stage.
-REMAT_METHODS = ("__call__", "attend", "feed")
+REMAT_METHODS = ("__call__", "attend", "attend_received", "feed")

@@ -8,10 +8,16 @@ Methods (SPEC sections 2-3):
   none        dense model
   dtps        learned score head before each stage block; pruned tokens squeezed
   dynamicvit  learned score head before each stage block; pruned tokens dropped
-  etps        cls-attention scores inside each stage block; pruned tokens squeezed
-  evit        cls-attention scores inside; pruned tokens fused into one extra token
-  topk        cls-attention scores inside; pruned tokens dropped
+  etps        attention scores inside each stage block; pruned tokens squeezed
+  evit        attention scores inside; pruned tokens fused into one extra token
+  topk        attention scores inside; pruned tokens dropped
   tome        ToMe merging of `r` tokens inside every block (or the given ones)
+
+The attention score of etps / evit / topk (`score`, SCORES): "cls", the attention from
+the cls token (the papers'; models with a cls token); for models without one (GAP, MAP,
+pool "0", none) "received", the attention each token receives averaged over queries and
+heads, or "mean_query", the attention from the mean query. "auto" picks cls where there is
+a cls token and CLS_FREE_SCORE otherwise (README, "Models without a cls token").
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ TRAINING_FREE = INTRA_BLOCK + ("tome",)  # run on a dense model's parameters as 
 # Each TPS variant and the baseline with its scorer that drops (DynamicViT) or fuses (EViT).
 TPS_BASELINES = {"dtps": "dynamicvit", "etps": "evit"}
 DEFAULT_LOCATIONS = (3, 6, 9)
+SCORES = ("auto", "cls", "received", "mean_query")
+CLS_FREE_SCORE = "received"  # chosen by measurement on the GAP teacher (README)
 
 
 def spec(method: str, keep_ratio: float = 0.7, locations=DEFAULT_LOCATIONS,
@@ -67,6 +75,16 @@ class Reduction:
   tome_r: tuple[int, ...] = ()
   temperature: float = 1.0
   keep_ratios: tuple[float, ...] = ()
+  score: str = "auto"  # SCORES: how etps / evit / topk score tokens
+
+  def score_for(self, has_cls: bool) -> str:
+    """The attention score an intra-block stage uses in a model with / without cls."""
+    if self.score == "auto":
+      return "cls" if has_cls else CLS_FREE_SCORE
+    if self.score == "cls" and not has_cls:
+      raise ValueError("reduction score 'cls' needs a cls token (pool_type 'tok'); use "
+                       "'received' or 'mean_query' (or 'auto') for this model.")
+    return self.score
 
   @property
   def stage_at(self) -> dict[int, int]:
@@ -86,8 +104,10 @@ class Reduction:
   def squeezes(self) -> bool:
     return self.method in SQUEEZING
 
-  def tokens_per_block(self, num_patches: int, depth: int) -> tuple[int, ...]:
-    """Tokens (cls included) each block's MLP runs on, at inference."""
+  def tokens_per_block(self, num_patches: int, depth: int,
+                       prefix: int = 1) -> tuple[int, ...]:
+    """Tokens (the `prefix` protected ones included) each block's MLP runs on, at inference;
+    `num_patches` counts the tokens a stage may reduce."""
     n, out = num_patches, []
     stage_at = self.stage_at
     for i in range(depth):
@@ -95,13 +115,16 @@ class Reduction:
         n = self.keep_counts[stage_at[i]] + (1 if self.method == "evit" else 0)
       if self.tome_r:
         n -= self.tome_r[i]
-      out.append(n + 1)
+      out.append(n + prefix)
     return tuple(out)
 
   @classmethod
   def create(cls, spec: "Reduction | Mapping[str, Any] | str | None", *, depth: int,
-             num_patches: int) -> "Reduction":
+             num_patches: int, prefix: int = 1) -> "Reduction":
     """Builds and validates a plan for a ViT of `depth` blocks over `num_patches` patches.
+
+    `num_patches` counts the tokens stages may reduce; `prefix` the protected tokens before
+    them (1: cls, or the readout token of pool "0"; 0: GAP / MAP models).
 
     `spec` is a Reduction, a method name, None (dense) or a mapping with keys
     `method`, `locations`, and one of `keep_ratio` (a scalar: cumulative, rho ** (s+1);
@@ -115,7 +138,7 @@ class Reduction:
       spec = dataclasses.asdict(spec)
     spec = dict(spec)
     allowed = {"method", "locations", "keep_ratio", "keep_counts", "keep_ratios", "r",
-               "tome_r", "temperature"}
+               "tome_r", "temperature", "score"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
       raise ValueError(f"unknown reduction keys {unknown}; expected some of {sorted(allowed)}.")
@@ -125,12 +148,15 @@ class Reduction:
     temperature = float(spec.get("temperature", 1.0))
     if not temperature > 0:
       raise ValueError(f"reduction temperature must be > 0, got {temperature}.")
+    score = spec.get("score", "auto")
+    if score not in SCORES:
+      raise ValueError(f"unknown reduction score {score!r}; expected one of {SCORES}.")
 
     if method == "none":
-      return cls("none", temperature=temperature)
+      return cls("none", temperature=temperature, score=score)
     if method == "tome":
-      return cls("tome", tome_r=_tome_schedule(spec, depth, num_patches),
-                 temperature=temperature)
+      return cls("tome", tome_r=_tome_schedule(spec, depth, num_patches, prefix),
+                 temperature=temperature, score=score)
 
     locations = tuple(int(l) for l in spec.get("locations", DEFAULT_LOCATIONS))
     if not locations:
@@ -167,10 +193,11 @@ class Reduction:
       ratios = (tuple(float(r) for r in ratio) if isinstance(ratio, (list, tuple)) else
                 tuple(float(ratio) ** (s + 1) for s in range(len(locations))))
     return cls(method, locations, counts, temperature=temperature,
-               keep_ratios=tuple(float(r) for r in ratios))
+               keep_ratios=tuple(float(r) for r in ratios), score=score)
 
 
-def _tome_schedule(spec: Mapping[str, Any], depth: int, num_patches: int) -> tuple[int, ...]:
+def _tome_schedule(spec: Mapping[str, Any], depth: int, num_patches: int,
+                   prefix: int = 1) -> tuple[int, ...]:
   r = spec.get("r", spec.get("tome_r", 0))
   locations = spec.get("locations")
   if isinstance(r, (list, tuple)):
@@ -183,10 +210,11 @@ def _tome_schedule(spec: Mapping[str, Any], depth: int, num_patches: int) -> tup
     if bad:
       raise ValueError(f"tome locations {bad} are outside the model's blocks [0, {depth - 1}].")
     schedule = [int(r) if i in blocks else 0 for i in range(depth)]
-  n = num_patches + 1
+  n = num_patches + prefix
   for i, ri in enumerate(schedule):
-    if not 0 <= ri <= ops.max_merge(n):
+    most = ops.max_merge(n, class_token=prefix > 0)
+    if not 0 <= ri <= most:
       raise ValueError(f"tome r={ri} at block {i} does not fit: {n} tokens there allow "
-                       f"at most {ops.max_merge(n)} merges (schedule {schedule}).")
+                       f"at most {most} merges (schedule {schedule}).")
     n -= ri
   return tuple(schedule)

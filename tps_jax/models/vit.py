@@ -1,19 +1,30 @@
-"""Vision Transformer (ViT / DeiT) with token-reduction stages.
+"""Vision Transformer (ViT / DeiT / big_vision ViT) with token-reduction stages.
 
 big_vision's interface and parameter names:
 
   model = Model(num_classes, variant="S/16", reduction=dict(method="dtps", keep_ratio=0.7))
   logits, out = model.apply({"params": params}, images_nhwc, train=False)
 
-Parameters: `embedding` (patch projection, nn.Conv's kernel), `cls`, `pos_embedding`,
-`Transformer/encoderblock_{i}/...`, `Transformer/encoder_norm`, `head`, and for
-learned methods `Transformer/score_head_{s}` (leave them out to load a dense
-checkpoint).
+Parameters: `embedding` (patch projection, nn.Conv's kernel), `cls` (pool_type "tok"),
+`pos_embedding` (posemb "learn"), `Transformer/encoderblock_{i}/...` (or, with `scan`, one
+`Transformer/encoderblock/...` stacked over depth), `Transformer/encoder_norm`,
+`MAPHead_0/...` (pool_type "map"), `pre_logits` (rep_size), `head`, and for learned methods
+`Transformer/score_head_{s}` (leave them out to load a dense checkpoint).
 
-`layout="deit"`: cls has a position embedding (pos_embedding has N0 + 1 rows).
-`layout="big_vision"`: position embedding on patches only (N0 rows), then cls.
+One model runs DeiT / timm, big_vision / AugReg / SigLIP checkpoints alike:
+- `pool_type`: "tok" (a cls token; the DeiT default), "gap" (mean of the tokens), "map"
+  (attention pooling), "0" (token 0, a patch), "none" (every token). After a reduction GAP
+  and MAP weigh each token by the patches it stands for (pooling.py).
+- `layout` (pool "tok"): "deit" (cls has a position embedding: N0 + 1 rows) or
+  "big_vision" (position embedding on patches only, then cls).
+- `posemb`: "learn" or "sincos2d"; `gelu`: "exact" (DeiT, timm) or "tanh" (big_vision).
+- `scan`: blocks stacked and run by `lax.scan`, each run of blocks between two stages as
+  one scan over its slice of the stack (big_vision's layout and rematerialisation).
 
-Training vs inference: with `train=True`, dtps / dynamicvit keep all N0 tokens
+Tokens a stage may reduce: every patch token, except token 0 of a pool-"0" model, which
+is its readout and is kept, like cls (`num_prefix` protected tokens lead the sequence).
+
+Training vs inference: with `train=True`, dtps / dynamicvit keep all tokens
 and mark decisions with straight-through Gumbel samples (rng stream "gumbel";
 `gumbel_noise=False` turns the noise off), attention masking dropped tokens by
 policy. Every other path, and every method at `train=False`, gathers the kept
@@ -24,49 +35,81 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from tps_jax import ops
-from tps_jax.models import stages
-from tps_jax.models.layers import IMPLEMENTATIONS, REMAT_METHODS, Encoder1DBlock, PatchEmbedding
+from tps_jax.models import pooling, posemb, stages
+from tps_jax.models.layers import (GELUS, IMPLEMENTATIONS, REMAT_METHODS, Encoder1DBlock,
+                                   PatchEmbedding)
 from tps_jax.models.reduction import Reduction
 from tps_jax.models.score_head import ScoreHead
 
-VARIANTS = {
-    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
-    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
-    "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
-    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
-    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+# Width, depth, MLP width and heads by name: big_vision's table (Zhai et al. 2021, Table 2;
+# SigLIP's So400m), which holds DeiT's Ti / S / B.
+_SIZES = {
+    "mu": (32, 1, 128, 2), "Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8), "B": (768, 12, 3072, 12), "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16), "H": (1280, 32, 5120, 16), "g": (1408, 40, 6144, 16),
+    "g-opt": (1536, 40, 6144, 16), "G": (1664, 48, 8192, 16), "G-opt": (1536, 48, 8192, 16),
+    "e": (1792, 56, 15360, 16),
 }
+VARIANTS = {k: dict(width=w, depth=d, mlp_dim=m, num_heads=h)
+            for k, (w, d, m, h) in _SIZES.items()}
 LAYOUTS = ("deit", "big_vision")
+POOL_TYPES = pooling.POOL_TYPES
+POSEMBS = posemb.POSEMBS
 
 
 def decode_variant(variant: str | None) -> dict[str, Any]:
-  """"S/16" -> dict(width=384, depth=12, mlp_dim=1536, num_heads=6, patch_size=16)."""
+  """"S/16" -> dict(width=384, depth=12, mlp_dim=1536, num_heads=6, patch_size=16); "S"
+  alone gives the sizes without a patch size."""
   if variant is None:
     return {}
-  m = re.fullmatch(r"(\w+)/(\d+)", variant)
+  m = re.fullmatch(r"([\w-]+?)(?:/(\d+))?", variant)
   if not m or m.group(1) not in VARIANTS:
-    raise ValueError(f"unknown ViT variant {variant!r}; expected NAME/PATCH with NAME in "
-                     f"{sorted(VARIANTS)}, e.g. 'S/16'.")
-  return {**VARIANTS[m.group(1)], "patch_size": int(m.group(2))}
+    raise ValueError(f"unknown ViT variant {variant!r}; expected NAME or NAME/PATCH with NAME "
+                     f"in {sorted(VARIANTS)}, e.g. 'S/16'.")
+  out = dict(VARIANTS[m.group(1)])
+  if m.group(2):
+    out["patch_size"] = int(m.group(2))
+  return out
+
+
+def _pair(v) -> tuple[int, int]:
+  return (int(v), int(v)) if isinstance(v, (int, float)) else tuple(int(a) for a in v)
+
+
+def _freeze(spec):
+  """A reduction spec as a hashable value (lists -> tuples, mappings -> sorted pairs)."""
+  if isinstance(spec, Mapping):
+    return tuple(sorted((k, _freeze(v)) for k, v in spec.items()))
+  if isinstance(spec, list):
+    return tuple(_freeze(v) for v in spec)
+  return spec
+
+
+def resolve_reduction(spec, *, depth: int, num_patches: int, prefix: int) -> Reduction:
+  """A Reduction for `num_patches` reducible tokens from a Reduction, a (frozen) spec, a
+  method name or None."""
+  if isinstance(spec, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in spec):
+    spec = dict(spec)
+  return Reduction.create(spec, depth=depth, num_patches=num_patches, prefix=prefix)
 
 
 class Encoder(nn.Module):
   """The block stack with reduction stages; named "Transformer" in the model.
 
-  __call__(x (B, 1 + N0, D), train) -> (tokens (B, 1 + N', D), out dict).
+  __call__(x (B, P + N0', D), train) -> (tokens (B, P + N', D), out dict), P = `prefix`.
   """
   depth: int
   mlp_dim: int
   num_heads: int
   reduction: Reduction
-  num_patches: int
+  num_patches: int  # N0: patches of the image
   dtype: Any = jnp.float32
   layer_norm_eps: float = 1e-6
   gumbel_noise: bool = True
@@ -74,100 +117,188 @@ class Encoder(nn.Module):
   policy_form: str = "exact"
   drop_path: float = 0.0
   remat: bool = False
+  prefix: int = 1  # protected tokens leading the sequence (cls, or pool "0"'s token 0)
+  has_cls: bool = True  # token 0 is a cls token (no patch)
+  gelu: str = "exact"
+  dropout: float = 0.0
+  scan: bool = False
+  remat_policy: str = "nothing_saveable"
+  track_sizes: bool = False  # weigh pooling: patches each token stands for
+  track_owner: bool = False  # follow each patch to its final token (2-D outputs)
+
+  def _blocks(self, x, train: bool):
+    """(apply(i, method, *args), run(a, e, x, policy)): block i's method, and blocks a..e-1
+    whole (a python loop, or with `scan` one `lax.scan` over their slice of the stack)."""
+    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
+              layer_norm_eps=self.layer_norm_eps, attention=self.attention,
+              policy_form=self.policy_form, gelu=self.gelu, dropout=self.dropout)
+    rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
+    if not self.scan:
+      block_cls = nn.remat(Encoder1DBlock, methods=REMAT_METHODS) if self.remat \
+          else Encoder1DBlock
+      blocks = [block_cls(**kw, drop_path=rates[i], deterministic=not train,
+                          name=f"encoderblock_{i}") for i in range(self.depth)]
+
+      def apply(i, method, *args, **kwargs):
+        return getattr(blocks[i], method)(*args, **kwargs)
+
+      def run(a, e, x, policy):
+        for i in range(a, e):
+          x = blocks[i](x, policy=policy)
+        return x
+      return apply, run
+
+    template = Encoder1DBlock(**kw, parent=None)
+    dummy_shape = (1,) + x.shape[1:]
+
+    def init_stack(rng):  # big_vision's stacked layout: every leaf gains a leading depth axis
+      dummy = jnp.zeros(dummy_shape, jnp.float32)
+      return jax.vmap(lambda r: template.init(r, dummy)["params"])(
+          jax.random.split(rng, self.depth))
+
+    stack = self.param("encoderblock", init_stack)
+    needs_rng = train and (self.dropout > 0 or self.drop_path > 0)
+    rng = self.make_rng("dropout") if needs_rng else None
+    rngs_for = lambda i: {"dropout": jax.random.fold_in(rng, i)} if rng is not None else {}
+    block = Encoder1DBlock(**kw, deterministic=not train, parent=None)
+
+    def apply(i, method, *args, **kwargs):
+      params = jax.tree.map(lambda t: t[i], stack)
+      one = Encoder1DBlock(**kw, drop_path=rates[i], deterministic=not train, parent=None)
+      return one.apply({"params": params}, *args, method=method, rngs=rngs_for(i), **kwargs)
+
+    policy_fn = getattr(jax.checkpoint_policies, self.remat_policy, None)
+
+    def run(a, e, x, policy):
+      def body(x, inp):
+        params, i, rate = inp
+        y = block.apply({"params": params}, x, policy, rate if self.drop_path else None,
+                        rngs=rngs_for(i))
+        return y, None
+      body = jax.checkpoint(body, policy=policy_fn, prevent_cse=False)
+      xs = (jax.tree.map(lambda t: t[a:e], stack), jnp.arange(a, e),
+            jnp.asarray(rates[a:e], jnp.float32))
+      return jax.lax.scan(body, x, xs)[0]
+    return apply, run
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     red = self.reduction
     b = x.shape[0]
     n0 = self.num_patches
+    p = self.prefix
+    first = p - int(self.has_cls)  # patch position of the first reducible token
     masked = train and red.learned  # fixed-shape decisions with policy attention
-    positions = jnp.broadcast_to(jnp.arange(n0, dtype=jnp.int32), (b, n0))
-    live = jnp.ones((b, n0), jnp.float32)
-    size = None  # ToMe token sizes
+    positions = jnp.broadcast_to(jnp.arange(first, n0, dtype=jnp.int32), (b, n0 - first))
+    live = jnp.ones((b, n0 - first), jnp.float32)
+    pad_live = lambda live: jnp.pad(live, ((0, 0), (p, 0)), constant_values=1.0)
+    size = jnp.ones(x.shape[:2], jnp.float32) if self.track_sizes or red.tome_r else None
+    merged = False  # ToMe's size bias only once a merge has happened (dense-exact before)
+    owner = (jnp.broadcast_to(jnp.arange(n0, dtype=jnp.int32) + int(self.has_cls), (b, n0))
+             if self.track_owner else None)
     decisions, hosts, keep_positions = [], [], []
     stage_at = red.stage_at
+    score = red.score_for(self.has_cls) if red.intra_block else None
 
-    # remat: every block is rematerialised whichever way it runs (whole, or in halves around
-    # an intra-block stage), and so is each stage's own work (score head, squeeze / fuse /
-    # merge), which holds (B, N, N') similarity and one-hot matrices.
-    if self.remat:
-      block_cls = nn.remat(Encoder1DBlock, methods=REMAT_METHODS)
-      head_cls = nn.remat(ScoreHead)
-      stage_fn = jax.checkpoint
+    if self.remat and not self.scan:  # scan always rematerialises (with remat_policy)
+      head_cls, stage_fn = nn.remat(ScoreHead), jax.checkpoint
     else:
-      block_cls, head_cls, stage_fn = Encoder1DBlock, ScoreHead, lambda f: f
-    for i in range(self.depth):
-      rate = self.drop_path * i / max(self.depth - 1, 1)  # linear in depth, as DeiT
-      block = block_cls(self.mlp_dim, self.num_heads, dtype=self.dtype,
-                        layer_norm_eps=self.layer_norm_eps, attention=self.attention,
-                        policy_form=self.policy_form, drop_path=rate,
-                        deterministic=not train, name=f"encoderblock_{i}")
-      s = stage_at.get(i)
+      head_cls, stage_fn = ScoreHead, (lambda f: f)
+    apply, run = self._blocks(x, train)
 
+    def first_patch_decision(decision):  # pool "0": its readout patch is always kept
+      return decision.at[:, :first].set(1.0) if first else decision
+
+    def event(i):
+      return i in stage_at or bool(red.tome_r and red.tome_r[i])
+
+    i = 0
+    while i < self.depth:
+      s = stage_at.get(i)
       if s is not None and red.learned:  # between blocks, before block i
         head = head_cls(dtype=self.dtype, name=f"score_head_{s}")
         if masked:
-          logits = head(x[:, 1:], live)
+          logits = head(x[:, p:], live)
           rng = self.make_rng("gumbel") if self.gumbel_noise else None
           keep = ops.gumbel_softmax_hard(logits, rng)[..., 0] * live
-          x, host = stage_fn(functools.partial(
-              stages.decide_masked, squeeze=red.squeezes, temperature=red.temperature))(
-                  x, keep, live)
+          x, host, new_index, size = stage_fn(functools.partial(
+              stages.decide_masked, squeeze=red.squeezes, temperature=red.temperature,
+              prefix=p))(x, keep, live, size=size)
           live = keep
-          decisions.append(keep); hosts.append(host)
+          decisions.append(first_patch_decision(jnp.pad(keep, ((0, 0), (first, 0)))))
+          hosts.append(jnp.pad(jnp.where(host >= 0, host + first, -1), ((0, 0), (first, 0)),
+                               constant_values=-1))
         else:
-          logits = head(x[:, 1:], jnp.ones(x.shape[:2], jnp.float32)[:, 1:])
+          logits = head(x[:, p:], jnp.ones(x.shape[:2], jnp.float32)[:, p:])
           st = stage_fn(functools.partial(
               stages.prune_by_scores, k=red.keep_counts[s], num_patches=n0,
-              method="squeeze" if red.squeezes else "drop", temperature=red.temperature))(
-                  x, logits[..., 0], positions)
-          x, positions = st.x, st.positions
-          decisions.append(st.decision); hosts.append(st.hosts); keep_positions.append(positions)
+              method="squeeze" if red.squeezes else "drop", temperature=red.temperature,
+              prefix=p))(x, logits[..., 0], positions, size=size)
+          x, positions, size, new_index = st.x, st.positions, st.size, st.new_index
+          decisions.append(first_patch_decision(st.decision)); hosts.append(st.hosts)
+          keep_positions.append(positions)
+        owner = stages.follow(owner, new_index) if owner is not None else None
 
       if s is not None and red.intra_block:  # inside block i
-        y, info = block.attend(x)
-        scores = jnp.mean(info.cls_attn[:, :, 1:], axis=1)  # (B, N)
+        y, info = apply(i, "attend_received" if score == "received" else "attend", x)
+        attn = {"cls": info.cls_attn, "received": info.received,
+                "mean_query": info.mean_query}[score]
+        scores = jnp.mean(attn[:, :, p:], axis=1)  # (B, N)
         method = {"etps": "squeeze", "evit": "fuse", "topk": "drop"}[red.method]
         st = stage_fn(functools.partial(
             stages.prune_by_scores, k=red.keep_counts[s], method=method, num_patches=n0,
-            temperature=red.temperature))(y, scores, positions)
-        x, positions = block.feed(st.x), st.positions
-        decisions.append(st.decision); hosts.append(st.hosts); keep_positions.append(positions)
+            temperature=red.temperature, prefix=p))(y, scores, positions, size=size)
+        x, positions, size = apply(i, "feed", st.x), st.positions, st.size
+        owner = stages.follow(owner, st.new_index) if owner is not None else None
+        decisions.append(first_patch_decision(st.decision)); hosts.append(st.hosts)
+        keep_positions.append(positions)
+        i += 1
       elif red.tome_r and red.tome_r[i]:
-        bias = ops.proportional_attention_bias(size) if size is not None else None
-        y, info = block.attend(x, bias=bias)
-        merge = lambda y, size, keys, r=red.tome_r[i]: ops.merge_wavg(
-            y, size, ops.bipartite_soft_matching(keys, r))
-        y, size = stage_fn(merge)(y, size, info.keys)
-        x = block.feed(y)
-      else:
-        policy = jnp.pad(live, ((0, 0), (1, 0)), constant_values=1.0) if masked else None
-        x = block(x, policy=policy)
+        bias = ops.proportional_attention_bias(size) if merged else None
+        y, info = apply(i, "attend", x, bias=bias)
+        def merge(y, size, keys, r=red.tome_r[i]):
+          match = ops.bipartite_soft_matching(keys, r, class_token=p > 0)
+          return (*ops.merge_wavg(y, size, match),
+                  stages.tome_new_index(match, y.shape[1]) if owner is not None else None)
+        y, size, new_index = stage_fn(merge)(y, size, info.keys)
+        merged = True
+        owner = stages.follow(owner, new_index) if owner is not None else None
+        x = apply(i, "feed", y)
+        i += 1
+      else:  # a run of plain blocks up to the next stage
+        e = i + 1
+        while e < self.depth and not event(e):
+          e += 1
+        x = run(i, e, x, pad_live(live) if masked else None)
+        i = e
 
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(x)
     out = {
         "decisions": decisions,  # per stage (B, N0): 1 where the patch is still kept
         "hosts": hosts,  # per stage (B, N0): host patch of each patch pruned there, else -1
         "keep_indices": keep_positions,  # per stage (B, k_s) original patch positions (gather path)
-        # (B, 1 + N'): live tokens of the final sequence (all ones on the gather path).
-        "live_mask": (jnp.pad(live, ((0, 0), (1, 0)), constant_values=1.0) if masked
-                      else jnp.ones(x.shape[:2], jnp.float32)),
+        # (B, P + N'): live tokens of the final sequence (all ones on the gather path).
+        "live_mask": (pad_live(live) if masked else jnp.ones(x.shape[:2], jnp.float32)),
     }
-    if size is not None:
+    if red.tome_r:
       out["token_sizes"] = size
+    if size is not None:
+      out["sizes"] = size * out["live_mask"]  # (B, P + N') patches each live token stands for
+    if owner is not None:
+      out["patch_token"] = owner  # (B, N0) index of each patch's final token, -1 if dropped
     return x, out
 
 
 class VisionTransformer(nn.Module):
-  """ViT / DeiT classifier. Build it with `Model(...)`, which validates the config."""
+  """ViT / DeiT / big_vision ViT classifier. Build it with `Model(...)`, which validates."""
   num_classes: int | None
   width: int
   depth: int
   mlp_dim: int
   num_heads: int
-  patch_size: int
-  image_size: int
-  reduction: Reduction
+  patch_size: Any  # int or (h, w)
+  image_size: Any  # int, (H, W), or None: taken from the input (then `reduction` may be a spec)
+  reduction: Any  # a Reduction; with image_size None also a frozen spec (see `Model`)
   layout: str = "deit"
   dtype: Any = jnp.float32
   layer_norm_eps: float = 1e-6
@@ -179,80 +310,198 @@ class VisionTransformer(nn.Module):
   drop_path: float = 0.0  # stochastic depth of the last block (linear from 0), train only
   remat: bool = False  # rematerialise the blocks (nn.remat) to save activation memory
   channels: int = 3  # input image channels
+  pool_type: str = "tok"  # POOL_TYPES
+  posemb: str = "learn"  # POSEMBS
+  gelu: str = "exact"  # layers.GELUS: "exact" (DeiT / timm) or "tanh" (big_vision)
+  rep_size: Any = False  # int or True (= width): a `pre_logits` Dense + tanh before the head
+  head_zeroinit: bool = False  # big_vision initialises the head's kernel at zero
+  dropout: float = 0.0  # big_vision's dropout (after the embedding, in every block)
+  scan: bool = False  # stacked blocks under lax.scan (big_vision's `scan=True`)
+  remat_policy: str = "nothing_saveable"  # jax.checkpoint_policies name, with scan
+  outputs_2d: bool = False  # also `pre_logits_2d` / `logits_2d` per grid cell (big_vision)
+
+  @property
+  def has_cls(self) -> bool:
+    return self.pool_type == "tok"
+
+  @property
+  def num_prefix(self) -> int:
+    """Protected tokens leading the sequence: cls, or pool "0"'s readout token 0."""
+    return 1 if self.pool_type in ("tok", "0") else 0
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    if self.image_size is None:
+      raise ValueError("this model takes any image size; its grid is known from the input.")
+    (h, w), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
+    return h // ph, w // pw
 
   @property
   def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
+    gh, gw = self.grid
+    return gh * gw
+
+  @property
+  def num_reducible(self) -> int:
+    """Tokens a stage may prune (the patch tokens, less pool "0"'s readout token)."""
+    return self.num_patches + int(self.has_cls) - self.num_prefix
+
+  def plan(self, num_patches: int | None = None) -> Reduction:
+    """The Reduction this model runs on `num_patches` patches (its own grid by default)."""
+    if isinstance(self.reduction, Reduction):
+      return self.reduction
+    n0 = self.num_patches if num_patches is None else num_patches
+    return resolve_reduction(self.reduction, depth=self.depth,
+                             num_patches=n0 + int(self.has_cls) - self.num_prefix,
+                             prefix=self.num_prefix)
 
   @nn.compact
   def __call__(self, image, *, train: bool = False):
     """image (B, H, W, C) NHWC -> (logits (B, num_classes), out dict)."""
-    want = (self.image_size, self.image_size, self.channels)
-    if image.ndim != 4 or image.shape[1:] != want:
-      raise ValueError(f"image must be (B, {', '.join(map(str, want))}) NHWC for this model, "
-                       f"got shape {image.shape}.")
+    ph, pw = _pair(self.patch_size)
+    if self.image_size is not None:
+      want = _pair(self.image_size) + (self.channels,)
+      if image.ndim != 4 or image.shape[1:] != want:
+        raise ValueError(f"image must be (B, {', '.join(map(str, want))}) NHWC for this model, "
+                         f"got shape {image.shape}.")
+    elif image.ndim != 4 or image.shape[1] % ph or image.shape[2] % pw:
+      raise ValueError(f"image must be (B, H, W, C) NHWC with H, W multiples of the patch "
+                       f"{(ph, pw)}, got shape {image.shape}.")
     out = {}
-    p = self.patch_size
-    x = PatchEmbedding(self.width, p, dtype=self.dtype, name="embedding")(image)  # (B, N0, D)
-    b = x.shape[0]
-    n0 = x.shape[1]
-    init = nn.initializers.normal(stddev=0.02)
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
-    cls = jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype)
-    if self.layout == "deit":
-      pos = self.param("pos_embedding", init, (1, n0 + 1, self.width))
-      x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+    gh, gw = image.shape[1] // ph, image.shape[2] // pw
+    red = self.plan(gh * gw)
+    x = PatchEmbedding(self.width, (ph, pw), dtype=self.dtype, name="embedding")(image)
+    b, n0 = x.shape[:2]  # (B, N0, D)
+    d = self.width
+    if self.posemb == "learn":
+      rows = n0 + 1 if self.has_cls and self.layout == "deit" else n0
+      init = (nn.initializers.normal(stddev=0.02) if self.layout == "deit"
+              else nn.initializers.normal(stddev=d ** -0.5))  # big_vision's
+      pos = self.param("pos_embedding", init, (1, rows, d)).astype(x.dtype)
     else:
-      pos = self.param("pos_embedding", init, (1, n0, self.width))
-      x = jnp.concatenate([cls, x + pos.astype(x.dtype)], axis=1)
+      pe = posemb.sincos2d(gh, gw, d, dtype=x.dtype)
+      pos = (jnp.concatenate([jnp.zeros((1, 1, d), x.dtype), pe], axis=1)
+             if self.has_cls and self.layout == "deit" else pe)
+    if self.has_cls:
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
+      cls = jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype)
+      if pos.shape[1] == n0 + 1:
+        x = jnp.concatenate([cls, x], axis=1) + pos
+      else:
+        x = jnp.concatenate([cls, x + pos], axis=1)
+    else:
+      x = x + pos
+    x = nn.Dropout(rate=self.dropout)(x, not train)
 
-    x, enc_out = Encoder(self.depth, self.mlp_dim, self.num_heads, self.reduction, n0,
+    x, enc_out = Encoder(self.depth, self.mlp_dim, self.num_heads, red, n0,
                          dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
                          gumbel_noise=self.gumbel_noise, attention=self.attention,
                          policy_form=self.policy_form, drop_path=self.drop_path,
-                         remat=self.remat, name="Transformer")(x, train=train)
+                         remat=self.remat, prefix=self.num_prefix, has_cls=self.has_cls,
+                         gelu=self.gelu, dropout=self.dropout, scan=self.scan,
+                         remat_policy=self.remat_policy,
+                         track_sizes=self.pool_type in ("gap", "map"),
+                         track_owner=self.outputs_2d, name="Transformer")(x, train=train)
     out.update(enc_out)
     out["encoded"] = x
-    out["pre_logits"] = x[:, 0]
+    weight = enc_out.get("sizes")
+    if self.pool_type in ("tok", "0"):
+      x = out["head_input"] = x[:, 0]
+    elif self.pool_type == "gap":
+      x = out["head_input"] = pooling.weighted_mean(x, weight)
+    elif self.pool_type == "map":
+      x = out["head_input"] = pooling.MAPHead(self.num_heads, self.mlp_dim, dtype=self.dtype,
+                                              gelu=self.gelu, layer_norm_eps=self.layer_norm_eps,
+                                              name="MAPHead_0")(x, weight)
+    x_2d = None
+    if self.outputs_2d:  # each grid cell takes the value of the token its patch ended in
+      owner = enc_out["patch_token"]
+      cells = jnp.take_along_axis(out["encoded"], jnp.maximum(owner, 0)[..., None], axis=1)
+      x_2d = jnp.where(owner[..., None] >= 0, cells, 0).reshape(b, gh, gw, -1)
+
+    if self.rep_size:
+      rep = d if self.rep_size is True else int(self.rep_size)
+      hid = nn.Dense(rep, dtype=self.dtype, name="pre_logits")
+      x = jnp.tanh(hid(x))
+      x_2d = jnp.tanh(hid(x_2d)) if x_2d is not None else None
+    out["pre_logits"] = x
+    if x_2d is not None:
+      out["pre_logits_2d"] = x_2d
     if self.num_classes:
-      logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x[:, 0])
-      out["logits"] = logits
-    else:
-      logits = x[:, 0]
-    return logits, out
+      kw = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
+      head = nn.Dense(self.num_classes, dtype=self.dtype, name="head", **kw)
+      x = out["logits"] = head(x)
+      if x_2d is not None:
+        out["logits_2d"] = head(x_2d)
+    return x, out
 
 
 def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa: N802
-          reduction: Any = None, image_size: int = 224, layout: str = "deit",
+          reduction: Any = None, image_size: Any = 224, layout: str = "deit",
           **kw) -> VisionTransformer:
-  """Builds a ViT; `variant` ("Ti/16", "S/16", "B/16", "L/16", ...) fills the sizes.
+  """Builds a ViT; `variant` ("Ti/16", "S/16", "B/16", "L/16", "So400m/14", ...) fills sizes.
 
   Any of width, depth, mlp_dim, num_heads, patch_size given in `kw` overrides the
   variant. `reduction` is a Reduction, a method name or a dict (see
-  `tps_jax.models.reduction`). Raises ValueError on a config that cannot work.
+  `tps_jax.models.reduction`). `image_size=None` takes the size from each input (the
+  reduction is then resolved per input grid). Raises ValueError on a config that cannot
+  work.
   """
   cfg = {**decode_variant(variant), **kw}
   missing = [k for k in ("width", "depth", "num_heads", "patch_size") if k not in cfg]
   if missing:
     raise ValueError(f"Model needs {missing} (or a variant such as 'S/16').")
-  cfg.setdefault("mlp_dim", 4 * cfg["width"])
-  if kw.get("policy_form", "exact") not in ops.POLICY_FORMS:
-    raise ValueError(f"unknown policy_form {kw['policy_form']!r}; expected one of "
-                     f"{ops.POLICY_FORMS}.")
-  if kw.get("attention", "auto") not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown attention {kw['attention']!r}; expected one of "
-                     f"{IMPLEMENTATIONS}.")
+  if cfg.get("mlp_dim") is None:
+    cfg["mlp_dim"] = 4 * cfg["width"]
+  checks = (("policy_form", ops.POLICY_FORMS, "exact"), ("attention", IMPLEMENTATIONS, "auto"),
+            ("pool_type", POOL_TYPES, "tok"), ("posemb", POSEMBS, "learn"),
+            ("gelu", GELUS, "exact"))
+  for key, allowed, default in checks:
+    if str(cfg.get(key, default)) not in allowed:
+      raise ValueError(f"unknown {key} {cfg[key]!r}; expected one of {allowed}.")
+  if "pool_type" in cfg:
+    cfg["pool_type"] = str(cfg["pool_type"])
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}.")
-  if image_size % cfg["patch_size"]:
-    raise ValueError(f"image_size {image_size} is not a multiple of patch_size "
-                     f"{cfg['patch_size']}.")
+  patch = _pair(cfg["patch_size"])
+  cfg["patch_size"] = patch[0] if patch[0] == patch[1] else patch
   if cfg["width"] % cfg["num_heads"]:
     raise ValueError(f"width {cfg['width']} is not divisible by num_heads {cfg['num_heads']}.")
-  num_patches = (image_size // cfg["patch_size"]) ** 2
-  reduction = Reduction.create(reduction, depth=cfg["depth"], num_patches=num_patches)
+  if cfg.get("posemb") == "sincos2d" and cfg["width"] % 4:
+    raise ValueError(f"posemb 'sincos2d' needs a width divisible by 4, got {cfg['width']}.")
+  if cfg.get("scan") and cfg.get("remat"):
+    raise ValueError("scan rematerialises its blocks already (remat_policy); leave remat off.")
+  pool = cfg.get("pool_type", "tok")
+  prefix = 1 if pool in ("tok", "0") else 0
+  if image_size is None:  # the grid comes with each input: keep the spec, check its keys now
+    if isinstance(reduction, Reduction):
+      raise ValueError("image_size=None takes a reduction spec (a dict or method name), not a "
+                       "Reduction resolved for one token count.")
+    _check_spec(reduction, depth=cfg["depth"], prefix=prefix)
+    return VisionTransformer(num_classes=num_classes, image_size=None, layout=layout,
+                             reduction=_freeze(reduction), **cfg)
+  size = _pair(image_size)
+  if size[0] % patch[0] or size[1] % patch[1]:
+    raise ValueError(f"image_size {image_size} is not a multiple of patch_size "
+                     f"{cfg['patch_size']}.")
+  num_patches = (size[0] // patch[0]) * (size[1] // patch[1])
+  reducible = num_patches + int(pool == "tok") - prefix
+  reduction = Reduction.create(reduction, depth=cfg["depth"], num_patches=reducible,
+                               prefix=prefix)
   return VisionTransformer(num_classes=num_classes, image_size=image_size, layout=layout,
                            reduction=reduction, **cfg)
+
+
+def _check_spec(spec, *, depth: int, prefix: int) -> None:
+  """Names a bad method, key or location of a spec before any grid is known."""
+  if spec is None or isinstance(spec, str):
+    Reduction.create(spec, depth=depth, num_patches=4096, prefix=prefix)
+    return
+  probe = dict(spec)
+  probe.pop("keep_counts", None)  # checked against the grid at the first call
+  if probe.get("method") == "tome":
+    probe["r"] = 0
+  Reduction.create(probe, depth=depth, num_patches=4096, prefix=prefix)
 
 
 def build_model(model_cfg, num_classes: int | None, *, mixed_precision: bool = False,

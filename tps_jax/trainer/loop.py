@@ -125,7 +125,8 @@ def make_train_step(model: VisionTransformer, tx, *, num_classes: int, mixing: d
           logits, out, targets, keep_ratios=reduction.keep_ratios,
           keep_weight=loss_cfg.get("keep_weight", 0.0), teacher=teacher_out,
           distill_weight=loss_cfg.get("distill_weight", 0.0),
-          token_distill=loss_cfg.get("token_distill", True))
+          token_distill=loss_cfg.get("token_distill", True), prefix=model.num_prefix,
+          has_cls=model.has_cls)
       return loss, (terms, logits)
 
     (loss, (terms, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -296,6 +297,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
       run.data_sharding)
   log_every = config.get("log_every_steps", 50)
   eval_every = config.get("eval_every_steps", 0)
+  eval_at = {int(s) for s in config.get("eval_at_steps", ()) or ()}
   pending: list = []
   t_last, step_last = time.perf_counter(), start
   preempted = False
@@ -324,7 +326,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
         t_last, step_last = now, step
         if save:
           ckpt.save(step, state, wait=stopping)
-      if eval_every and step % eval_every == 0 and not last:
+      if ((eval_every and step % eval_every == 0) or step in eval_at) and not last:
         writer.write(step, run.evaluate(state["params"]), kind="eval")
       if stopping:
         writer.message(f"stopped by signal at step {step}; checkpoint saved, rerun to resume.")

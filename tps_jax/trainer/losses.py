@@ -44,7 +44,8 @@ def token_mse(student: jax.Array, teacher: jax.Array, live: jax.Array) -> jax.Ar
   return jnp.sum(err * live) / (jnp.maximum(jnp.sum(live), 1.0) * student.shape[-1])
 
 
-def final_patch_tokens(out: dict, teacher_encoded: jax.Array):
+def final_patch_tokens(out: dict, teacher_encoded: jax.Array, prefix: int = 1,
+                       has_cls: bool = True):
   """Student final patch tokens, the teacher's at the same patches, and their live mask.
 
   Masked training path (dtps/dynamicvit): all N0 patches, live as decided.
@@ -52,26 +53,30 @@ def final_patch_tokens(out: dict, teacher_encoded: jax.Array):
   their original positions; a token without a position (-1: EViT's fused
   token, wherever a later stage put it) is masked out and never gathered.
   ToMe: None (merged tokens have no single position).
+  `prefix`: protected tokens leading both sequences (cls, pool "0"'s token 0; 0 for GAP /
+  MAP models), left out; `has_cls`: the teacher's token 0 is cls, not patch 0.
   """
   encoded = out["encoded"]
-  teacher_patches = teacher_encoded[:, 1:]
+  teacher_patches = teacher_encoded[:, int(has_cls):]  # indexed by patch position
   if out["keep_indices"]:
     positions = out["keep_indices"][-1]  # (B, k) original patch positions, -1 for none
     k = positions.shape[1]
     valid = positions >= 0
     safe = jnp.where(valid, positions, 0)[..., None]
     teacher_kept = jnp.take_along_axis(teacher_patches, safe, axis=1)
-    return encoded[:, 1:1 + k], teacher_kept, valid.astype(jnp.float32)
+    return encoded[:, prefix:prefix + k], teacher_kept, valid.astype(jnp.float32)
   if "token_sizes" in out:
     return None
-  return encoded[:, 1:], teacher_patches, out["live_mask"][:, 1:]
+  return encoded[:, prefix:], teacher_encoded[:, prefix:], out["live_mask"][:, prefix:]
 
 
 def objective(logits: jax.Array, out: dict, targets: jax.Array, *,
               keep_ratios: Sequence[float] = (), keep_weight: float = 0.0,
               teacher: tuple[jax.Array, jax.Array] | None = None,
-              distill_weight: float = 0.0, token_distill: bool = True):
-  """Total loss and its terms. `teacher` is (logits (B, K), encoded (B, 1 + N0, D)) or None."""
+              distill_weight: float = 0.0, token_distill: bool = True, prefix: int = 1,
+              has_cls: bool = True):
+  """Total loss and its terms. `teacher` is (logits (B, K), encoded (B, P + N0, D)) or None;
+  `prefix` / `has_cls` as in `final_patch_tokens`."""
   terms = {"ce": soft_cross_entropy(logits, targets)}
   loss = terms["ce"]
   if keep_weight and out["decisions"] and keep_ratios:
@@ -81,7 +86,8 @@ def objective(logits: jax.Array, out: dict, targets: jax.Array, *,
     t_logits, t_encoded = (jax.lax.stop_gradient(t) for t in teacher)
     terms["kl"] = distill_kl(logits, t_logits)
     loss = loss + distill_weight * terms["kl"]
-    tokens = final_patch_tokens(out, t_encoded) if token_distill else None
+    tokens = (final_patch_tokens(out, t_encoded, prefix, has_cls) if token_distill
+              else None)
     if tokens is not None:
       terms["token"] = token_mse(*tokens)
       loss = loss + distill_weight * terms["token"]

@@ -1,0 +1,98 @@
+"""Pooling the final tokens into one vector, faithful after a reduction.
+
+A token that absorbed others (squeezed, fused, merged) stands for several patches: its
+`weight` is how many (ToMe's sizes), and 0 for a token a training policy dropped. With every
+weight 1 both poolings are exactly the dense model's.
+
+  weighted_mean(x, w)                 # GAP: sum_i w_i x_i / sum_i w_i
+  MAPHead(...)(x, w)                  # big_vision's attention pooling, keys weighted by w
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tps_jax.models.layers import MlpBlock
+from tps_jax.ops.dtypes import upcast
+
+POOL_TYPES = ("tok", "gap", "map", "0", "none")
+
+
+def weighted_mean(x: jax.Array, weight: jax.Array | None) -> jax.Array:
+  """x (B, N, C), weight (B, N) or None (all 1) -> (B, C); float32 sums, x's dtype out."""
+  if weight is None:
+    return jnp.mean(x, axis=1)
+  w = upcast(weight)[..., None]
+  total = jnp.maximum(jnp.sum(w, axis=1), 1e-6)
+  return (jnp.sum(upcast(x) * w, axis=1) / total).astype(x.dtype)
+
+
+def weighted_softmax(logits: jax.Array, weight: jax.Array | None) -> jax.Array:
+  """softmax(logits + log weight) over the last axis, as w exp(a) / sum w exp(a): tokens of
+  weight 0 get none, and the weight (a straight-through policy) keeps its gradient.
+
+  logits (..., N) float32, weight broadcastable to it or None.
+  """
+  if weight is None:
+    return jax.nn.softmax(logits, axis=-1)
+  w = jnp.broadcast_to(upcast(weight), logits.shape)
+  top = jnp.max(jnp.where(w > 0, logits, -jnp.inf), axis=-1, keepdims=True)
+  top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+  e = w * jnp.exp(jnp.where(w > 0, logits - top, -jnp.inf))
+  return e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)
+
+
+class ProbeAttention(nn.Module):
+  """Cross-attention of a few queries to weighted tokens, with flax's parameter layout
+  (`query`/`key`/`value` kernels (D, H, D/H), `out` (H, D/H, D)).
+
+  q_in (B, Q, D), kv_in (B, N, D), weight (B, N) or None -> (B, Q, D).
+  """
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_in, kv_in, weight=None):
+    d = q_in.shape[-1]
+    hd = d // self.num_heads
+    init = nn.initializers.xavier_uniform()
+    dense = lambda name: nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype,
+                                         kernel_init=init, name=name)
+    q = dense("query")(q_in) * jnp.asarray(hd ** -0.5, self.dtype)  # (B, Q, H, hd)
+    k, v = dense("key")(kv_in), dense("value")(kv_in)  # (B, N, H, hd)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    attn = weighted_softmax(logits, None if weight is None else weight[:, None, None, :])
+    y = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(v.dtype), v)
+    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, kernel_init=init,
+                           name="out")(y)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling (big_vision's `MAPHead`): a learned probe attends to the
+  tokens, then a residual MLP; (B, N, D), weights (B, N) -> (B, D).
+
+  Parameters as big_vision's: `probe` (1, 1, D), `MultiHeadDotProductAttention_0/{query,key,
+  value,out}` laid out as flax's attention, `LayerNorm_0`, `MlpBlock_0/Dense_{0,1}`.
+  """
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+  gelu: str = "tanh"  # big_vision's MlpBlock: flax's default GELU
+  layer_norm_eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+    b, _, d = x.shape
+    if d % self.num_heads:
+      raise ValueError(f"MAP head: width {d} is not divisible by num_heads={self.num_heads}.")
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d))
+    probe = jnp.broadcast_to(probe, (b, 1, d)).astype(x.dtype)
+    x = ProbeAttention(self.num_heads, dtype=self.dtype,
+                       name="MultiHeadDotProductAttention_0")(probe, x, weight)  # (B, 1, D)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
+    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, gelu=self.gelu, name="MlpBlock_0")(y)
+    return x[:, 0]

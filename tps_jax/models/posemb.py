@@ -1,0 +1,51 @@
+"""Position embeddings of a ViT's patch grid: learned, or fixed 2-D sine-cosine; resampling.
+
+  pe = sincos2d(h, w, width)          # (1, h w, width), big_vision's / MoCo v3's fixed table
+  pe = resample(old, (h, w))          # a learned table moved to another grid (bilinear)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+POSEMBS = ("learn", "sincos2d")
+
+
+def sincos2d(h: int, w: int, width: int, temperature: float = 10_000.0,
+             dtype=jnp.float32) -> jnp.ndarray:
+  """(1, h w, width): [sin x, cos x, sin y, cos y] of each grid cell (row-major), each over
+  width / 4 log-spaced frequencies from 1 down to 1 / temperature."""
+  if width % 4:
+    raise ValueError(f"sincos2d position embedding needs a width divisible by 4, got {width}.")
+  y, x = np.mgrid[:h, :w]
+  q = width // 4
+  omega = 1.0 / temperature ** (np.arange(q) / max(q - 1, 1))
+  ang_x = np.einsum("m,d->md", x.reshape(-1).astype(np.float64), omega)
+  ang_y = np.einsum("m,d->md", y.reshape(-1).astype(np.float64), omega)
+  pe = np.concatenate([np.sin(ang_x), np.cos(ang_x), np.sin(ang_y), np.cos(ang_y)], axis=1)
+  return jnp.asarray(pe.astype(np.float32), dtype)[None]
+
+
+def grid_of(num: int) -> tuple[int, int]:
+  """The square grid of a table of `num` positions; a named error if it is not square."""
+  side = math.isqrt(num)
+  if side * side != num:
+    raise ValueError(f"a position table of {num} rows is not a square grid; give the grid.")
+  return side, side
+
+
+def resample(old: np.ndarray, grid: tuple[int, int],
+             old_grid: tuple[int, int] | None = None) -> np.ndarray:
+  """(1, h w, D) learned table -> (1, H W, D) on another grid, by linear interpolation of
+  each channel (big_vision's "high-res fine-tuning": scipy.ndimage.zoom, order 1)."""
+  import scipy.ndimage  # pylint: disable=g-import-not-at-top (jax depends on scipy)
+  old = np.asarray(old)
+  h, w = old_grid or grid_of(old.shape[1])
+  if (h, w) == tuple(grid):
+    return old
+  table = old.reshape(h, w, -1)
+  zoom = (grid[0] / h, grid[1] / w, 1)
+  return scipy.ndimage.zoom(table, zoom, order=1).reshape(1, grid[0] * grid[1], -1)
