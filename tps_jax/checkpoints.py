@@ -24,7 +24,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from tps_jax import atomic
 from tps_jax.models.vit import VisionTransformer
@@ -256,6 +255,10 @@ def from_torch_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike,
                           model: VisionTransformer, *, fresh: Iterable[str] = (),
                           rng: jax.Array | None = None) -> dict:
   """A timm / DeiT / authors'-TPS state dict (mapping or file) -> params for `model`."""
+  if getattr(model, "gelu", "exact") != "exact":
+    raise ValueError(f"timm / DeiT checkpoints use the exact (erf) GELU, but this model has "
+                     f"gelu={model.gelu!r}; build it with gelu='exact' (their logits differ by "
+                     f"about 6e-4 otherwise).")
   if isinstance(state_dict, (str, os.PathLike)):
     state_dict = load_state_dict(state_dict)
   sd = _strip_prefix(_unwrap(state_dict), "module.")
@@ -347,6 +350,7 @@ def orbax_params(path: pathlib.Path) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"no tps_jax checkpoint under {path} "
                             f"(expected WORKDIR/checkpoints/STEP).")
   check_checksums(step_dir)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top (a [train] dependency)
   try:
     restored = ocp.StandardCheckpointer().restore(item.absolute())
   except Exception as e:  # pylint: disable=broad-except

@@ -31,19 +31,24 @@ def weighted_mean(x: jax.Array, weight: jax.Array | None) -> jax.Array:
   return (jnp.sum(upcast(x) * w, axis=1) / total).astype(x.dtype)
 
 
-def weighted_softmax(logits: jax.Array, weight: jax.Array | None) -> jax.Array:
+def weighted_softmax(logits: jax.Array, weight: jax.Array | None, eps: float = 0.0) -> jax.Array:
   """softmax(logits + log weight) over the last axis, as w exp(a) / sum w exp(a): tokens of
-  weight 0 get none, and the weight (a straight-through policy) keeps its gradient.
+  weight 0 get none, and the weight (a straight-through policy) keeps its gradient, dropped
+  tokens included. `eps` > 0 smooths as the SPEC's policy attention does,
+  (w exp(a) + eps / N) / (sum w exp(a) + eps), so a row whose tokens were all dropped in
+  training stays finite (inference passes 0: exact).
 
   logits (..., N) float32, weight broadcastable to it or None.
   """
   if weight is None:
     return jax.nn.softmax(logits, axis=-1)
   w = jnp.broadcast_to(upcast(weight), logits.shape)
-  top = jnp.max(jnp.where(w > 0, logits, -jnp.inf), axis=-1, keepdims=True)
-  top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
-  e = w * jnp.exp(jnp.where(w > 0, logits - top, -jnp.inf))
-  return e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  e = w * jnp.exp(logits - top)
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  if eps:
+    return (e + eps / logits.shape[-1]) / (total + eps)
+  return e / total
 
 
 class ProbeAttention(nn.Module):
@@ -56,7 +61,7 @@ class ProbeAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, q_in, kv_in, weight=None):
+  def __call__(self, q_in, kv_in, weight=None, eps: float = 0.0):
     d = q_in.shape[-1]
     hd = d // self.num_heads
     init = nn.initializers.xavier_uniform()
@@ -65,7 +70,7 @@ class ProbeAttention(nn.Module):
     q = dense("query")(q_in) * jnp.asarray(hd ** -0.5, self.dtype)  # (B, Q, H, hd)
     k, v = dense("key")(kv_in), dense("value")(kv_in)  # (B, N, H, hd)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    attn = weighted_softmax(logits, None if weight is None else weight[:, None, None, :])
+    attn = weighted_softmax(logits, None if weight is None else weight[:, None, None, :], eps)
     y = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(v.dtype), v)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, kernel_init=init,
                            name="out")(y)
@@ -85,14 +90,16 @@ class MAPHead(nn.Module):
   layer_norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, weight: jax.Array | None = None,
+               eps: float = 0.0) -> jax.Array:
+    """x (B, N, D), weight (B, N) or None; `eps`: `weighted_softmax`'s (training policies)."""
     b, _, d = x.shape
     if d % self.num_heads:
       raise ValueError(f"MAP head: width {d} is not divisible by num_heads={self.num_heads}.")
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d))
     probe = jnp.broadcast_to(probe, (b, 1, d)).astype(x.dtype)
     x = ProbeAttention(self.num_heads, dtype=self.dtype,
-                       name="MultiHeadDotProductAttention_0")(probe, x, weight)  # (B, 1, D)
+                       name="MultiHeadDotProductAttention_0")(probe, x, weight, eps)  # (B, 1, D)
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
     x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, gelu=self.gelu, name="MlpBlock_0")(y)
     return x[:, 0]

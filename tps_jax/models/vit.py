@@ -412,7 +412,9 @@ class VisionTransformer(nn.Module):
     elif self.pool_type == "map":
       x = out["head_input"] = pooling.MAPHead(self.num_heads, self.mlp_dim, dtype=self.dtype,
                                               gelu=self.gelu, layer_norm_eps=self.layer_norm_eps,
-                                              name="MAPHead_0")(x, weight)
+                                              name="MAPHead_0")(
+                                                  x, weight, ops.attention.POLICY_EPS
+                                                  if train and red.learned else 0.0)
     x_2d = None
     if self.outputs_2d:  # each grid cell takes the value of the token its patch ended in
       owner = enc_out["patch_token"]
@@ -453,6 +455,8 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
     raise ValueError(f"Model needs {missing} (or a variant such as 'S/16').")
   if cfg.get("mlp_dim") is None:
     cfg["mlp_dim"] = 4 * cfg["width"]
+  if cfg.get("gelu") is None:  # big_vision / AugReg / SigLIP: flax's tanh GELU; DeiT: exact
+    cfg["gelu"] = "tanh" if layout == "big_vision" else "exact"
   checks = (("policy_form", ops.POLICY_FORMS, "exact"), ("attention", IMPLEMENTATIONS, "auto"),
             ("pool_type", POOL_TYPES, "tok"), ("posemb", POSEMBS, "learn"),
             ("gelu", GELUS, "exact"))
