@@ -52,9 +52,13 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
-def reduction(method: str, keep: float, locations=(3, 6, 9), tome_r: int = 0) -> dict | None:
+def reduction(method: str, keep: float, locations=(3, 6, 9), tome_r: int = 0,
+              score: str = "auto") -> dict | None:
   """config.model.reduction for a recipe's method argument (`models.reduction.spec`)."""
-  return reduction_lib.spec(method, keep, locations, r=tome_r)
+  spec = reduction_lib.spec(method, keep, locations, r=tome_r)
+  if spec is not None and score != "auto":
+    spec["score"] = score
+  return spec
 
 
 def base() -> ml_collections.ConfigDict:

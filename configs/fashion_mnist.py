@@ -12,7 +12,9 @@ section 4's losses, the same checkpoint serving as the frozen teacher. With
 another cosine cycle (8 epochs at lr 1e-3 by default), with no teacher: the
 committed teacher is 12 epochs from scratch followed by two such cycles (lr
 1e-3, then 5e-4; experiments/fashion_mnist.py TEACHER_PHASES).
-`tiny` shrinks everything for tests.
+`tiny` shrinks everything for tests. `pool=gap` (or map) builds the model without a cls
+token (its teacher: results/fmnist_teacher_gap/); `score` picks the attention score of
+etps / evit / topk (models.reduction.SCORES).
 """
 
 from configs import common
@@ -23,7 +25,7 @@ TRAIN_EXAMPLES = 60_000
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="none", keep=0.7, init="", warm_start="", epochs=0.0,
                          steps=0, batch=128, lr=0.0, seed=0, width=96, depth=8, heads=3,
-                         tiny=False, tome_r=4)
+                         tiny=False, tome_r=4, pool="tok", score="auto")
   c = common.base()
   c.seed = arg.seed
   width, depth, heads = (16, 2, 2) if arg.tiny else (arg.width, arg.depth, arg.heads)
@@ -32,7 +34,9 @@ def get_config(arg=None):
                  patch_size=4, image_size=28,
                  layout="deit", channels=1, drop_path=0.0 if arg.tiny else 0.05, remat=False,
                  policy_form="exact",  # dtps/dynamicvit training attention, ops.POLICY_FORMS
-                 reduction=common.reduction(arg.method, arg.keep, locations, arg.tome_r))
+                 pool_type=arg.pool,  # tok (cls), gap, map, 0, none
+                 reduction=common.reduction(arg.method, arg.keep, locations, arg.tome_r,
+                                            score=arg.score))
 
   c.input.dataset = "fashion_mnist"
   c.input.batch_size = arg.batch

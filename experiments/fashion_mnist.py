@@ -64,7 +64,8 @@ def teacher(args) -> None:
   """Trains the teacher's phases in turn (each resumes or is skipped); copies the best to results/."""
   runs = study.ROOT / "runs"
   summaries, previous = {}, None
-  for name, extra in TEACHER_PHASES:
+  for name, extra in TEACHER_PHASES[:args.phases]:
+    name += args.suffix
     start = f"warm_start={runs / previous / 'params.npz'}" if previous else ""
     summaries[name] = study.train(study.join_args(args.arg, start, extra), runs / name)
     print(f"phase {name}: top-1 {100 * summaries[name]['top1']:.2f}%")
@@ -83,16 +84,19 @@ def offshelf(args) -> None:
   params = study.load_dense(cfg, args.teacher)
   print(f"training-free methods on {args.teacher}:")
   points = study.offshelf_sweep(cfg, params, locations=study.stage_locations(args.arg),
-                                methods=args.methods, keeps=args.keeps, tome_rs=args.tome_rs)
+                                methods=args.methods, keeps=args.keeps, tome_rs=args.tome_rs,
+                                score=args.score)
   dense = points[0]
   out = pathlib.Path(args.results)
-  study.write_json(out / "fmnist_offshelf.json", {
+  name = args.name
+  study.write_json(out / f"{name}.json", {
       "what": "training-free token reduction on the dense Fashion-MNIST teacher, whole test set",
-      "teacher": str(args.teacher), "locations": list(study.stage_locations(args.arg)),
-      "dense": dense, "points": points[1:]})
-  png = study.plot_curves(points[1:], out / "fmnist_offshelf.png", dense=dense,
-                          title="Fashion-MNIST, off the shelf (no fine-tuning): top-1 vs MACs")
-  print(f"wrote {out / 'fmnist_offshelf.json'} and {png}")
+      "teacher": str(args.teacher), "config_arg": args.arg, "score": args.score,
+      "locations": list(study.stage_locations(args.arg)), "dense": dense, "points": points[1:]})
+  png = study.plot_curves(points[1:], out / f"{name}.png", dense=dense,
+                          title=f"Fashion-MNIST{' (' + args.arg + ')' if args.arg else ''}, off "
+                                f"the shelf (no fine-tuning): top-1 vs MACs")
+  print(f"wrote {out / (name + '.json')} and {png}")
 
 
 def finetune(args) -> None:
@@ -148,19 +152,24 @@ def curve(args) -> None:
     arg = study.join_args(args.arg, f"method={method}", f"keep={args.keep}",
                           f"init={teacher_path}", f"seed={args.seed}", f"steps={steps}")
     workdir = pathlib.Path(args.workdir) / name
-    print(f"fine-tune {name} (evaluations at {list(args.at)}):")
-    s = study.train(arg, workdir, overrides=[
-        "--config.tensorboard=False",
-        f"--config.eval_at_steps=({','.join(str(a) for a in args.at if a != steps)},)"])
+    if args.report:  # what the runs have evaluated so far, without training
+      summary = workdir / "summary.json"
+      s = json.loads(summary.read_text()) if summary.exists() else {}
+    else:
+      print(f"fine-tune {name} (evaluations at {list(args.at)}):")
+      s = study.train(arg, workdir, overrides=[
+          "--config.tensorboard=False",
+          f"--config.eval_at_steps=({','.join(str(a) for a in args.at if a != steps)},)"])
     curves.append({"method": method, "keep": args.keep, "seed": args.seed, "steps": steps,
-                   "gmacs": s["gmacs"], "top1_at": {str(k): v for k, v in
-                                                    read_evals(workdir).items()},
+                   "complete": bool(s), "gmacs": s.get("gmacs"),
+                   "top1_at": {str(k): v for k, v in read_evals(workdir).items()},
                    "workdir": name})
   out = pathlib.Path(args.results)
   study.write_json(out / "fmnist_curve.json", {
       "what": "test top-1 (all 10 000 images) during one cosine fine-tune per method from the "
               "teacher; each run's schedule is its full length (warm-up then cosine to "
-              f"{steps} steps)", "teacher": str(args.teacher), "curves": curves})
+              f"{steps} steps); a run not complete lists the evaluations it has reached",
+      "teacher": str(args.teacher), "curves": curves})
   for c in curves:
     print(f"{c['method']:10s} " + "  ".join(f"{k}: {100 * v:.2f}" for k, v in c["top1_at"].items()))
   print(f"wrote {out / 'fmnist_curve.json'}")
@@ -334,11 +343,17 @@ def main(argv=None) -> None:
   p.add_argument("--workdir", default=str(study.ROOT / "runs" / "ft"),
                  help="fine-tuning workdirs")
   sub = p.add_subparsers(dest="command", required=True)
-  sub.add_parser("teacher", help="train the dense teacher and copy it into results/")
+  s = sub.add_parser("teacher", help="train the dense teacher and copy it into results/")
+  s.add_argument("--phases", type=int, default=len(TEACHER_PHASES),
+                 help="how many of the teacher's cosine cycles to run")
+  s.add_argument("--suffix", default="", help="run names' suffix (another model's teacher)")
   s = sub.add_parser("offshelf", help="training-free methods at several keep ratios")
   s.add_argument("--methods", type=_methods, default=OFFSHELF_METHODS)
   s.add_argument("--keeps", type=_floats, default=KEEPS)
   s.add_argument("--tome_rs", type=_ints, default=TOME_RS)
+  s.add_argument("--score", default="auto", help="etps / evit / topk attention score "
+                                                 "(models.reduction.SCORES)")
+  s.add_argument("--name", default="fmnist_offshelf", help="output JSON / PNG name")
   s = sub.add_parser("finetune", help="fine-tuned comparisons over seeds")
   s.add_argument("--methods", type=_methods, default=tuple(m for pr in FINETUNE_PAIRS for m in pr))
   s.add_argument("--keeps", type=_floats, default=(0.7, 0.5, 0.3))
@@ -349,6 +364,8 @@ def main(argv=None) -> None:
   s.add_argument("--keep", type=float, default=0.5)
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--at", type=_ints, default=(100, 250, 500, 1000, 2000))
+  s.add_argument("--report", action="store_true",
+                 help="write the JSON from the evaluations so far; train nothing")
   s = sub.add_parser("pictures", help="kept / pruned / host pictures")
   s.add_argument("--methods", type=_methods, default=("dtps", "etps", "evit", "topk"))
   s.add_argument("--keep", type=float, default=0.5)

@@ -110,7 +110,7 @@ def evaluate_reduction(config, params, reduction: dict | None) -> dict[str, Any]
 
 
 def offshelf_sweep(config, params, *, locations: Sequence[int], methods: Sequence[str],
-                   keeps: Sequence[float], tome_rs: Sequence[int],
+                   keeps: Sequence[float], tome_rs: Sequence[int], score: str = "auto",
                    log=print) -> list[dict[str, Any]]:
   """Training-free methods on the same parameters: one point per (method, keep) or ToMe r,
   plus the dense model first."""
@@ -123,7 +123,7 @@ def offshelf_sweep(config, params, *, locations: Sequence[int], methods: Sequenc
     elif method == "tome":
       red = config_common.reduction("tome", 0.0, tome_r=arg)
     else:
-      red = config_common.reduction(method, arg, locations)
+      red = config_common.reduction(method, arg, locations, score=score)
     t = time.perf_counter()
     p = evaluate_reduction(config, params, red)
     points.append(p)
@@ -152,6 +152,9 @@ def train(arg: str, workdir: str | os.PathLike, *, config: str = "configs/fashio
   t = time.perf_counter()
   with open(log_path, "a") as f:
     proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+  if proc.returncode == 0 and not done.exists():
+    raise RuntimeError(f"training {arg!r} stopped before its last step (by a signal); its "
+                       f"checkpoint is in {workdir}: rerun to resume. Log: {log_path}")
   if proc.returncode != 0 or not done.exists():
     raise RuntimeError(f"training {arg!r} failed (exit {proc.returncode}); see "
                        f"{log_path}")

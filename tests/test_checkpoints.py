@@ -109,7 +109,7 @@ def test_pth_without_torch_says_so(tmp_path, monkeypatch):
 def test_big_vision_npz_with_augreg_names(golden_sd, tmp_path):
   """Write our params under the AugReg (vision_transformer) names, read them back."""
   g, sd = golden_sd
-  dense = _model("none", layout="big_vision")
+  dense = _model("none", layout="big_vision", gelu="exact")  # timm weights: PyTorch's GELU
   params = checkpoints.from_torch_state_dict(
       {k: v for k, v in sd.items() if not k.startswith("score_predictor")}, dense)
   flat = checkpoints.to_flat(params)

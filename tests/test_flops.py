@@ -53,3 +53,20 @@ def _small(method, kw):
   if method == "tome":
     return {"method": "tome", "r": 4}
   return {"method": method, "locations": (2, 4, 6), **kw}
+
+
+CLS_FREE = ([("gap", {}, m, kw) for m, kw in METHODS]
+            + [("map", {"rep_size": 48}, m, kw) for m, kw in METHODS if m in ("none", "etps",
+                                                                            "tome")]
+            + [("0", {"posemb": "sincos2d"}, m, kw) for m, kw in METHODS
+               if m in ("dtps", "evit")])
+
+
+@pytest.mark.parametrize("pool,extra,method,kw", CLS_FREE)
+def test_cls_free_models_match_the_traced_matmuls(pool, extra, method, kw):
+  """Without a cls token (and with a MAP head, pre-logits, a protected token 0) the count
+  still equals the traced program's matrix products (one score row per intra-block stage,
+  as for cls)."""
+  m = Model(10, width=96, depth=8, num_heads=3, mlp_dim=384, patch_size=4, image_size=28,
+            channels=1, pool_type=pool, reduction=_small(method, kw), **extra)
+  assert flops.macs(m) == pytest.approx(flops.matmul_macs(m), rel=0.002)

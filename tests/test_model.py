@@ -64,12 +64,20 @@ class TestGolden:
   def test_big_vision_layout_gives_same_logits(self, golden_model):
     g, sd, model, _, x = golden_model
     bv = Model(10, width=96, depth=6, num_heads=3, patch_size=8, image_size=64,
-               layout="big_vision",
+               layout="big_vision", gelu="exact",  # a timm checkpoint: PyTorch's GELU
                reduction=dict(method="dtps", locations=(1, 3, 4), keep_ratio=0.6))
     params = checkpoints.from_torch_state_dict(sd, bv)
     chex.assert_shape(params["pos_embedding"], (1, 64, 96))
     logits, _ = bv.apply({"params": params}, x, train=False)
     np.testing.assert_allclose(logits, g["logits_eval"], atol=1e-4)
+
+  def test_timm_checkpoint_refuses_the_tanh_gelu(self, golden_model):
+    _, sd, _, _, _ = golden_model
+    bv = Model(10, width=96, depth=6, num_heads=3, patch_size=8, image_size=64,
+               layout="big_vision")  # big_vision's default: flax's tanh GELU
+    assert bv.gelu == "tanh"
+    with pytest.raises(ValueError, match="exact .erf. GELU"):
+      checkpoints.from_torch_state_dict(sd, bv)
 
   def test_jitted_matches_eager(self, golden_model):
     g, _, model, params, x = golden_model

@@ -373,6 +373,9 @@ class VisionTransformer(nn.Module):
     x = PatchEmbedding(self.width, (ph, pw), dtype=self.dtype, name="embedding")(image)
     b, n0 = x.shape[:2]  # (B, N0, D)
     d = self.width
+    if self.has_cls:  # created before the position table: flax numbers a module's draws in order
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
+      cls = jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype)
     if self.posemb == "learn":
       rows = n0 + 1 if self.has_cls and self.layout == "deit" else n0
       init = (nn.initializers.normal(stddev=0.02) if self.layout == "deit"
@@ -383,8 +386,6 @@ class VisionTransformer(nn.Module):
       pos = (jnp.concatenate([jnp.zeros((1, 1, d), x.dtype), pe], axis=1)
              if self.has_cls and self.layout == "deit" else pe)
     if self.has_cls:
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
-      cls = jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype)
       if pos.shape[1] == n0 + 1:
         x = jnp.concatenate([cls, x], axis=1) + pos
       else:
