@@ -286,7 +286,7 @@ def _pct(v: float) -> str:
 def report(args) -> None:
   """Markdown tables of the committed results (what the README quotes)."""
   out = pathlib.Path(args.results)
-  off = json.loads((out / "fmnist_offshelf.json").read_text())
+  off = json.loads((out / f"{args.offshelf}.json").read_text())
   d = off["dense"]
   print(f"Dense teacher: top-1 {_pct(d['top1'])}%, {1e3 * d['gmacs']:.2f} MMACs, "
         f"{d['images_per_s']:.0f} img/s\n")
@@ -370,7 +370,9 @@ def main(argv=None) -> None:
   s.add_argument("--methods", type=_methods, default=("dtps", "etps", "evit", "topk"))
   s.add_argument("--keep", type=float, default=0.5)
   s.add_argument("--images", type=_ints, default=(0, 1, 2, 3))
-  sub.add_parser("report", help="markdown tables of the results JSON")
+  s = sub.add_parser("report", help="markdown tables of the results JSON")
+  s.add_argument("--offshelf", default="fmnist_offshelf",
+                 help="which off-the-shelf JSON (e.g. fmnist_offshelf_gap)")
   s = sub.add_parser("quick", help="the main job: a short end-to-end comparison")
   s.add_argument("--keep", type=float, default=0.5)
   s.add_argument("--steps", type=int, default=100)

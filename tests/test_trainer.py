@@ -101,6 +101,9 @@ def test_rules_and_mesh_errors():
     sharding.make_mesh(fsdp=3)
   with pytest.raises(ValueError, match="does not divide over the 8 devices"):
     loop.Run(_config("tiny,batch=12"))
+  # The evaluation batch is checked at the start, not at the first evaluation (issue 24).
+  with pytest.raises(ValueError, match="eval_batch_size: global batch size 1001 does not divide"):
+    loop.Run(_config("tiny", **{"input.eval_batch_size": 1001}))
 
 
 def test_config_and_checkpoint_errors(tmp_path):

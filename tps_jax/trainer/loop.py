@@ -162,6 +162,10 @@ class Run:
     inp = config.input
     self.num_classes = config.get("num_classes") or self.source.num_classes
     self.local_batch = data.local_batch_size(inp.batch_size, self.data_sharding)
+    try:  # checked now, not at the first evaluation hours in
+      data.local_batch_size(inp.get("eval_batch_size", inp.batch_size), self.data_sharding)
+    except ValueError as e:
+      raise ValueError(f"config.input.eval_batch_size: {e}") from None
     self.steps_per_epoch = data.steps_per_epoch(
         self.source.num_examples(inp.train_split), self.local_batch, jax.process_count())
     self.total_steps = _total_steps(config, self.steps_per_epoch)
