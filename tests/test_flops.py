@@ -55,7 +55,7 @@ def _small(method, kw):
   return {"method": method, "locations": (2, 4, 6), **kw}
 
 
-CLS_FREE = ([("gap", {}, m, kw) for m, kw in METHODS]
+CLS_FREE = ([("gap", {}, m, kw) for m, kw in METHODS if m not in ("dynamicvit", "topk")]
             + [("map", {"rep_size": 48}, m, kw) for m, kw in METHODS if m in ("none", "etps",
                                                                             "tome")]
             + [("0", {"posemb": "sincos2d"}, m, kw) for m, kw in METHODS
