@@ -101,3 +101,22 @@ def test_fused_and_einsum_attention_agree():
   np.testing.assert_allclose(outs["einsum"][1].cls_attn, outs["fused"][1].cls_attn, atol=1e-5)
   with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
     MultiHeadDotProductAttention(num_heads=3, implementation="flash").init(jax.random.key(0), x)
+
+
+def test_cudnn_gets_the_size_bias_in_q_dtype(monkeypatch):
+  """ToMe's proportional-attention bias is float32; cuDNN needs it in q's dtype (bfloat16).
+  The cuDNN call is recorded here (no GPU on CPU) and answered by XLA's attention."""
+  from tps_jax import ops  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  def fake(q, k, v, *, bias=None, scale=None, implementation="xla", **kw):
+    seen.append((implementation, None if bias is None else bias.dtype, q.dtype))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="xla")
+
+  monkeypatch.setattr(ops, "dot_product_attention", fake)
+  attn = MultiHeadDotProductAttention(2, dtype=jnp.bfloat16, implementation="cudnn")
+  x = jnp.ones((1, 6, 16), jnp.bfloat16)
+  params = attn.init(jax.random.key(0), x)
+  bias = jnp.log(jnp.arange(1, 7, dtype=jnp.float32))[None, None, None, :]
+  attn.apply(params, x, bias=bias)
+  assert seen[-1] == ("cudnn", jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16))

@@ -162,6 +162,8 @@ class MultiHeadDotProductAttention(nn.Module):
       y = ops.policy_attention(q * jnp.asarray(scale, q.dtype), k, v, policy,
                                form=self.policy_form, implementation=fused or "xla")
     elif fused and not want_received:
+      if bias is not None and fused == "cudnn":  # cuDNN takes the bias in q's dtype
+        bias = bias.astype(q.dtype)
       y = ops.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=fused)
       if want_cls_attn:  # one query row: cheap beside the fused attention
         cls_attn = row_softmax(q[:, 0])
