@@ -160,6 +160,7 @@ def test_unknown_field_and_variants():
   assert bv.decode_variant("So400m/14") == dict(width=1152, depth=27, mlp_dim=4304,
                                                 num_heads=16, patch_size=(14, 14))
   assert bv.decode_variant("mu")["width"] == 32 and bv.decode_variant("e")["depth"] == 56
+  assert bv.Model(10, variant="mu/16", dtype_mm="bfloat16").dtype == jnp.bfloat16
 
 
 def test_imports_without_the_training_stack():

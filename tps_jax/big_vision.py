@@ -70,8 +70,9 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
   dtype = cfg.pop("dtype_mm")
   cfg.setdefault("gelu", "tanh")
   cfg.setdefault("image_size", None)
-  return vit.Model(num_classes, layout="big_vision", dtype=np.dtype(dtype) if isinstance(
-      dtype, str) else dtype, outputs_2d=True, **cfg)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return vit.Model(num_classes, layout="big_vision", dtype=jnp.dtype(dtype), outputs_2d=True,
+                   **cfg)
 
 
 # --- checkpoints: big_vision's `load` -------------------------------------------------------
