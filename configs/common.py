@@ -109,7 +109,8 @@ def base() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict(dict(checkpoint=""))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True,
+                                                fresh_despite_corrupt=False))
   return c
 
 

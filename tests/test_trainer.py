@@ -1,6 +1,7 @@
 """The trainer: loss goes down, one trace per step, sharding, multi-process, resume, errors."""
 
 import json
+import shutil
 import os
 import signal
 import socket
@@ -214,6 +215,15 @@ def test_checkpoints_tell_corruption_from_mismatch(tmp_path):
   ckpt.save(3, state(3), wait=True)  # the redone step is saved again, not skipped
   assert int(ckpt.restore(abstract)["step"]) == 3
   ckpt.close()
+  # A failure that is not the checkpoint's (memory, the filesystem, Orbax) is raised as it is
+  # and moves nothing, though every step would fail alike (issue 24).
+  ckpt = state_lib.Checkpoints(tmp_path, keep=5)
+  with mock.patch.object(ckpt.manager, "restore", side_effect=OSError("NFS timed out")):
+    with pytest.raises(OSError, match="NFS timed out"):
+      ckpt.restore(abstract, warn=warnings.append)
+  assert ckpt.latest_step() == 3 and len(warnings) == 1
+  assert sorted(p.name for p in root.iterdir()) == ["1", "2", "3", "corrupt-3"]
+  ckpt.close()
   # Without checksums (an older checkpoint), unreadable metadata is still corruption.
   for step in (1, 2, 3):
     (root / str(step) / "tps_jax_sha256.json").unlink()
@@ -222,6 +232,11 @@ def test_checkpoints_tell_corruption_from_mismatch(tmp_path):
   with pytest.raises(foreign.CheckpointCorruptError, match="every checkpoint .* is corrupt"):
     ckpt.restore(abstract, warn=warnings.append)
   ckpt.close()
+  # A workdir left with only corrupt steps is not silently trained from step 0 again.
+  (tmp_path / "run").mkdir()
+  shutil.move(str(root), str(tmp_path / "run" / "checkpoints"))
+  with pytest.raises(RuntimeError, match="refusing to train from step 0"):
+    loop.train_and_evaluate(_config("tiny,steps=2"), tmp_path / "run")
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

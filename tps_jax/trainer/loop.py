@@ -288,6 +288,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
     state = ckpt.restore(run.abstract_state, warn=writer.message)
     writer.message(f"resuming from {ckpt.directory}/{int(state['step'])}")
   else:
+    aside = ckpt.set_aside_steps()
+    if aside and not ckpt_cfg.get("fresh_despite_corrupt", False):
+      ckpt.close()
+      writer.close()
+      raise RuntimeError(
+          f"{ckpt.directory} holds only steps set aside as corrupt ({aside}); refusing to "
+          f"train from step 0 over them. Repair or delete them, or set "
+          f"--config.checkpoint.fresh_despite_corrupt=True to start afresh.")
     state = run.init_state()
   start = int(state["step"])
   run.load_teacher()

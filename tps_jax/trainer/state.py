@@ -15,7 +15,8 @@ step's arrays have other names or shapes than this run's state: the config
 changed): a mismatch stops the run, a corrupt latest step is moved aside to
 `checkpoints/corrupt-STEP` with a loud warning and the newest intact step is
 restored instead (the input stream is a function of the step, so the redone
-steps see the same batches).
+steps see the same batches). Any other failure to read a step (memory, the
+filesystem, Orbax) is raised unchanged and moves nothing.
 """
 
 from __future__ import annotations
@@ -130,14 +131,17 @@ class Checkpoints:
         f"corrupt-STEP); delete them to start afresh.")
 
   def _restore(self, step: int, abstract_state: dict) -> dict:
+    # Corruption is what the checksums or the metadata prove (verify). Anything else that
+    # goes wrong while reading (out of memory, a slow or failing filesystem, an Orbax
+    # upgrade) is not the checkpoint's fault: it is raised as it is and nothing is moved.
     self.verify(step, abstract_state)
-    try:
-      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except Exception as e:  # pylint: disable=broad-except
-      # The layout matched, so a failure to read it is damage, not a config change.
-      raise foreign.CheckpointCorruptError(
-          f"checkpoint {self.directory}/{step} is corrupt: its data cannot be read "
-          f"({type(e).__name__}: {str(e)[:300]}).") from e
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def set_aside_steps(self) -> list[str]:
+    """Names of the steps earlier restores moved aside as corrupt (`corrupt-STEP`)."""
+    if not self.directory.is_dir():
+      return []
+    return sorted(p.name for p in self.directory.iterdir() if p.name.startswith("corrupt-"))
 
   def _set_aside(self, step: int) -> pathlib.Path:
     """Renames a corrupt step out of Orbax's sight (kept for inspection); returns where to."""
