@@ -248,6 +248,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   ckpt = state_lib.Checkpoints(tmp_path)
   last = ckpt.latest_step()
   assert last is not None and last < 20
+  # The kept checkpoint is a good one: it restores, and every array in it is finite.
+  restored = ckpt.restore(loop.Run(config).abstract_state)
+  assert int(restored["step"]) == last
+  assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(restored["params"]))
   ckpt.close()
 
 
