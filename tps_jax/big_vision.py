@@ -37,6 +37,7 @@ import re
 import sys
 from typing import Any, Iterable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 from tps_jax.models import posemb as posemb_lib
@@ -70,7 +71,6 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
   dtype = cfg.pop("dtype_mm")
   cfg.setdefault("gelu", "tanh")
   cfg.setdefault("image_size", None)
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   return vit.Model(num_classes, layout="big_vision", dtype=jnp.dtype(dtype), outputs_2d=True,
                    **cfg)
 
@@ -246,7 +246,7 @@ def load(init_params, init_file, model_cfg, dont_load=()):  # pylint: disable=in
       restored = pyloop_to_scan(restored)
     if not scan and "encoderblock" in restored["Transformer"]:
       restored = scan_to_pyloop(restored)
-  init_params = _to_numpy_tree(init_params) if init_params is not None else None
+  init_params = _plain_tree(init_params) if init_params is not None else None
   restored = merge_params(restored, init_params, dont_load)
   if init_params and "pos_embedding" in init_params and "pos_embedding" in restored:
     restored["pos_embedding"] = resample_posemb(restored["pos_embedding"],
@@ -254,7 +254,8 @@ def load(init_params, init_file, model_cfg, dont_load=()):  # pylint: disable=in
   return restored
 
 
-def _to_numpy_tree(tree) -> dict:
+def _plain_tree(tree) -> dict:
+  """A (frozen) params tree as nested plain dicts of the same arrays."""
   return _unflatten({k: v for k, v in _flatten(dict(tree)).items()})
 
 
