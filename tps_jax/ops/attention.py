@@ -47,8 +47,10 @@ def policy_softmax(logits: jax.Array, policy, eps: float = POLICY_EPS) -> jax.Ar
 #              output is divided by the row sums. Exact up to rounding; one N x N pass fewer.
 #   fused      the forward pass in one fused attention kernel (cuDNN's flash attention on a
 #              GPU) with log P as an additive bias, and the SPEC's gradients: q, k, v from the
-#              kernel's backward pass, the policy's from its log-sum-exp (a custom VJP, below).
-#              Leaves out only the 1e-6 smoothing.
+#              kernel's backward pass, the policy's recomputed in float32 from the logits with
+#              the SPEC's row maximum and eps, so it equals the exact form's however far a
+#              dropped key's logit rises (a custom VJP, below). Its forward pass leaves out
+#              only the 1e-6 smoothing.
 #   log_bias   the same forward pass with the policy gradient cut where it is 0: a dropped
 #              token's policy gets no gradient through attention (d log P / dP at P = 0).
 #              Cheapest; an approximation of the authors' training signal.
@@ -162,38 +164,63 @@ def _log_policy_bias(pi: jax.Array, n: int, dtype) -> jax.Array:
   return jnp.where(allowed > 0, jnp.log(jnp.maximum(allowed, 1e-30)), _LOG_FLOOR).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused_policy_attention(q, k, v, pi, implementation):
-  return _fused_policy_fwd(q, k, v, pi, implementation)[0]
+  """The fused form: an odd N on cuDNN is padded once, here, with a dropped zero token (its
+  key is visible only to its own query, whose row is sliced off), so the kernel never pads
+  and the custom VJP's residuals hold one copy of q, k, v."""
+  n = q.shape[1]
+  if implementation == "cudnn" and n % 2:
+    q, k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (q, k, v))
+    pi = jnp.pad(pi, ((0, 0), (0, 1)))
+  return _fused_policy_core(q, k, v, pi, implementation, n)[:, :n]
 
 
-def _fused_policy_fwd(q, k, v, pi, implementation):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_policy_core(q, k, v, pi, implementation, n):
+  return _fused_policy_fwd(q, k, v, pi, implementation, n)[0]
+
+
+def _fused_policy_fwd(q, k, v, pi, implementation, n):
+  del n
   bias = jax.lax.stop_gradient(_log_policy_bias(pi, q.shape[1], q.dtype))
   attend = lambda q, k, v: dot_product_attention(q, k, v, bias=bias, scale=1.0,
-                                                 implementation=implementation,
-                                                 return_lse=True)
-  y, attend_vjp, lse = jax.vjp(attend, q, k, v, has_aux=True)
-  return y, (q, k, v, pi, y, lse, attend_vjp)
+                                                 implementation=implementation)
+  y, attend_vjp = jax.vjp(attend, q, k, v)
+  return y, (q, k, v, pi, y, attend_vjp)  # the kernel's residuals are these q, k, v: no copy
 
 
-def _fused_policy_bwd(implementation, res, dy):
-  """q, k, v: the kernel's backward pass (P fixed). The policy: with w = exp(a - lse) the
-  unmasked weights (a = q.k, lse the masked row log-sum-exp), attn = w P, and
-  dL/dattn_ij = dy_i.v_j, dL/dP_ij = w_ij (dy_i.v_j - dy_i.y_i); P_ij = pi_j off the
-  diagonal and 1 on it, so dL/dpi_j sums dL/dP_ij over queries i != j and heads."""
+def _fused_policy_bwd(implementation, n, res, dy):
+  """q, k, v: the kernel's backward pass (P fixed). The policy: the exact form's gradient,
+  recomputed in float32 from the logits over the first `n` (real) tokens. With e = exp(a - m),
+  m the row maximum over every key (dropped ones too, as in the SPEC), S = sum_j e_ij P_ij and
+  the SPEC's eps, the exact form's weights are attn = (e P + eps / n) / (S + eps), so
+  dL/dP_ij = e_ij / (S_i + eps) * (dy_i.v_j - dy_i.y_i) with y the smoothed output
+  (S y_fused + eps / n sum_j v_j) / (S + eps). Each factor e / (S + eps) is at most 1 / eps,
+  however far a dropped key's logit rises above the kept ones (the log-sum-exp of the kept
+  keys alone would give exp(gap) there). P_ij = pi_j off the diagonal and 1 on it, so
+  dL/dpi_j sums dL/dP_ij over queries i != j and heads."""
   del implementation
-  q, k, v, pi, y, lse, attend_vjp = res
+  q, k, v, pi, y, attend_vjp = res
   dq, dk, dv = attend_vjp(dy)
-  n = q.shape[1]
+  full = q.shape[1]
+  q, k, v, y, dy, p = (t[:, :n] for t in (q, k, v, y, dy, pi))
   a = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  e = jnp.exp(a - jnp.max(a, axis=-1, keepdims=True))
+  s = jnp.sum(e * _allowed(p, n, e.dtype), axis=-1)  # (B, H, N)
+  den = (s + POLICY_EPS).transpose(0, 2, 1)[..., None]  # (B, N, H, 1)
+  y = (s.transpose(0, 2, 1)[..., None] * upcast(y)
+       + (POLICY_EPS / n) * jnp.sum(upcast(v), axis=1, keepdims=True)) / den
   g = jnp.einsum("bqhd,bkhd->bhqk", dy, v, preferred_element_type=jnp.float32)
-  dy_y = jnp.einsum("bqhd,bqhd->bhq", upcast(dy), upcast(y))
-  w = jnp.exp(a - lse.transpose(0, 2, 1)[..., None]) * (g - dy_y[..., None])
+  dy_y = jnp.einsum("bqhd,bqhd->bhq", upcast(dy), y)
+  w = e / den.transpose(0, 2, 1, 3) * (g - dy_y[..., None])
   dpi = jnp.sum(w * (1.0 - jnp.eye(n, dtype=w.dtype)), axis=(1, 2))  # (B, N)
+  dpi = jnp.pad(dpi, ((0, 0), (0, full - n)))
   return dq, dk, dv, dpi.reshape(pi.shape).astype(pi.dtype)
 
 
-_fused_policy_attention.defvjp(_fused_policy_fwd, _fused_policy_bwd)
+_fused_policy_core.defvjp(_fused_policy_fwd, _fused_policy_bwd)
+
+
 
 
 def class_attention_scores(attn: jax.Array, num_prefix: int = 1) -> jax.Array:
