@@ -13,6 +13,11 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_backend_optimization_level=0").strip()
 
+# tcmalloc for the xdist workers and the tests' subprocesses, which inherit this environment
+# (XLA on the CPU re-faults its buffers every step under glibc's malloc: tps_jax/host.py).
+from tps_jax import host  # pylint: disable=g-import-not-at-top,wrong-import-position
+os.environ.update(host.with_tcmalloc())
+
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -1,11 +1,25 @@
-"""tps_jax: Token Pruning & Squeezing (TPS, CVPR 2023) for vision transformers in JAX/Flax."""
+"""tps_jax: Token Pruning & Squeezing (TPS, CVPR 2023) for vision transformers in JAX/Flax.
 
-from tps_jax.ops import (HostMatch, ToMeMatch, bipartite_soft_matching, class_attention_scores,
-                         cosine_similarity, evit_fuse, fuse, gather_tokens,
-                         gumbel_softmax_hard, indices_to_mask, keep_counts, match_hosts,
-                         match_hosts_masked, max_merge, merge_sum, merge_wavg,
-                         policy_attention, policy_softmax, proportional_attention_bias, squeeze,
-                         squeeze_masked, squeeze_masked_with_hosts, squeeze_with_hosts,
-                         topk_split)
+The operators of `tps_jax.ops` are re-exported here, loaded on first use, so that importing a
+light module (`tps_jax.host`, which must run before JAX starts) does not import JAX.
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ("HostMatch", "ToMeMatch", "bipartite_soft_matching", "class_attention_scores",
+           "cosine_similarity", "evit_fuse", "fuse", "gather_tokens", "gumbel_softmax_hard",
+           "indices_to_mask", "keep_counts", "match_hosts", "match_hosts_masked", "max_merge",
+           "merge_sum", "merge_wavg", "policy_attention", "policy_softmax",
+           "proportional_attention_bias", "squeeze", "squeeze_masked",
+           "squeeze_masked_with_hosts", "squeeze_with_hosts", "topk_split")
+
+
+def __getattr__(name):
+  if name in __all__:
+    from tps_jax import ops  # pylint: disable=g-import-not-at-top
+    return getattr(ops, name)
+  raise AttributeError(f"module 'tps_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted((*globals(), *__all__))
