@@ -14,6 +14,10 @@ the plain switch over the 15 ops (`rand_augment(by_kind=False)`), in one run;
 and Equalize's per-channel histograms of a 224-px batch by each method
 (`randaugment.HISTOGRAMS`), on noise and on smooth, photo-like content (where
 neighbouring pixels share a bin, the case that serialises atomic adds).
+`--boundary` times only the epoch boundary on ImageNet's scale: 16 threads read the
+last rows of epoch 0 and the first of epoch 1 interleaved (as grain's readers do there), with
+the shuffled order's cache holding one epoch (the old, shared one-entry cache) or three (the
+pipeline's); rows give the permutations drawn and rows/s.
 `--device_only` skips the host cases (the lent GPU machine has no grain), `--only TEXT`
 runs only the device cases whose name holds TEXT (e.g. "histograms").
 
@@ -109,6 +113,28 @@ def _histogram_rate(size: int, batch: int, method: str, smooth: bool,
   return batch / t["median_s"]
 
 
+def _boundary_rows(cached: int, rows: int = 512, threads: int = 16) -> dict:
+  """Rows/s of reading `rows` positions around an epoch boundary of a 1.28M-entry shard."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from tps_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  n = 1_281_167
+  used = n // 1024 * 1024
+  order = pipeline._EpochOrder(0, n, used, seed=0, cached=cached)  # pylint: disable=protected-access
+  half = rows // 2
+  positions = [p for i in range(half) for p in (used - 1 - i, used + i)]
+  start = time.perf_counter()
+  workers = [threading.Thread(target=lambda c: [order[p] for p in c], args=(positions[i::threads],))
+             for i in range(threads)]
+  for w in workers:
+    w.start()
+  for w in workers:
+    w.join()
+  seconds = time.perf_counter() - start
+  return {"case": f"epoch boundary, 1.28M-entry shard, {threads} threads, {rows} rows",
+          "cached_epochs": cached, "permutations_drawn": order.draws, "seconds": seconds,
+          "rows_per_s": rows / seconds}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=128)
@@ -117,7 +143,14 @@ def main():
   parser.add_argument("--out", default=None)
   parser.add_argument("--device_only", action="store_true", help="skip the host cases")
   parser.add_argument("--only", default="", help="run only the device cases naming this")
+  parser.add_argument("--boundary", action="store_true",
+                      help="only the epoch-boundary case (the shuffled order's cache)")
   args = parser.parse_args()
+  if args.boundary:
+    rows = [_boundary_rows(cached) for cached in (1, 3)]
+    common.print_table(rows, list(rows[0]))
+    common.write_json("input_pipeline_boundary", {"rows": rows}, args.out)
+    return
   cores = os.cpu_count() or 1
   modes = [("threads", cores, 0), ("workers", 1, cores)]
 

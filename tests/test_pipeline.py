@@ -4,6 +4,7 @@ import gzip
 import io
 import itertools
 import logging
+import threading
 from unittest import mock
 
 import jax
@@ -15,6 +16,7 @@ import tensorflow_datasets as tfds
 
 from tps_jax import data
 from tps_jax.data import fashion_mnist
+from tps_jax.data import pipeline
 
 FMNIST = data.Preprocess(size=28, channels=1, crop="pad_random", pad=2, randaugment=(2, 9),
                          erasing=0.25, mean=(0.286,), std=(0.353,))
@@ -92,6 +94,37 @@ def test_train_epochs_are_permutations_and_resume_across_epochs():
                                      start_step=4), 3)
   for x, y in zip(batches[4:7], resumed):
     np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_epoch_orders_are_drawn_once_when_threads_straddle_an_epoch_boundary(monkeypatch):
+  # Issue 24 item 6: grain's reader threads read epochs e and e + 1 side by side at a
+  # boundary; a one-entry cache made them evict each other and redraw a permutation per row.
+  draws = []
+  real = np.random.default_rng
+
+  def counting(seed):
+    draws.append(tuple(seed))
+    return real(seed)
+
+  monkeypatch.setattr(pipeline.np.random, "default_rng", counting)
+  used, lo, hi = 64, 10, 90
+  order = pipeline._EpochOrder(lo, hi, used, seed=3)  # pylint: disable=protected-access
+  positions = [p for i in range(used) for p in (used - 1 - i, used + i, 2 * used + i)]
+  results = {}
+
+  def read(chunk):
+    for p in chunk:
+      results[p] = order[p]
+
+  threads = [threading.Thread(target=read, args=(positions[i::8],)) for i in range(8)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert sorted(draws) == [(3, 0), (3, 1), (3, 2)]  # each epoch's permutation drawn once
+  for epoch in range(3):
+    want = real([3, epoch]).permutation(np.arange(lo, hi))[:used]
+    np.testing.assert_array_equal([results[epoch * used + k] for k in range(used)], want)
 
 
 def test_threads_and_worker_processes_give_the_same_batches():

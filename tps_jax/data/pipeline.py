@@ -82,23 +82,41 @@ class _EpochOrder:
   """Position in this process's endless stream -> index into the split.
 
   Epoch e is a permutation of the shard [lo, hi) drawn from (seed, e), of
-  which the first `used` entries are read (whole batches only).
+  which the first `used` entries are read (whole batches only). grain's
+  reader threads call this concurrently, and at an epoch boundary some read
+  epoch e while others read e + 1: the last `cached` epochs' permutations are
+  kept under a lock, so each is drawn once (a one-entry cache shared by the
+  threads redrew a permutation, 1.28M entries on ImageNet, almost every row
+  there: benchmarks/input_pipeline.py --boundary).
   """
 
-  def __init__(self, lo: int, hi: int, used: int, seed: int):
-    self.lo, self.hi, self.used, self.seed = lo, hi, used, seed
-    self._cache: tuple[int, np.ndarray] | None = None
+  def __init__(self, lo: int, hi: int, used: int, seed: int, cached: int = 3):
+    self.lo, self.hi, self.used, self.seed, self.cached = lo, hi, used, seed, cached
+    self._orders: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+    self._lock = threading.Lock()
+    self.draws = 0  # permutations drawn so far (the benchmark and tests read it)
 
   def __len__(self):
     return self.used * _MAX_EPOCHS
 
+  def order(self, epoch: int) -> np.ndarray:
+    """Epoch `epoch`'s permutation of [lo, hi)."""
+    with self._lock:
+      order = self._orders.get(epoch)
+      if order is None:
+        order = np.random.default_rng([self.seed, epoch]).permutation(np.arange(self.lo,
+                                                                                self.hi))
+        self.draws += 1
+        self._orders[epoch] = order
+        while len(self._orders) > self.cached:
+          self._orders.popitem(last=False)
+      else:
+        self._orders.move_to_end(epoch)
+      return order
+
   def __getitem__(self, position: int) -> int:
     epoch, k = divmod(int(position), self.used)
-    cached = self._cache
-    if cached is None or cached[0] != epoch:
-      order = np.random.default_rng([self.seed, epoch]).permutation(np.arange(self.lo, self.hi))
-      cached = self._cache = (epoch, order)
-    return int(cached[1][k])
+    return int(self.order(epoch)[k])
 
 
 def _read_options(threads: int | None, ahead: int) -> grain.ReadOptions:
