@@ -240,6 +240,42 @@ def _write_folder(root, corrupt=True):
         (d / "notes.txt").write_text("ignored: not an image extension")
 
 
+def test_mixing_pairs_within_each_device_shard_and_moves_nothing_between_devices():
+  # Issue 24 item 8: with one group per device shard, image i mixes only with the mirrored
+  # row of its own shard, each shard with its own coefficient (timm's per-GPU Mixup), and
+  # the compiled step has no collective; the global mirror needed a collective permute.
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.P("data"))
+  b, per = 32, 4
+  images = jax.device_put(jnp.stack([jnp.full((8, 8, 1), float(i)) for i in range(b)]), sharding)
+  labels = jax.device_put(jnp.arange(b) % 4, sharding)
+  cfg = data.Mixing(mixup_alpha=0.8, cutmix_alpha=0.0, smoothing=0.0)
+
+  def hlo(f):
+    f = jax.jit(f)
+    return f, f.lower(jax.random.key(1), images, labels).compile().as_text()
+
+  collectives = ("collective-permute", "all-to-all", "all-gather", "all-reduce")
+  step, text = hlo(lambda r, x, y: data.mix_per_shard(r, x, y, 4, cfg, sharding))
+  assert not [c for c in collectives if c in text]
+  _, text = hlo(lambda r, x, y: data.mix(r, x, y, 4, cfg))
+  assert "collective-permute" in text  # the global mirror moves images
+  mixed, targets = step(jax.random.key(1), images, labels)
+  mixed, targets = np.asarray(mixed), np.asarray(targets)
+  lams = []
+  for i in range(b):
+    g, j = divmod(i, per)
+    partner = g * per + per - 1 - j
+    lam = targets[i, i % 4]
+    if i % 4 == partner % 4:
+      continue  # same label: the coefficient is not readable from the targets
+    np.testing.assert_allclose(mixed[i], lam * i + (1 - lam) * partner, rtol=1e-5)
+    lams.append((g, round(float(lam), 5)))
+  assert len({lam for _, lam in lams}) > 1  # shards draw their own coefficients
+  for g in range(b // per):
+    assert len({lam for gg, lam in lams if gg == g and lam > 0.5}) <= 1
+
+
 def test_image_folder_source_and_bad_files(tmp_path, caplog):
   _write_folder(tmp_path)
   with caplog.at_level(logging.WARNING):

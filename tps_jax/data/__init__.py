@@ -10,7 +10,7 @@ Knows nothing of the models.
 """
 
 from tps_jax.data.augment import eval_images, normalise, random_erasing, train_images
-from tps_jax.data.mixing import Mixing, mix
+from tps_jax.data.mixing import Mixing, mix, mix_per_shard
 from tps_jax.data.pipeline import (device_prefetch, eval_batches, eval_steps, local_batch_size,
                                    steps_per_epoch, to_global, train_batches, train_dataset)
 from tps_jax.data.preprocess import Preprocess

@@ -3,6 +3,10 @@
 timm's batch mode as DeiT uses it (mixup 0.8, cutmix 1.0, switch prob 0.5,
 smoothing 0.1): one mixing coefficient per batch, each image mixed with the
 image at the mirrored batch position, soft targets mixed with the same weight.
+`mix_per_shard` does this on each device's shard of a sharded batch, as timm's
+Mixup runs on each GPU's batch: its own coefficient and box, pairs that never
+cross devices, so the step moves no image between devices (a mirror of the
+global batch is a collective permute of the whole float32 batch every step).
 Shapes are static: the CutMix box is a mask built from iota comparisons.
 """
 
@@ -73,3 +77,24 @@ def mix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
   lam = jnp.where(apply, lam, 1.0).astype(jnp.float32)
   images = jnp.where(apply, jnp.where(use_cutmix, cut, mixed_up), images).astype(images.dtype)
   return images, lam * targets + (1.0 - lam) * targets[::-1]
+
+
+def mix_per_shard(rng: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
+                  config: Mixing, sharding: jax.sharding.NamedSharding):
+  """`mix` on each device's rows of a batch laid out by `sharding` (batch on axis 0).
+
+  Each shard draws from `rng` folded with its position along the batch's mesh axes, so the
+  result depends on the mesh's shape (as timm's does on the number of GPUs), never on timing.
+  """
+  spec = sharding.spec[0] if len(sharding.spec) else None
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  batch = jax.sharding.PartitionSpec(axes or None)
+
+  def local(rng, images, labels):
+    if axes:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
+    return mix(rng, images, labels, num_classes, config)
+
+  return jax.shard_map(local, mesh=sharding.mesh,
+                       in_specs=(jax.sharding.PartitionSpec(), batch, batch),
+                       out_specs=(batch, batch))(rng, images, labels)

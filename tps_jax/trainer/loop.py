@@ -99,12 +99,14 @@ def _host(tree):
 
 def make_train_step(model: VisionTransformer, tx, *, num_classes: int, mixing: data.Mixing,
                     loss_cfg: dict, teacher: VisionTransformer | None,
-                    preprocess: data.Preprocess):
+                    preprocess: data.Preprocess,
+                    batch_sharding: jax.sharding.NamedSharding | None = None):
   """(state, batch, teacher_params) -> (state, metrics); non-finite gradients are skipped.
 
   `batch["image"]` is the host's uint8 (B, S, S, C); the device part of the
   augmentation (RandAugment, normalisation, erasing, mixing) happens here,
-  keyed by (seed, step, row).
+  keyed by (seed, step, row). Given the batch's sharding, mixing pairs rows
+  within each device's shard (`data.mix_per_shard`, timm's per-GPU Mixup).
   """
   reduction = model.reduction
 
@@ -112,7 +114,11 @@ def make_train_step(model: VisionTransformer, tx, *, num_classes: int, mixing: d
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     k_aug, k_mix, k_gumbel, k_drop = jax.random.split(rng, 4)
     images = data.train_images(k_aug, batch["image"], preprocess)
-    images, targets = data.mix(k_mix, images, batch["label"], num_classes, mixing)
+    if batch_sharding is not None and mixing.active:
+      images, targets = data.mix_per_shard(k_mix, images, batch["label"], num_classes, mixing,
+                                           batch_sharding)
+    else:
+      images, targets = data.mix(k_mix, images, batch["label"], num_classes, mixing)
     teacher_out = None
     if teacher is not None:
       t_logits, t_out = teacher.apply({"params": teacher_params}, images, train=False)
@@ -229,7 +235,8 @@ class Run:
     cfg = self.config
     step_fn = make_train_step(self.model, self.tx, num_classes=self.num_classes,
                               mixing=self.mixing, loss_cfg=_to_dict(cfg.get("loss", {})),
-                              teacher=self.teacher, preprocess=self.preprocess)
+                              teacher=self.teacher, preprocess=self.preprocess,
+                              batch_sharding=self.data_sharding)
     teacher_sh = (sharding.tree_shardings(self.teacher_params, self.mesh, self.min_shard_size)
                   if self.teacher_params is not None else None)
     repl = sharding.replicated(self.mesh)
