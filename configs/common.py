@@ -68,6 +68,7 @@ def base() -> ml_collections.ConfigDict:
   c.total_epochs = 1.0
   c.total_steps = 0  # > 0 overrides total_epochs
   c.mixed_precision = False  # bfloat16 compute, float32 parameters and optimizer state
+  c.eval_precision = "train"  # evaluate as trained (bfloat16 if mixed), or "float32"
   c.log_every_steps = 50
   c.eval_every_steps = 0  # 0: evaluate at the end only
   c.eval_at_steps = ()  # and at these steps too (learning curves)

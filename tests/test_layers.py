@@ -55,7 +55,7 @@ def test_full_policy_equals_plain_attention_and_halves_compose():
   np.testing.assert_allclose(plain, halves, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["einsum", "fused"])
+@pytest.mark.parametrize("impl", ["einsum", "xla"])
 def test_cls_attention_matches_full_softmax_row(impl):
   x = tokens(2, 2, 7, 8)
   attn = MultiHeadDotProductAttention(num_heads=2, implementation=impl)
@@ -89,18 +89,21 @@ def test_bfloat16_block():
   chex.assert_type(block.apply(params, x), jnp.bfloat16)
 
 
-def test_fused_and_einsum_attention_agree():
+def test_xla_and_einsum_attention_agree():
   x = tokens(5, 2, 7, 12)
   bias = jnp.log(jnp.arange(1.0, 8.0))[None, None, None, :].repeat(2, 0)
   outs = {}
-  for impl in ("einsum", "fused"):
+  for impl in ("einsum", "xla"):
     attn = MultiHeadDotProductAttention(num_heads=3, implementation=impl)
     params = attn.init(jax.random.key(0), x)
     outs[impl] = attn.apply(params, x, bias=bias, want_cls_attn=True)
-  np.testing.assert_allclose(outs["einsum"][0], outs["fused"][0], atol=1e-5)
-  np.testing.assert_allclose(outs["einsum"][1].cls_attn, outs["fused"][1].cls_attn, atol=1e-5)
+  np.testing.assert_allclose(outs["einsum"][0], outs["xla"][0], atol=1e-5)
+  np.testing.assert_allclose(outs["einsum"][1].cls_attn, outs["xla"][1].cls_attn, atol=1e-5)
   with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
     MultiHeadDotProductAttention(num_heads=3, implementation="flash").init(jax.random.key(0), x)
+  # Issue 24 item 12: "fused" named both this and a policy form; the old name says the new one.
+  with pytest.raises(ValueError, match="'fused' is now called 'xla'"):
+    MultiHeadDotProductAttention(num_heads=3, implementation="fused").init(jax.random.key(0), x)
 
 
 def test_cudnn_gets_the_size_bias_in_q_dtype(monkeypatch):

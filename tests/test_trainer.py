@@ -123,6 +123,12 @@ def test_config_and_checkpoint_errors(tmp_path):
   assert fashion_mnist.get_config("tiny=no,steps=3").total_steps == 3
   with pytest.raises(ValueError, match="batch size must be a positive integer, got 0"):
     loop.Run(_config("tiny", **{"input.batch_size": 0}))
+  # Evaluation runs the model as it trains (issue 24 item 12), float32 only when asked.
+  assert loop.Run(_config("tiny", mixed_precision=True)).eval_model.dtype == jnp.bfloat16
+  assert loop.Run(_config("tiny", mixed_precision=True,
+                          eval_precision="float32")).eval_model.dtype == jnp.float32
+  with pytest.raises(ValueError, match="unknown config.eval_precision 'half'"):
+    loop.Run(_config("tiny", eval_precision="half"))
   # A corrupt params.npz is named as such, not as numpy's "pickled data" complaint.
   (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 64)
   with pytest.raises(foreign.CheckpointCorruptError, match="corrupt.npz is not a readable"):

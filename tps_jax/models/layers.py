@@ -95,7 +95,8 @@ class AttentionOut(NamedTuple):
   mean_query: jax.Array | None = None
 
 
-IMPLEMENTATIONS = ("auto", "einsum", "fused", "cudnn")
+IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+RENAMED = {"fused": "xla"}  # an old name -> its name now (not the policy form "fused")
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -105,9 +106,9 @@ class MultiHeadDotProductAttention(nn.Module):
   query/key/value kernels (D, H, D/H), out kernel (H, D/H, D).
 
   `implementation`: "einsum" (explicit (B, H, N, d) einsums; fastest on CPU),
-  "fused" (`jax.nn.dot_product_attention`, XLA's own composition), "cudnn"
+  "xla" (`jax.nn.dot_product_attention`, XLA's own composition), "cudnn"
   (the same call with cuDNN's flash kernel: GPU, bfloat16 / float16 only), or
-  "auto": cudnn on a GPU in bfloat16 / float16 (head dim a multiple of 8), fused on
+  "auto": cudnn on a GPU in bfloat16 / float16 (head dim a multiple of 8), xla on
   other accelerators and float32, einsum on CPU. Under a policy, `policy_form` decides
   instead (`ops.POLICY_FORMS`); its kernel forms "fused" and "log_bias" run on cuDNN
   where the implementation resolves to it.
@@ -119,11 +120,15 @@ class MultiHeadDotProductAttention(nn.Module):
 
   def _fused(self, head_dim: int) -> str | None:
     """The `ops.dot_product_attention` implementation to use, or None for einsums."""
+    if self.implementation in RENAMED:
+      raise ValueError(f"attention implementation {self.implementation!r} is now called "
+                       f"{RENAMED[self.implementation]!r} (\"fused\" is a policy_form, "
+                       f"ops.POLICY_FORMS); expected one of {IMPLEMENTATIONS}.")
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(f"unknown attention implementation {self.implementation!r}; "
                        f"expected one of {IMPLEMENTATIONS}.")
     if self.implementation != "auto":
-      return {"einsum": None, "fused": "xla", "cudnn": "cudnn"}[self.implementation]
+      return {"einsum": None, "xla": "xla", "cudnn": "cudnn"}[self.implementation]
     backend = jax.default_backend()
     if backend == "cpu":
       return None

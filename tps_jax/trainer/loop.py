@@ -97,6 +97,9 @@ def _host(tree):
   return jax.device_get(tree)
 
 
+EVAL_PRECISIONS = ("train", "float32")  # config.eval_precision: as trained, or float32
+
+
 def make_train_step(model: VisionTransformer, tx, *, num_classes: int, mixing: data.Mixing,
                     loss_cfg: dict, teacher: VisionTransformer | None,
                     preprocess: data.Preprocess,
@@ -181,7 +184,14 @@ class Run:
       raise ValueError(f"the model takes {self.model.channels}-channel images but the input "
                        f"pipeline makes {self.preprocess.channels} (config.input.preprocess."
                        f"channels vs config.model.channels).")
-    self.eval_model = build_model(config.model, self.num_classes)
+    # Evaluation (top-1 and images/s) runs the model as it trains: in bfloat16 for a mixed-
+    # precision run, unless config.eval_precision = "float32".
+    self.eval_precision = config.get("eval_precision", "train")
+    if self.eval_precision not in EVAL_PRECISIONS:
+      raise ValueError(f"unknown config.eval_precision {self.eval_precision!r}; expected one "
+                       f"of {EVAL_PRECISIONS}.")
+    self.eval_model = build_model(config.model, self.num_classes,
+                                  mixed_precision=mp and self.eval_precision == "train")
     opt = _to_dict(config.optim)
     warmup_epochs = opt.pop("warmup_epochs", 0.0)
     opt.setdefault("warmup_steps", int(round(warmup_epochs * self.steps_per_epoch)))
@@ -260,7 +270,7 @@ class Run:
   def summary(self, params, *, speed_repeats: int = 5) -> dict[str, Any]:
     """Top-1 over the eval split, GMACs and inference images/s: the one evaluation path."""
     inp = self.config.input
-    return {**self.evaluate(params),
+    return {**self.evaluate(params), "eval_dtype": jnp.dtype(self.eval_model.dtype).name,
             **evaluation.cost(self.eval_model, params,
                               batch=inp.get("eval_batch_size", inp.batch_size),
                               data_sharding=self.data_sharding, repeats=speed_repeats)}
