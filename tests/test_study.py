@@ -9,7 +9,7 @@ import pytest
 
 from experiments import fashion_mnist as cli
 from experiments import study
-from tps_jax import checkpoints, data, visualize
+from tps_jax import data, run_checkpoints, visualize
 from tps_jax.data import fashion_mnist as fm
 from tps_jax.models.vit import Model
 
@@ -80,7 +80,7 @@ def tiny_teacher(tmp_path_factory):
   cfg = study.fashion_mnist_config("tiny")
   model = study.build_model(cfg)
   params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-  checkpoints.save_params_npz(params, path)
+  run_checkpoints.save_params_npz(params, path)
   return path
 
 

@@ -1,4 +1,4 @@
-"""Parameters from any checkpoint: ours, timm / DeiT / the authors' TPS, big_vision .npz.
+"""Parameters from any checkpoint: timm / DeiT / the authors' TPS, big_vision .npz, ours.
 
   params = checkpoints.load_params(path, model)  # any kind below, told apart by its form
   params = checkpoints.from_torch_state_dict(state_dict_or_path, model)
@@ -8,12 +8,12 @@ Both return a params tree for `model.apply({"params": params}, ...)`, check
 every shape against the model, and report missing, unexpected and mismatched
 keys by name. `fresh=("head",)` or `fresh=("score_heads",)` leaves those parts
 freshly initialised (e.g. a dense DeiT checkpoint into a dTPS model).
+Our own run directories (checksums, the newest intact step) are read by
+`tps_jax.run_checkpoints`, which `load_params` calls for a directory.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pathlib
 import re
@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tps_jax import atomic
 from tps_jax.models.vit import VisionTransformer
 
 FRESH_GROUPS = ("head", "score_heads")
@@ -293,80 +292,14 @@ def to_flat(params) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Our own checkpoints: Orbax steps (with checksums) and params.npz; loading any kind.
-
-CHECKSUMS = "tps_jax_sha256.json"  # in each Orbax step directory the trainer writes
-
-
-def _digests(step_dir: pathlib.Path) -> dict[str, str]:
-  """Relative path -> SHA-256 of every file of a step directory (the checksum file aside)."""
-  out = {}
-  for path in sorted(step_dir.rglob("*")):
-    if path.is_file() and not path.name.startswith(CHECKSUMS):
-      h = hashlib.sha256()
-      with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-          h.update(chunk)
-      out[str(path.relative_to(step_dir))] = h.hexdigest()
-  return out
-
-
-def write_checksums(step_dir: str | os.PathLike) -> None:
-  """Records the SHA-256 of each file of a finished step, atomically."""
-  step_dir = pathlib.Path(step_dir)
-  atomic.write_json(step_dir / CHECKSUMS, _digests(step_dir), indent=0)
-
-
-def check_checksums(step_dir: str | os.PathLike) -> None:
-  """Raises CheckpointCorruptError if a file of the step differs from its recorded SHA-256.
-
-  A step without a checksum file (written before checksums, or cut off between
-  Orbax's commit and the checksum) passes: Orbax's own atomic commit stands.
-  """
-  step_dir = pathlib.Path(step_dir)
-  sums = step_dir / CHECKSUMS
-  if not sums.exists():
-    return
-  try:
-    expected = json.loads(sums.read_text())
-  except ValueError as e:
-    raise CheckpointCorruptError(f"checkpoint {step_dir}: {CHECKSUMS} is unreadable: "
-                                 f"{e}") from e
-  actual = _digests(step_dir)
-  bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
-  if bad:
-    raise CheckpointCorruptError(
-        f"checkpoint {step_dir} is corrupt: {len(bad)} file(s) differ from the checksums "
-        f"written when it was saved, e.g. {bad[:3]}.")
-
-
-def orbax_params(path: pathlib.Path) -> dict[str, np.ndarray]:
-  """Flat params of the latest step under a workdir, a checkpoints dir, or a step dir."""
-  root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-  steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
-  step_dir = root / str(max(steps)) if steps else path
-  item = step_dir / "default"  # trainer.state.Checkpoints' item name
-  if not item.is_dir():
-    raise FileNotFoundError(f"no tps_jax checkpoint under {path} "
-                            f"(expected WORKDIR/checkpoints/STEP).")
-  check_checksums(step_dir)
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top (a [train] dependency)
-  try:
-    restored = ocp.StandardCheckpointer().restore(item.absolute())
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointCorruptError(f"checkpoint {step_dir} cannot be read (corrupt?): "
-                                 f"{type(e).__name__}: {str(e)[:300]}") from e
-  if "params" not in restored:
-    raise CheckpointMismatchError(f"{item} holds no 'params' entry.")
-  flat = flax.traverse_util.flatten_dict(restored["params"], sep="/")
-  return {k: np.asarray(v) for k, v in flat.items()}
+# Any kind, told apart by its form (our own runs: tps_jax.run_checkpoints).
 
 
 def load_params(path: str | os.PathLike, model: VisionTransformer, *,
                 fresh: Iterable[str] = (), rng: jax.Array | None = None) -> Any:
   """Parameters for `model` from a checkpoint of any kind this library reads.
 
-  - a directory: a tps_jax workdir (its latest checkpoint) or an Orbax step;
+  - a directory: a tps_jax workdir (its newest intact step) or one Orbax step of it;
   - `.npz` with "a/b/c" keys: ours (`params.npz`) or big_vision / AugReg;
   - `.npz` / `.safetensors` / `.pth` with "a.b.c" keys: a timm / DeiT / TPS state dict.
   Mismatches raise `CheckpointMismatchError` naming the keys.
@@ -375,18 +308,10 @@ def load_params(path: str | os.PathLike, model: VisionTransformer, *,
   if not path.exists():
     raise FileNotFoundError(f"checkpoint {path} does not exist.")
   if path.is_dir():  # assemble ignores (and re-initialises) the `fresh` groups itself
-    return assemble(orbax_params(path), model, fresh=fresh, rng=rng,
-                            source=f"checkpoint {path}")
+    from tps_jax import run_checkpoints  # pylint: disable=g-import-not-at-top (imports us)
+    return assemble(run_checkpoints.read_params(path), model, fresh=fresh, rng=rng,
+                    source=f"checkpoint {path}")
   flat = load_state_dict(path)
   if any("/" in k for k in flat):
     return from_big_vision_npz(flat, model, fresh=fresh, rng=rng)
   return from_torch_state_dict(flat, model, fresh=fresh, rng=rng)
-
-
-def save_params_npz(params, path: str | os.PathLike) -> pathlib.Path:
-  """params -> a flat "a/b/c" `.npz` (big_vision layout names), written atomically."""
-  path = pathlib.Path(path)
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, **to_flat(params))
-  os.replace(tmp, path)
-  return path

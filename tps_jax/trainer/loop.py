@@ -12,19 +12,20 @@ a function of the step), on whatever mesh this run has.
 from __future__ import annotations
 
 import contextlib
-import pathlib
+import os
 import signal
 import threading
 import time
 from typing import Any
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from tps_jax import atomic, checkpoints, data
+from tps_jax import atomic, checkpoints, data, run_checkpoints
 from tps_jax.models.vit import VisionTransformer, build_model
 from tps_jax.trainer import (evaluation, losses, metrics as metrics_lib, optim, sharding,
                              state as state_lib)
@@ -287,9 +288,14 @@ def _check_finite(step: int, fetched: list[dict], writer, ckpt) -> None:
         f"kept in {ckpt.directory}. Lower the learning rate or enable clip_norm.")
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Trains (or resumes) to config's total steps, evaluates, returns the summary."""
-  workdir = pathlib.Path(workdir)
+def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
+  """Trains (or resumes) to config's total steps, evaluates, returns the summary.
+
+  `workdir` may be local or, through `etils.epath`, an object store (`gs://...`). However the
+  run ends (done, a signal, an error such as NonFiniteLossError), pending checkpoint saves are
+  finished and sealed and the metrics are closed.
+  """
+  workdir = epath.Path(workdir)
   run = Run(config)
   ckpt_cfg = _to_dict(config.get("checkpoint", {}))
   ckpt = state_lib.Checkpoints(workdir, every_steps=ckpt_cfg.get("every_steps", 1000),
@@ -297,6 +303,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
                                async_save=ckpt_cfg.get("async_save", True))
   writer = metrics_lib.Writer(workdir, run.total_steps,
                               tensorboard=config.get("tensorboard", True))
+  try:
+    return _train(config, run, workdir, ckpt, ckpt_cfg, writer)
+  finally:
+    try:
+      ckpt.close()
+    finally:
+      writer.close()
+
+
+def _train(config, run: Run, workdir: epath.Path, ckpt: state_lib.Checkpoints, ckpt_cfg: dict,
+           writer: metrics_lib.Writer) -> dict[str, Any]:
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
@@ -307,8 +324,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
   else:
     aside = ckpt.set_aside_steps()
     if aside and not ckpt_cfg.get("fresh_despite_corrupt", False):
-      ckpt.close()
-      writer.close()
       raise RuntimeError(
           f"{ckpt.directory} holds only steps set aside as corrupt ({aside}); refusing to "
           f"train from step 0 over them. Repair or delete them, or set "
@@ -361,9 +376,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
         writer.message(f"stopped by signal at step {step}; checkpoint saved, rerun to resume.")
         preempted = True
         break
-  ckpt.close()
+  ckpt.close()  # the last save finished and sealed before the evaluation
   if preempted:
-    writer.close()
     return {"preempted": True, "step": int(state["step"])}
 
   summary = run.summary(state["params"])
@@ -372,16 +386,15 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict[str, Any]:
                                  if isinstance(v, (int, float))}, kind="final")
   params = _host(state["params"])
   if jax.process_index() == 0:
-    checkpoints.save_params_npz(params, workdir / "params.npz")
+    run_checkpoints.save_params_npz(params, workdir / "params.npz")
     atomic.write_json(workdir / "summary.json", summary)
   writer.message(f"done: top-1 {100 * summary['top1']:.2f}% on {summary['examples']} examples | "
                  f"{summary['gmacs']:.3f} GMACs | {summary['images_per_s']:.0f} img/s "
                  f"({summary['method']})")
-  writer.close()
   return summary
 
 
-def evaluate(config, checkpoint: str | pathlib.Path | None = None) -> dict[str, Any]:
+def evaluate(config, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
   """Top-1, MACs and images/s of the model in `config` with parameters from `checkpoint`."""
   run = Run(config)
   path = checkpoint or (config.get("init", {}) or {}).get("checkpoint")

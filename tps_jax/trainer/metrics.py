@@ -6,11 +6,14 @@ TensorBoard event files are written by tensorboardX: no TensorFlow needed.
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import sys
 import time
 
+from etils import epath
 import jax
+
+from tps_jax import atomic
 
 
 def _fmt_time(seconds: float) -> str:
@@ -23,7 +26,7 @@ def _fmt_time(seconds: float) -> str:
 class Writer:
   """Writes `metrics.jsonl` and TensorBoard event files under `workdir`; prints progress."""
 
-  def __init__(self, workdir: str | pathlib.Path, total_steps: int, *, tensorboard: bool = True,
+  def __init__(self, workdir: str | os.PathLike, total_steps: int, *, tensorboard: bool = True,
                stream=None):
     self.active = jax.process_index() == 0
     self.total_steps = total_steps
@@ -31,9 +34,15 @@ class Writer:
     self._tb = None
     if not self.active:
       return
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = epath.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+    self._jsonl = self.workdir / "metrics.jsonl"
+    # A local file is appended to; object stores (gs://) cannot append, so there the whole
+    # file is rewritten atomically at each record (kilobytes to a few megabytes).
+    self._append = "://" not in str(workdir)
+    self._lines = None if self._append or not self._jsonl.exists() else \
+        self._jsonl.read_text().splitlines(keepends=True)
+    self._file = open(self._jsonl, "a", encoding="utf-8") if self._append else None
     if tensorboard:
       try:
         import tensorboardX  # pylint: disable=g-import-not-at-top
@@ -47,8 +56,13 @@ class Writer:
       return
     record = {"step": int(step), "kind": kind, "time": time.time(),
               **{k: float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    line = json.dumps(record) + "\n"
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+    else:
+      self._lines = (self._lines or []) + [line]
+      atomic.write_text(self._jsonl, "".join(self._lines))
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(f"{kind}/{k}", float(v), int(step))
@@ -73,6 +87,9 @@ class Writer:
 
   def close(self) -> None:
     if self.active:
-      self._jsonl.close()
+      if self._file is not None:
+        self._file.close()
+        self._file = None
       if self._tb is not None:
         self._tb.close()
+        self._tb = None

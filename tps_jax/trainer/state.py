@@ -8,29 +8,42 @@ directory), so a killed run restarts from its last complete step. Restoring
 takes the target shardings, so a run resumes onto a different mesh.
 
 Orbax does not checksum array data: flipped bytes restore as wrong numbers.
-So once a step is written, a SHA-256 of each of its files goes into
-`STEP/tps_jax_sha256.json` (`checkpoints.write_checksums`), and a restore checks them first. A corrupt step
-(bad checksum, unreadable metadata or data) is told apart from a mismatch (the
-step's arrays have other names or shapes than this run's state: the config
-changed): a mismatch stops the run, a corrupt latest step is moved aside to
-`checkpoints/corrupt-STEP` with a loud warning and the newest intact step is
-restored instead (the input stream is a function of the step, so the redone
-steps see the same batches). Any other failure to read a step (memory, the
-filesystem, Orbax) is raised unchanged and moves nothing.
+So once a step is finalised, process 0 writes a SHA-256 of each of its files
+into `STEP/tps_jax_sha256.json` (`run_checkpoints.write_checksums`) from a
+background thread that watches for the finalised step, so no host waits for
+the hashing. A restore checks them first. A corrupt step (bad checksum,
+unreadable metadata) is told apart from a mismatch (the step's arrays have
+other names or shapes than this run's state: the config changed): a mismatch
+stops the run, a corrupt latest step is moved aside to `checkpoints/corrupt-STEP`
+with a loud warning and the newest intact step is restored instead (the input
+stream is a function of the step, so the redone steps see the same batches).
+Any other failure to read a step (memory, the filesystem, Orbax) is raised
+unchanged and moves nothing.
+
+With several processes, process 0 alone verifies a step and every process acts
+on its verdict (broadcast), so a read that fails on one host cannot send that
+host to set the step aside while the others train on. Paths go through
+`etils.epath` (a `gs://` workdir works as with Orbax).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pathlib
+import threading
+import time
 from typing import Callable
 
+from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from tps_jax import checkpoints as foreign
+from tps_jax import run_checkpoints
+
+_VERDICTS = (None, foreign.CheckpointCorruptError, foreign.CheckpointMismatchError)
 
 
 def _layout(tree) -> dict[str, tuple]:
@@ -47,14 +60,19 @@ class Checkpoints:
 
   def __init__(self, workdir: str | os.PathLike, *, every_steps: int = 1000, keep: int = 3,
                async_save: bool = True):
-    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    self.directory = epath.Path(workdir) / "checkpoints"
+    if not self.directory.is_absolute() and "://" not in str(workdir):
+      self.directory = epath.Path(os.path.abspath(self.directory))
     self.every_steps = every_steps
+    self.async_save = async_save
+    self._closed = False
+    self._lock = threading.Lock()
+    self._unsealed: list[int] = []  # saved by this run, checksums not yet written
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=1, create=True,
         enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_handlers=ocp.StandardCheckpointHandler())
-    self._unsealed: list[int] = []  # saved by this run, checksums not yet written
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -65,27 +83,58 @@ class Checkpoints:
   def save(self, step: int, state: dict, *, wait: bool = False) -> None:
     if step in self.manager.all_steps():
       return
-    self._seal()
+    with self._lock:
+      self._unsealed.append(step)
     self.manager.save(step, args=ocp.args.StandardSave(state))
-    self._unsealed.append(step)
-    if wait:
+    if wait or not self.async_save:
       self._seal()
+    elif jax.process_index() == 0:  # seal in the background as soon as Orbax has finalised it
+      threading.Thread(target=self._seal_when_final, args=(step,), daemon=True,
+                       name=f"tps_jax-seal-{step}").start()
+
+  def _seal_when_final(self, step: int) -> None:
+    """Background thread (process 0): waits for `step`'s directory to be finalised (Orbax
+    renames or commits it once every process has written its part), then writes its
+    checksums. Leaves when the step is sealed or dropped by `_seal`."""
+    delay = 0.02
+    while True:
+      with self._lock:
+        if step not in self._unsealed:
+          return
+      if self._finalized(step):
+        self._write_checksums([step])
+        return
+      time.sleep(delay)
+      delay = min(2 * delay, 1.0)
+
+  def _write_checksums(self, steps) -> None:
+    for step in steps:
+      with self._lock:
+        if step not in self._unsealed:
+          continue  # sealed meanwhile by the other path
+        self._unsealed.remove(step)
+        if jax.process_index() == 0:
+          run_checkpoints.write_checksums(self.directory / str(step))
+
+  def _finalized(self, step: int) -> bool:
+    step_dir = self.directory / str(step)
+    return step_dir.is_dir() and ocp.step.is_checkpoint_finalized(step_dir)
 
   def _seal(self) -> None:
-    """Waits for pending saves, then writes the checksums of the steps they finished."""
+    """Waits for pending saves, seals what they finished and drops the rest (a step that is
+    not there once every save is done was removed by max_to_keep)."""
     self.manager.wait_until_finished()
-    if jax.process_index() == 0:  # Orbax finalises a step only once every process wrote it
-      for step in self._unsealed:
-        step_dir = self.directory / str(step)
-        if step_dir.is_dir():  # max_to_keep may have removed it already
-          foreign.write_checksums(step_dir)
-    self._unsealed = []
+    with self._lock:
+      pending = list(self._unsealed)
+    self._write_checksums([s for s in pending if self._finalized(s)])
+    with self._lock:
+      self._unsealed = [s for s in self._unsealed if s not in pending]
 
   def verify(self, step: int, abstract_state: dict | None = None) -> None:
     """Raises CheckpointCorruptError if `step`'s bytes are damaged, CheckpointMismatchError
     if its arrays differ in name, shape or dtype from `abstract_state`'s."""
     step_dir = self.directory / str(step)
-    foreign.check_checksums(step_dir)
+    run_checkpoints.check_checksums(step_dir)
     if abstract_state is None:
       return
     try:
@@ -134,8 +183,30 @@ class Checkpoints:
     # Corruption is what the checksums or the metadata prove (verify). Anything else that
     # goes wrong while reading (out of memory, a slow or failing filesystem, an Orbax
     # upgrade) is not the checkpoint's fault: it is raised as it is and nothing is moved.
-    self.verify(step, abstract_state)
+    self._shared_verify(step, abstract_state)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def _shared_verify(self, step: int, abstract_state: dict) -> None:
+    """`verify` on process 0, its verdict raised alike on every process."""
+    if jax.process_count() == 1:
+      self.verify(step, abstract_state)
+      return
+    error, code = None, 0
+    if jax.process_index() == 0:
+      try:
+        self.verify(step, abstract_state)
+      except (foreign.CheckpointCorruptError, foreign.CheckpointMismatchError) as e:
+        error, code = e, _VERDICTS.index(type(e))
+      except Exception as e:  # pylint: disable=broad-except (shared, then raised as it is)
+        error, code = e, len(_VERDICTS)
+    code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+    if error is not None:
+      raise error
+    if code:
+      what = {1: "corrupt", 2: "not matching this run"}.get(code, "unreadable (not corrupt)")
+      kind = _VERDICTS[code] if code < len(_VERDICTS) else RuntimeError
+      raise kind(f"checkpoint {self.directory / str(step)}: process 0 found it {what}; its "
+                 f"log says why.")
 
   def set_aside_steps(self) -> list[str]:
     """Names of the steps earlier restores moved aside as corrupt (`corrupt-STEP`)."""
@@ -143,7 +214,7 @@ class Checkpoints:
       return []
     return sorted(p.name for p in self.directory.iterdir() if p.name.startswith("corrupt-"))
 
-  def _set_aside(self, step: int) -> pathlib.Path:
+  def _set_aside(self, step: int) -> epath.Path:
     """Renames a corrupt step out of Orbax's sight (kept for inspection); returns where to."""
     dest, n = self.directory / f"corrupt-{step}", 1
     while dest.exists():  # the same step may go bad twice
@@ -152,12 +223,18 @@ class Checkpoints:
     if multi:  # every process has chosen `dest` before it is created
       multihost_utils.sync_global_devices(f"tps_jax: choose where checkpoint {step} goes")
     if jax.process_index() == 0:
-      os.replace(self.directory / str(step), dest)
+      (self.directory / str(step)).rename(dest)
     if multi:
       multihost_utils.sync_global_devices(f"tps_jax: checkpoint {step} set aside")
     self.manager.reload()
     return dest
 
   def close(self) -> None:
-    self._seal()
-    self.manager.close()
+    """Finishes and seals pending saves, then closes the manager; a second call does nothing."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._seal()
+    finally:
+      self.manager.close()
