@@ -210,6 +210,15 @@ def test_checkpoints_tell_corruption_from_mismatch(tmp_path):
   root = tmp_path / "checkpoints"
   assert all((root / str(s) / "tps_jax_sha256.json").exists() for s in (1, 2, 3))
   _flip_bytes(root / "3")  # Orbax alone would restore these bytes as wrong numbers
+  # Reading a workdir's params (load_params, --init, --evaluate) takes the newest intact step
+  # as restore does, and moves nothing; a named step is read or refused (issue 24 item 4).
+  warned = []
+  np.testing.assert_array_equal(run_checkpoints.read_params(tmp_path, warn=warned.append)["w"],
+                                state(2)["params"]["w"])
+  assert len(warned) == 1 and "checkpoints/3 is corrupt" in warned[0]
+  with pytest.raises(foreign.CheckpointCorruptError, match="differ from the checksums"):
+    run_checkpoints.read_params(root / "3")
+  assert (root / "3").is_dir()
   ckpt = state_lib.Checkpoints(tmp_path, keep=5)
   with pytest.raises(foreign.CheckpointCorruptError, match="differ from the checksums"):
     ckpt.restore(abstract, step=3)  # an explicit step is refused, never replaced
