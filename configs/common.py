@@ -93,6 +93,7 @@ def base() -> ml_collections.ConfigDict:
   c.input.eval_batch_size = 500
   c.input.threads = 0  # host decode/crop threads per process; 0: min(16, CPUs)
   c.input.workers = 0  # grain worker processes (0: threads only); same batches either way
+  c.input.bad_image_budget = 0.001  # undecodable images tolerated per split (a fraction)
   c.input.preprocess = ml_collections.ConfigDict(dict(
       size=224, channels=3, crop="random_resized", flip=True, randaugment=(2, 9.0),
       erasing=0.25, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))

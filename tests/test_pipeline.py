@@ -127,6 +127,52 @@ def test_epoch_orders_are_drawn_once_when_threads_straddle_an_epoch_boundary(mon
     np.testing.assert_array_equal([results[epoch * used + k] for k in range(used)], want)
 
 
+class _FlakySource:
+  """n records "img{i}.png" whose image is filled with i; those in `bad` cannot be decoded."""
+
+  def __init__(self, n, bad):
+    self.n, self.bad = n, set(bad)
+
+  def records(self, split):
+    del split
+    return [{"image": f"img{i}.png", "label": i} for i in range(self.n)]
+
+  def decode(self, name):
+    i = int(name[3:-4])
+    if i in self.bad:
+      raise ValueError(f"cannot decode image file {name}: truncated")
+    return np.full((4, 4, 1), i % 256, np.uint8)
+
+
+def test_an_undecodable_image_is_replaced_named_and_counted_within_a_budget(caplog):
+  # Issue 24 item 7: one corrupt image mid-dataset ended the run for good (the stream is
+  # deterministic, so a restart died at the same place).
+  tiny = data.Preprocess(size=4, channels=1, crop="none", flip=False, randaugment=None,
+                         erasing=0.0, crop_pct=1.0, mean=(0.0,), std=(1.0,))
+  source = _FlakySource(2000, bad={7})  # budget 0.1%: 2 images
+
+  def labels(src, steps=20, **kw):
+    it = data.train_batches(src, "train", tiny, local_batch=100, seed=1, shard=(0, 1), **kw)
+    return np.concatenate([next(it)["label"] for _ in range(steps)])
+
+  with caplog.at_level(logging.WARNING):
+    got = labels(source)
+  assert caplog.text.count("img7.png cannot be decoded") == 1  # named once, and counted
+  assert "1 of a budget of 2" in caplog.text
+  clean = labels(_FlakySource(2000, bad=()))
+  swapped = np.flatnonzero(got != clean)
+  assert clean[swapped].tolist() == [7] and got[swapped].tolist() == [8]  # its neighbour
+  np.testing.assert_array_equal(labels(source), got)  # deterministic: a resume sees the same
+  with pytest.raises(ValueError, match=r"3 image\(s\) of split 'train' cannot be decoded, more "
+                                       r"than its budget of 2 .*img\d+.png"):
+    labels(_FlakySource(2000, bad={3, 500, 1500}))
+  labels(_FlakySource(2000, bad={3, 500, 1500}), bad_budget=0.002)  # a larger budget holds
+  rows = list(data.eval_batches(source, "test", tiny, local_batch=300, shard=(0, 1)))
+  mask = np.concatenate([r["mask"] for r in rows])
+  kept = np.concatenate([r["label"] for r in rows])[mask]
+  assert mask.sum() == 1999 and 7 not in kept.tolist()  # left out of evaluation
+
+
 def test_threads_and_worker_processes_give_the_same_batches():
   images = np.random.default_rng(0).integers(0, 255, (64, 12, 12, 1), dtype=np.uint8)
   source = data.ArraySource({"train": (images, np.arange(64) % 4)}, num_classes=4)

@@ -11,8 +11,9 @@ Knows nothing of the models.
 
 from tps_jax.data.augment import eval_images, normalise, random_erasing, train_images
 from tps_jax.data.mixing import Mixing, mix, mix_per_shard
-from tps_jax.data.pipeline import (device_prefetch, eval_batches, eval_steps, local_batch_size,
-                                   steps_per_epoch, to_global, train_batches, train_dataset)
+from tps_jax.data.pipeline import (BAD_BUDGET, BadImages, device_prefetch, eval_batches,
+                                   eval_steps, local_batch_size, steps_per_epoch, to_global,
+                                   train_batches, train_dataset)
 from tps_jax.data.preprocess import Preprocess
 from tps_jax.data.sources import (ArraySource, FolderSource, TfdsSource, fashion_mnist_source,
                                   get_source, shard_bounds)

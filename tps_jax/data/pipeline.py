@@ -15,6 +15,13 @@
       global jax.Arrays built with `jax.make_array_from_process_local_data`,
       a few steps ahead, on a background thread.
 
+An image that cannot be decoded (a corrupt file or record) does not end the run:
+in training its example is replaced by the next decodable one of the shard (a
+deterministic neighbour, so a resumed run sees the same batches), in evaluation
+it is masked out; each is named in the log once and counted, and the pipeline
+fails only when a split's count passes `bad_budget` (0.1% of the split by
+default; 0 of a split under 1000 examples).
+
 The host decodes, crops, resizes and flips (`preprocess`) in `threads` threads
 (PIL releases the GIL) or, with `workers` > 0, in grain worker processes; the
 batches come out in the same order either way. RandAugment, normalisation,
@@ -30,6 +37,7 @@ import threading
 from typing import Iterator
 
 from absl import flags
+from absl import logging
 import grain
 import jax
 import numpy as np
@@ -39,6 +47,38 @@ from tps_jax.data.sources import shard_bounds
 
 Batch = dict[str, np.ndarray]
 _MAX_EPOCHS = 1_000_000  # the endless stream is this many epochs long
+BAD_BUDGET = 0.001  # undecodable images tolerated per split, as a fraction of it
+_NEIGHBOURS = 64  # at most this many undecodable images in a row are stepped over
+
+
+class BadImages:
+  """Counts a split's undecodable images (in this process): names each in the log once and
+  raises once there are more than `budget` x the split's size."""
+
+  def __init__(self, split: str, total: int, budget: float = BAD_BUDGET):
+    if not 0 <= budget <= 1:
+      raise ValueError(f"bad image budget must be a fraction in [0, 1], got {budget}.")
+    self.split, self.total, self.budget = split, total, budget
+    self.limit = int(budget * total)
+    self.seen: set[int] = set()
+    self._lock = threading.Lock()
+
+  def report(self, index: int, record, error: Exception) -> None:
+    image = record.get("image") if isinstance(record, dict) else None
+    name = str(image) if isinstance(image, (str, os.PathLike)) else f"record {index}"
+    with self._lock:
+      new = index not in self.seen
+      self.seen.add(index)
+      count = len(self.seen)
+    if count > self.limit:
+      raise ValueError(
+          f"{count} image(s) of split {self.split!r} cannot be decoded, more than its budget "
+          f"of {self.limit} ({self.budget:.2%} of {self.total}; input.bad_image_budget); the "
+          f"latest, {name}: {error}") from error
+    if new:
+      logging.warning("split %r: %s cannot be decoded (%s); %d of a budget of %d: it is "
+                      "replaced by a neighbour in training and left out of evaluation.",
+                      self.split, name, error, count, self.limit)
 
 
 def _check_batch(batch) -> None:
@@ -135,20 +175,30 @@ def _iterate(ds: grain.MapDataset, threads, workers: int, ahead: int = 2):
 
 
 def train_dataset(source, split: str, preprocess: preprocess_lib.Preprocess, *,
-                  local_batch: int, seed: int,
-                  shard: tuple[int, int] | None = None) -> grain.MapDataset:
+                  local_batch: int, seed: int, shard: tuple[int, int] | None = None,
+                  bad_budget: float = BAD_BUDGET) -> grain.MapDataset:
   """The endless stream of this process's training batches as a grain MapDataset."""
   index, count = _process_shard(shard)
   records = source.records(split)
   lo, hi = shard_bounds(len(records), index, count)
   per_epoch = steps_per_epoch(len(records), local_batch, count)
   order = _EpochOrder(lo, hi, per_epoch * local_batch, seed)
+  bad = BadImages(split, len(records), bad_budget)
 
   def process(position, record_index):
-    record = records[record_index]
     rng = np.random.default_rng([seed, index, position])
-    image = preprocess_lib.train_image(source.decode(record["image"]), rng, preprocess)
-    return {"image": image, "label": np.int32(record["label"])}
+    for step in range(min(_NEIGHBOURS, hi - lo)):  # this example, or the next decodable one
+      i = lo + (record_index - lo + step) % (hi - lo)
+      record = records[i]
+      try:
+        decoded = source.decode(record["image"])
+      except (ValueError, OSError) as e:
+        bad.report(i, record, e)
+        continue
+      image = preprocess_lib.train_image(decoded, rng, preprocess)
+      return {"image": image, "label": np.int32(record["label"])}
+    raise ValueError(f"split {split!r}: {_NEIGHBOURS} images in a row from index "
+                     f"{record_index} cannot be decoded.")
 
   return (grain.MapDataset.source(order).map_with_index(process)
           .batch(local_batch, drop_remainder=True))
@@ -157,9 +207,10 @@ def train_dataset(source, split: str, preprocess: preprocess_lib.Preprocess, *,
 def train_batches(source, split: str, preprocess: preprocess_lib.Preprocess, *,
                   local_batch: int, seed: int, start_step: int = 0,
                   shard: tuple[int, int] | None = None, threads: int | None = None,
-                  workers: int = 0) -> Iterator[Batch]:
+                  workers: int = 0, bad_budget: float = BAD_BUDGET) -> Iterator[Batch]:
   """Endless training batches {"image": uint8 (B, S, S, C), "label": i32 (B,)} from `start_step`."""
-  ds = train_dataset(source, split, preprocess, local_batch=local_batch, seed=seed, shard=shard)
+  ds = train_dataset(source, split, preprocess, local_batch=local_batch, seed=seed, shard=shard,
+                     bad_budget=bad_budget)
   return _iterate(ds[start_step:], threads, workers)
 
 
@@ -170,8 +221,10 @@ def eval_steps(num_examples: int, local_batch: int, process_count: int) -> int:
 
 def eval_batches(source, split: str, preprocess: preprocess_lib.Preprocess, *,
                  local_batch: int, shard: tuple[int, int] | None = None,
-                 threads: int | None = None, workers: int = 0) -> Iterator[Batch]:
-  """Each example of this process's shard once, then padding rows with mask False."""
+                 threads: int | None = None, workers: int = 0,
+                 bad_budget: float = BAD_BUDGET) -> Iterator[Batch]:
+  """Each example of this process's shard once, then padding rows with mask False (and an
+  undecodable example masked out, within `bad_budget`)."""
   _check_batch(local_batch)
   index, count = _process_shard(shard)
   records = source.records(split)
@@ -179,12 +232,19 @@ def eval_batches(source, split: str, preprocess: preprocess_lib.Preprocess, *,
   steps = eval_steps(len(records), local_batch, count)
   p = preprocess
   blank = np.zeros((p.size, p.size, p.channels), np.uint8)
+  bad = BadImages(split, len(records), bad_budget)
 
   def process(position):
+    padding = {"image": blank, "label": np.int32(0), "mask": np.bool_(False)}
     if lo + position >= hi:
-      return {"image": blank, "label": np.int32(0), "mask": np.bool_(False)}
+      return padding
     record = records[lo + position]
-    image = preprocess_lib.eval_image(source.decode(record["image"]), p)
+    try:
+      decoded = source.decode(record["image"])
+    except (ValueError, OSError) as e:
+      bad.report(lo + position, record, e)
+      return padding
+    image = preprocess_lib.eval_image(decoded, p)
     return {"image": image, "label": np.int32(record["label"]), "mask": np.bool_(True)}
 
   ds = grain.MapDataset.range(steps * local_batch).map(process).batch(local_batch)

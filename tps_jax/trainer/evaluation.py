@@ -28,12 +28,14 @@ def make_eval_step(model: VisionTransformer, preprocess: data.Preprocess):
 
 
 def top1(eval_step, params, source, split, preprocess, *, global_batch: int,
-         data_sharding) -> dict[str, float]:
-  """Top-1 over every example of `split` exactly once (padding masked out)."""
+         data_sharding, bad_budget: float = data.BAD_BUDGET) -> dict[str, float]:
+  """Top-1 over every example of `split` exactly once (padding, and undecodable images within
+  `bad_budget`, masked out: `examples` says how many counted)."""
   local = data.local_batch_size(global_batch, data_sharding)
   correct = total = 0
   for batch in data.device_prefetch(
-      data.eval_batches(source, split, preprocess, local_batch=local), data_sharding):
+      data.eval_batches(source, split, preprocess, local_batch=local, bad_budget=bad_budget),
+      data_sharding):
     c, n = eval_step(params, batch)
     correct, total = correct + c, total + n
   correct, total = int(correct), int(total)

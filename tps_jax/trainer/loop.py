@@ -265,8 +265,9 @@ class Run:
   def evaluate(self, params) -> dict[str, float]:
     inp = self.config.input
     return evaluation.top1(self.eval_step, params, self.source, inp.eval_split, self.preprocess,
-                    global_batch=inp.get("eval_batch_size", inp.batch_size),
-                    data_sharding=self.data_sharding)
+                           global_batch=inp.get("eval_batch_size", inp.batch_size),
+                           data_sharding=self.data_sharding,
+                           bad_budget=inp.get("bad_image_budget", data.BAD_BUDGET))
 
   def summary(self, params, *, speed_repeats: int = 5) -> dict[str, Any]:
     """Top-1 over the eval split, GMACs and inference images/s: the one evaluation path."""
@@ -337,7 +338,8 @@ def _train(config, run: Run, workdir: epath.Path, ckpt: state_lib.Checkpoints, c
   batches = data.device_prefetch(
       data.train_batches(run.source, inp.train_split, run.preprocess,
                          local_batch=run.local_batch, seed=config.seed, start_step=start,
-                         threads=inp.get("threads") or None, workers=inp.get("workers", 0)),
+                         threads=inp.get("threads") or None, workers=inp.get("workers", 0),
+                         bad_budget=inp.get("bad_image_budget", data.BAD_BUDGET)),
       run.data_sharding)
   log_every = config.get("log_every_steps", 50)
   eval_every = config.get("eval_every_steps", 0)
