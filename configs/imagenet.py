@@ -10,6 +10,14 @@ imagenet2012 is read through tfds from `data_dir` (prepare it once with
 weight decay 0.05, 5 warm-up epochs from 1e-6, cosine, keep-ratio loss x 2,
 KL + token distillation x 0.5 against the frozen dense model, DeiT
 augmentation. Dense: DeiT's 300 epochs at lr 5e-4 x batch / 512.
+
+Where this differs from DeiT's recipe (timm's code as DeiT runs it): no repeated
+augmentation (DeiT's RASampler shows each image 3 times an epoch, spread over
+the GPUs; here each host reads only its own shard of the split, once an epoch).
+The rest follows timm: RandAugment samples its warps bicubic and fills with the
+mean colour, and mixup / CutMix draw one coefficient per device's batch, as per
+GPU (docs/input.md). The evaluation batch (1024) divides over 1 to 1024 devices
+in powers of two.
 `remat=True` rematerialises every block; `policy_form` picks the dtps/dynamicvit
 training attention (exact, deferred, or the fused approximation log_bias).
 """
@@ -37,7 +45,7 @@ def get_config(arg=None):
   c.input.train_split = "train"
   c.input.eval_split = "validation"
   c.input.batch_size = arg.batch
-  c.input.eval_batch_size = 1000
+  c.input.eval_batch_size = 1024  # divides over any power-of-two device count to 1024
   c.mesh = dict(data=-1, fsdp=arg.fsdp)
   finetuning = bool(arg.init)
   if finetuning:

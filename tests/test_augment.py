@@ -67,12 +67,12 @@ def test_grey_images_match_pil():
 
 
 def _affine(matrix):
-  return lambda im: im.transform(im.size, Image.AFFINE, matrix, Image.BILINEAR,
+  return lambda im: im.transform(im.size, Image.AFFINE, matrix, Image.BICUBIC,
                                  fillcolor=(int(ra.FILL),) * 3)
 
 
-GEOMETRIC_OPS = {
-    "Rotate": lambda im: im.rotate(_signed(15.0), Image.BILINEAR, fillcolor=(int(ra.FILL),) * 3),
+GEOMETRIC_OPS = {  # timm asks PIL for bicubic sampling (DeiT's interpolation)
+    "Rotate": lambda im: im.rotate(_signed(15.0), Image.BICUBIC, fillcolor=(int(ra.FILL),) * 3),
     "ShearX": lambda im: _affine((1, _signed(0.15), 0, 0, 1, 0))(im),
     "ShearY": lambda im: _affine((1, 0, 0, _signed(0.15), 1, 0))(im),
     "TranslateX": lambda im: _affine((1, 0, _signed(0.225) * 40, 0, 1, 0))(im),
@@ -88,6 +88,27 @@ def test_geometric_ops_match_pil(name):
   ref = np.asarray(GEOMETRIC_OPS[name](Image.fromarray(SMOOTH))).astype(int)
   assert np.mean(np.abs(ours - ref) > 2) < 0.02, name
   assert not np.array_equal(ours, SMOOTH)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_affine_matches_pil_with_a_mean_colour_fill(interpolation):
+  # Issue 24 item 11: timm samples RandAugment's warps bicubic and fills with the mean colour
+  # (img_mean); ours was bilinear with grey 128. Bicubic is PIL's own (a = -1) to one grey level.
+  matrix = (0.96, -0.26, 5.0, 0.26, 0.96, -4.0)  # a rotation with a shift: fill at two sides
+  fill = data.Preprocess(size=32).fill
+  assert fill == (124.0, 116.0, 104.0)  # timm's img_mean for the ImageNet mean
+  pil = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
+  ref = np.asarray(Image.fromarray(SMOOTH).transform(SMOOTH.shape[1::-1], Image.AFFINE, matrix,
+                                                     pil, fillcolor=(124, 116, 104))).astype(int)
+  ours = np.asarray(ra.affine(jnp.asarray(SMOOTH, jnp.float32), jnp.asarray(matrix),
+                              interpolation=interpolation, fill=fill)).astype(int)
+  assert (ref == np.array([124, 116, 104])).all(-1).mean() > 0.05  # the fill is in the test
+  tolerance = 1 if interpolation == "bicubic" else 2
+  assert np.mean(np.abs(ours - ref) > tolerance) < 0.005, interpolation
+  with pytest.raises(ValueError, match="unknown interpolation 'nearest'"):
+    ra.affine(jnp.asarray(SMOOTH, jnp.float32), jnp.asarray(matrix), interpolation="nearest")
+  with pytest.raises(ValueError, match="unknown randaugment_interpolation 'lanczos'"):
+    data.Preprocess(size=32, randaugment_interpolation="lanczos")
 
 
 def test_rand_augment_is_seeded_and_checks_its_arguments():

@@ -61,7 +61,8 @@ def train_images(key: jax.Array, images: jax.Array, p: Preprocess) -> jax.Array:
     def one(k, image):
       return randaugment.rand_augment(jax.random.fold_in(k, 0), image, num_layers=int(layers),
                                       magnitude=float(magnitude),
-                                      magnitude_std=p.randaugment_std)
+                                      magnitude_std=p.randaugment_std,
+                                      interpolation=p.randaugment_interpolation, fill=p.fill)
 
     x = jax.vmap(one)(keys, x)
   x = normalise(x, p)

@@ -31,7 +31,8 @@ class Preprocess:
     "pad_random" (pad `pad` pixels, take a random `size` crop: the small-image
     recipe), or "none" (resize to `size`).
   randaugment: (num_layers, magnitude) or None; `randaugment_std` is the
-    magnitude noise (timm's mstd).
+    magnitude noise (timm's mstd); its geometric ops sample with
+    `randaugment_interpolation` and fill with the mean colour (timm's img_mean).
   erasing: probability of random erasing (timm's mode "pixel"), 0 to disable.
   crop_pct: eval resizes the short side to size / crop_pct, then centre-crops.
 
@@ -47,6 +48,7 @@ class Preprocess:
   flip: bool = True
   randaugment: tuple[int, float] | None = (2, 9.0)
   randaugment_std: float = 0.5
+  randaugment_interpolation: str = "bicubic"  # timm's for DeiT; or "bilinear"
   erasing: float = 0.25
   crop_pct: float = 0.875
   mean: tuple[float, ...] = IMAGENET_MEAN
@@ -69,11 +71,21 @@ class Preprocess:
     if self.resize_method not in _RESAMPLE:
       raise ValueError(f"unknown resize_method {self.resize_method!r}; expected one of "
                        f"{sorted(_RESAMPLE)}.")
+    if self.randaugment_interpolation not in ("bicubic", "bilinear"):
+      raise ValueError(f"unknown randaugment_interpolation {self.randaugment_interpolation!r}; "
+                       "expected 'bicubic' or 'bilinear'.")
     if self.randaugment is not None:
       layers, magnitude = self.randaugment
       if int(layers) != layers or layers < 0 or not 0 <= magnitude <= 10:
         raise ValueError(f"randaugment is (num_layers >= 0, magnitude in [0, 10]), got "
                          f"{self.randaugment}.")
+
+
+  @property
+  def fill(self) -> tuple[float, ...]:
+    """The mean colour in pixel values (timm's img_mean: mean x 255, rounded), per channel."""
+    mean = self.mean * self.channels if len(self.mean) == 1 else self.mean
+    return tuple(float(round(255 * m)) for m in mean)
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:

@@ -13,18 +13,23 @@ and filters, pixel-centre sampling in affine warps.
 
 applies `num_layers` ops drawn uniformly with replacement, each with
 probability 0.5, at a magnitude drawn from N(magnitude, magnitude_std) clipped
-to [0, 10]. Geometric ops use bilinear sampling and fill with grey 128.
+to [0, 10]. Geometric ops sample as timm asks PIL to for DeiT (bicubic,
+PIL's cubic convolution with a = -1) and fill what they bring in from outside
+with the mean colour (timm's `img_mean`: the normalisation mean x 255, rounded);
+`interpolation="bilinear"` and `fill=128` give the simpler variant.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
 MAX_LEVEL = 10.0
-FILL = 128.0  # grey fill for pixels that geometric ops bring in from outside
+FILL = 128.0  # grey: the fill where no mean colour is given
+INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 def _u8(x):
@@ -49,13 +54,24 @@ def _signed(value, key):
   return jnp.where(jax.random.uniform(key) < 0.5, -value, value)
 
 
-def affine(image, matrix):
-  """PIL's Image.transform(AFFINE, matrix, BILINEAR, fillcolor=FILL).
+def _cubic_weights(d):
+  """PIL's cubic convolution (Geometry.c, a = -1) at taps -1, 0, 1, 2 for fraction d: (..., 4)."""
+  d2, d3 = d * d, d * d * d
+  return jnp.stack([-d + 2 * d2 - d3, 1 - 2 * d2 + d3, d + d2 - d3, d3 - d2], axis=-1)
+
+
+def affine(image, matrix, *, interpolation: str = "bicubic", fill=FILL):
+  """PIL's Image.transform(AFFINE, matrix, BICUBIC or BILINEAR, fillcolor=fill).
 
   `matrix` (6,) maps an output pixel centre (x + 0.5, y + 0.5) to input
   coordinates (a x + b y + c, d x + e y + f); input points outside the image
-  take the fill, the rest are bilinear in the pixel grid.
+  take `fill` (a value or one per channel), the rest are interpolated in the
+  pixel grid with edge pixels repeated, as PIL does: bilinear rounded, bicubic
+  truncated after clipping to 0..255.
   """
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f"unknown interpolation {interpolation!r}; expected one of "
+                     f"{INTERPOLATIONS}.")
   h, w, _ = image.shape
   a, b, c, d, e, f = (matrix[i] for i in range(6))
   ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) + 0.5,
@@ -64,14 +80,27 @@ def affine(image, matrix):
   inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
   x, y = xin - 0.5, yin - 0.5
   x0, y0 = jnp.floor(x), jnp.floor(y)
-  dx, dy = (x - x0)[..., None], (y - y0)[..., None]
+  dx, dy = x - x0, y - y0
   x0i, y0i = x0.astype(jnp.int32), y0.astype(jnp.int32)
   cx = lambda v: jnp.clip(v, 0, w - 1)
   cy = lambda v: jnp.clip(v, 0, h - 1)
-  top = image[cy(y0i), cx(x0i)] * (1 - dx) + image[cy(y0i), cx(x0i + 1)] * dx
-  bottom = image[cy(y0i + 1), cx(x0i)] * (1 - dx) + image[cy(y0i + 1), cx(x0i + 1)] * dx
-  out = jnp.clip(jnp.round(top * (1 - dy) + bottom * dy), 0, 255)
-  return jnp.where(inside[..., None], out, FILL)
+  if interpolation == "bilinear":
+    dx, dy = dx[..., None], dy[..., None]
+    top = image[cy(y0i), cx(x0i)] * (1 - dx) + image[cy(y0i), cx(x0i + 1)] * dx
+    bottom = image[cy(y0i + 1), cx(x0i)] * (1 - dx) + image[cy(y0i + 1), cx(x0i + 1)] * dx
+    out = jnp.clip(jnp.round(top * (1 - dy) + bottom * dy), 0, 255)
+  else:
+    taps = jnp.arange(-1, 3)
+    rows = cy(y0i[..., None] + taps)  # (H, W, 4)
+    cols = cx(x0i[..., None] + taps)
+    patch = image[rows[..., :, None], cols[..., None, :]]  # (H, W, 4, 4, C)
+    wy, wx = _cubic_weights(dy), _cubic_weights(dx)  # (H, W, 4)
+    out = jnp.einsum("hwi,hwj,hwijc->hwc", wy, wx, patch)
+    # PIL truncates a double; a float32 sum that should be an integer k may come out as
+    # k - 1e-5 (and differently in different compiled forms): truncate k - 1e-3 and up to k.
+    out = jnp.floor(jnp.clip(out, 0, 255) + 1e-3)
+  fill = jnp.broadcast_to(jnp.asarray(fill, image.dtype), image.shape[-1:])
+  return jnp.where(inside[..., None], out, fill)
 
 
 # Every op is one of three kinds, which `rand_augment` batches as three computations
@@ -100,7 +129,9 @@ def _auto_contrast_table(image, level, key):
   hi = jnp.max(image, axis=(0, 1))
   scale = 255.0 / jnp.maximum(hi - lo, 1.0)
   v = _values(image)
-  return jnp.where(hi > lo, _u8(v * scale - lo * scale), v)  # PIL's lut arithmetic
+  # PIL's lut is int(v * scale - lo * scale) in double; (v - lo) * scale is the same value
+  # (v - lo is exact) with one float32 rounding, which no compiled form can fuse differently.
+  return jnp.where(hi > lo, _u8((v - lo) * scale), v)
 
 
 # How `histogram` counts: all give the same int32 counts. "scatter" adds 1 per pixel (fast
@@ -249,11 +280,11 @@ TABLES = {"AutoContrast": _auto_contrast_table, "Equalize": _equalize_table,
 BLENDS = {"Color": _color_degenerate, "Sharpness": _smooth_degenerate}
 
 
-def _geometric(image, fns, member, level, key):
+def _geometric(image, fns, member, level, key, warp=affine):
   """One affine warp; the op `fns[member]` gives its matrix."""
   h, w, _ = image.shape
-  return affine(image, jax.lax.switch(member, [lambda l, k, f=f: f(h, w, l, k) for f in fns],
-                                      level, key))
+  return warp(image, jax.lax.switch(member, [lambda l, k, f=f: f(h, w, l, k) for f in fns],
+                                    level, key))
 
 
 def _tabled(image, fns, member, level, key):
@@ -271,9 +302,11 @@ def _blended(image, fns, member, level, key):
 KINDS = ((GEOMETRIC, _geometric), (TABLES, _tabled), (BLENDS, _blended))
 
 
-def _op(name):
+def _op(name, warp=affine):
   """The op `name` on its own: its kind's computation with a single entry."""
   entries, run = next((entries, run) for entries, run in KINDS if name in entries)
+  if run is _geometric:
+    return lambda image, level, key: _geometric(image, [entries[name]], 0, level, key, warp)
   return lambda image, level, key: run(image, [entries[name]], 0, level, key)
 
 
@@ -287,12 +320,17 @@ OPS = {name: _op(name) for name in (
 
 def rand_augment(key, image, *, num_layers: int = 2, magnitude: float = 9.0,
                  magnitude_std: float = 0.5, prob: float = 0.5, ops=tuple(OPS),
-                 by_kind: bool = True):
+                 by_kind: bool = True, interpolation: str = "bicubic", fill=FILL):
   """Applies `num_layers` random ops to one image (H, W, C) of values 0..255.
 
+  `interpolation` and `fill` (a value or one per channel) are the geometric ops' (`affine`).
   `by_kind=False` is the plain definition, a switch over the ops; the default computes the
   same values with one computation per kind of op (cheaper under vmap, see KINDS).
   """
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f"unknown RandAugment interpolation {interpolation!r}; expected one of "
+                     f"{INTERPOLATIONS}.")
+  warp = functools.partial(affine, interpolation=interpolation, fill=fill)
   if not jnp.issubdtype(image.dtype, jnp.floating):
     raise ValueError(f"rand_augment expects float pixel values 0..255, got {image.dtype}.")
   unknown = [o for o in ops if o not in OPS]
@@ -309,14 +347,15 @@ def rand_augment(key, image, *, num_layers: int = 2, magnitude: float = 9.0,
     index = jax.random.randint(k_op, (), 0, len(ops))
     level = jnp.clip(magnitude + magnitude_std * jax.random.normal(k_level), 0.0, MAX_LEVEL)
     if not by_kind:
-      augmented = jax.lax.switch(index, [OPS[o] for o in ops], image, level, k_sign)
+      augmented = jax.lax.switch(index, [_op(o, warp) for o in ops], image, level, k_sign)
     else:
       kind, member = kind_of[index], member_of[index]
       augmented = image
       for i, (names, (entries, run)) in enumerate(zip(groups, KINDS)):
         if names:  # one computation per kind present; the op picks its entry
           fns = [entries[n] for n in names]
-          out = run(image, fns, jnp.where(kind == i, member, 0), level, k_sign)
+          extra = {"warp": warp} if run is _geometric else {}
+          out = run(image, fns, jnp.where(kind == i, member, 0), level, k_sign, **extra)
           augmented = jnp.where(kind == i, out, augmented)
     image = jnp.where(jax.random.uniform(k_apply) < prob, augmented, image)
   return image
