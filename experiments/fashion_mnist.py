@@ -1,6 +1,6 @@
 """Does TPS beat pruning when pruning gets aggressive? The Fashion-MNIST study.
 
-  python -m experiments.fashion_mnist quick       # the README's main job (minutes)
+  python -m experiments.fashion_mnist quick       # the README's main job (the committed models)
   python -m experiments.fashion_mnist teacher     # the dense teacher (about 2 h 50 min, 2 cores)
   python -m experiments.fashion_mnist offshelf    # training-free eTPS / EViT / top-k / ToMe
   python -m experiments.fashion_mnist curve       # how long the learned scorers need
@@ -10,8 +10,11 @@
 
 Every step reads the committed teacher (results/fmnist_teacher/params.npz) and
 writes JSON and PNG under results/ (quick: under --out). Fine-tuning runs
-live in runs/ft/<method>_<keep>_s<seed>: a run that finished is not redone and
-one that was killed resumes, so `finetune` can be rerun until it is complete.
+live in --workdir/<method>_<keep>_s<seed> (the committed study: runs/ft500): a
+run that finished is not redone and one that was killed resumes, so `finetune`
+can be rerun until it is complete; `finetune --report --publish` writes the
+study from the finished runs and copies the seed-0 models the main job
+evaluates into results/fmnist_finetuned/.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 OFFSHELF_METHODS = reduction.TRAINING_FREE
 TOME_RS = (1, 2, 3, 4, 5)
 FINETUNE_PAIRS = tuple(reduction.TPS_BASELINES.items())
+FINETUNE_METHODS = tuple(m for pair in FINETUNE_PAIRS for m in pair)  # dtps, dynamicvit, ...
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -100,33 +104,65 @@ def offshelf(args) -> None:
 
 
 def finetune(args) -> None:
+  """Fine-tunes each (seed, keep, method) from the teacher (resuming, skipping finished runs);
+  writes the study's JSON and plot after every run, so a stopped study keeps what it has."""
   teacher_path = pathlib.Path(args.teacher).resolve()
+  todo = [(seed, keep, method) for seed in args.seeds  # seed-major: one full comparison
+          for keep in args.keeps for method in args.methods]  # lands before the next seed
   runs = []
-  for seed in args.seeds:  # seed-major: one full comparison lands before the next seed starts
-    for keep in args.keeps:
-      for method in args.methods:
-        name = f"{method}_{keep}_s{seed}"
-        arg = study.join_args(args.arg, f"method={method}", f"keep={keep}",
-                              f"init={teacher_path}", f"seed={seed}", f"steps={args.steps}")
-        print(f"fine-tune {name}:")
-        s = study.train(arg, pathlib.Path(args.workdir) / name,
-                        overrides=["--config.tensorboard=False"])
-        runs.append({**s, "keep": keep, "seed": seed, "steps": args.steps, "workdir": name})
+  for seed, keep, method in todo:
+    name = f"{method}_{keep}_s{seed}"
+    workdir = pathlib.Path(args.workdir) / name
+    if args.report:  # what has finished, without training
+      done = workdir / "summary.json"
+      if not done.exists():
+        continue
+      s = json.loads(done.read_text())
+    else:
+      arg = study.join_args(args.arg, f"method={method}", f"keep={keep}",
+                            f"init={teacher_path}", f"seed={seed}", f"steps={args.steps}")
+      print(f"fine-tune {name}:")
+      s = study.train(arg, workdir, overrides=["--config.tensorboard=False"])
+    runs.append({**s, "keep": keep, "seed": seed, "steps": args.steps, "workdir": name})
+    _write_finetune(args, teacher_path, runs, complete=len(runs) == len(todo))
+  if args.publish:
+    _publish(args, runs)
+
+
+def _write_finetune(args, teacher_path: pathlib.Path, runs, *, complete: bool) -> None:
   rows = study.aggregate(runs)
   cfg = study.fashion_mnist_config(args.arg)
   dense = json.loads((teacher_path.parent / "summary.json").read_text()) \
       if (teacher_path.parent / "summary.json").exists() else None
   out = pathlib.Path(args.results)
+  seeds = sorted({r["seed"] for r in runs})
   study.write_json(out / "fmnist_finetune.json", {
       "what": f"fine-tuned {args.steps} steps of batch {cfg.input.batch_size} from the teacher "
-              "with SPEC section 4's losses; whole test set",
-      "teacher": str(args.teacher), "dense": dense, "rows": rows, "runs": runs})
-  png = study.plot_curves(rows, out / "fmnist_finetune.png", dense=dense, y_key="top1_mean",
-                          error_key="top1_std", pairs=FINETUNE_PAIRS,
-                          title=f"Fashion-MNIST, fine-tuned {args.steps} steps: mean top-1 "
-                                f"± std over {len(args.seeds)} seeds vs MACs")
+              "with SPEC section 4's losses, the same schedule for every method; whole test set",
+      "complete": complete, "teacher": study.relative(args.teacher), "dense": dense,
+      "rows": rows, "runs": runs})
+  study.plot_curves(rows, out / "fmnist_finetune.png", dense=dense, y_key="top1_mean",
+                    error_key="top1_std", pairs=FINETUNE_PAIRS,
+                    title=f"Fashion-MNIST, fine-tuned {args.steps} steps: mean top-1 "
+                          f"± std over seeds {seeds} vs MACs")
   _print_rows(rows)
-  print(f"wrote {out / 'fmnist_finetune.json'} and {png}")
+  print(f"wrote {out / 'fmnist_finetune.json'} ({len(runs)} runs"
+        f"{'' if complete else ', study not complete'})")
+
+
+def _publish(args, runs) -> None:
+  """Copies the seed-0 models at `--publish_keep` into results/fmnist_finetuned/ (the main
+  job's models): params, config and summary."""
+  dest_root = pathlib.Path(args.results) / "fmnist_finetuned"
+  for r in runs:
+    if r["seed"] != 0 or r["keep"] != args.publish_keep:
+      continue
+    src = pathlib.Path(args.workdir) / r["workdir"]
+    dest = dest_root / f"{r['method']}_{r['keep']}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("params.npz", "config.json", "summary.json"):
+      shutil.copy(src / name, dest / name)
+    print(f"published {src} -> {dest}")
 
 
 def read_evals(workdir: pathlib.Path) -> dict[int, float]:
@@ -197,7 +233,7 @@ def pictures(args) -> None:
                                                          f"keep={args.keep}"))
     source = args.teacher
     if method in reduction.LEARNED:  # needs its fine-tuned score heads
-      source = pathlib.Path(args.workdir) / f"{method}_{args.keep}_s0" / "params.npz"
+      source = FINETUNED / f"{method}_{args.keep}" / "params.npz"
     params = checkpoints.load_params(source, model)
     path = out / f"fmnist_tokens_{method}.png"
     visualize.token_pictures(model, params, x, path, display_images=raw,
@@ -220,12 +256,41 @@ def fresh_out(out: pathlib.Path, overwrite: bool = False) -> pathlib.Path:
   return out
 
 
+FINETUNED = study.RESULTS / "fmnist_finetuned"  # <method>_<keep>/: params.npz, config, summary
+STUDY_JSON = study.RESULTS / "fmnist_finetune.json"
+
+
+def _tome_r_like(cfg, macs: float, locations) -> int:
+  """ToMe's per-block r whose MACs come closest to `macs` (training-free, matched cost)."""
+  from tps_jax import flops  # pylint: disable=g-import-not-at-top
+  best = None
+  for r in range(1, 16):
+    model = study.build_model(cfg, reduction=study.config_common.reduction("tome", 0.0,
+                                                                           tome_r=r))
+    try:
+      gap = abs(flops.macs(model) - macs)
+    except ValueError:  # r too large for the tokens left
+      break
+    best = (gap, r) if best is None or gap < best[0] else best
+  return best[1]
+
+
+def _study_rows(path: pathlib.Path, keep: float) -> tuple[dict, str]:
+  """The fine-tuning study's rows at `keep` by method, and what they are, if it exists."""
+  if not path.exists():
+    return {}, ""
+  ft = json.loads(path.read_text())
+  rows = {r["method"]: r for r in ft["rows"] if r["keep"] == keep}
+  return rows, ft["what"]
+
+
 def quick(args) -> None:
-  """Brief fine-tunes from the committed teacher; dense vs dTPS vs pruning; table and plot."""
+  """The main job: the committed fine-tuned models against the dense teacher and the
+  training-free methods, on the whole test set, with the study's spread over seeds."""
   from benchmarks.common import print_table  # pylint: disable=g-import-not-at-top
+  from tps_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from tps_jax import visualize  # pylint: disable=g-import-not-at-top
   from tps_jax.data import fashion_mnist as fm  # pylint: disable=g-import-not-at-top
-  from tps_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from tps_jax.trainer import loop  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
@@ -235,46 +300,80 @@ def quick(args) -> None:
   params = study.load_dense(cfg, teacher_path)
   locations = study.stage_locations(args.arg)
   keep = args.keep
+  models = pathlib.Path(args.models)
+  spread, spread_what = _study_rows(pathlib.Path(args.study), keep)
   rows = []
 
-  def add(label, training, r):
-    rows.append({"model": label, "training": training, **r})
+  def add(label, training, r, source=""):
+    s = spread.get(label) if training.startswith("fine-tuned") else None
+    rows.append({"model": label, "training": training, "source": source, **r,
+                 "study": s and {k: s[k] for k in ("seeds", "top1_mean", "top1_std",
+                                                   "top1_runs")}})
     print(f"{label}: top-1 {100 * r['top1']:.2f}%  {1e3 * r['gmacs']:.2f} MMACs  "
           f"{r['images_per_s']:.0f} img/s   [{time.perf_counter() - start:.0f}s]")
 
-  print(f"1/3 the dense teacher ({teacher_path})")
+  print(f"1/3 the dense teacher ({study.relative(teacher_path)})")
   add("dense", "teacher", study.evaluate_reduction(cfg, params, None))
-  print(f"2/3 fine-tune {args.steps} steps from the teacher, keep {keep}")
-  for method in reduction.LEARNED:
-    fcfg = study.fashion_mnist_config(args.arg, f"method={method}", f"keep={keep}",
-                                      f"init={teacher_path}", f"steps={args.steps}")
-    fcfg.tensorboard = False
-    fcfg.checkpoint.every_steps = 10**9  # the final step only
-    add(method, f"fine-tuned {args.steps} steps", loop.train_and_evaluate(fcfg, out / method))
-  print(f"3/3 training-free baselines on the teacher, keep {keep}")
+  learned = {}
+  if args.finetune:
+    print(f"2/3 fine-tune {args.finetune} steps from the teacher, keep {keep}, live")
+    for method in FINETUNE_METHODS:
+      fcfg = study.fashion_mnist_config(args.arg, f"method={method}", f"keep={keep}",
+                                        f"init={teacher_path}", f"steps={args.finetune}")
+      fcfg.tensorboard = False
+      fcfg.checkpoint.every_steps = 10**9  # the final step only
+      r = loop.train_and_evaluate(fcfg, out / method)
+      learned[method] = out / method / "params.npz"
+      add(method, f"fine-tuned {args.finetune} steps (live)", r, study.relative(learned[method]))
+  else:
+    print(f"2/3 the committed fine-tuned models, keep {keep} ({study.relative(models)})")
+    for method in FINETUNE_METHODS:
+      folder = models / f"{method}_{keep}"
+      if not (folder / "params.npz").exists():
+        raise SystemExit(f"no fine-tuned {method} model at {folder}; train the study "
+                         f"(python -m experiments.fashion_mnist finetune) or pass "
+                         f"--finetune STEPS to fine-tune here.")
+      steps = json.loads((folder / "summary.json").read_text()).get("step")
+      red = study.config_common.reduction(method, keep, locations)
+      model = study.build_model(study.fashion_mnist_config(args.arg, f"method={method}",
+                                                           f"keep={keep}"))
+      mparams = checkpoints.load_params(folder / "params.npz", model)
+      learned[method] = folder / "params.npz"
+      add(method, f"fine-tuned {steps} steps", study.evaluate_reduction(cfg, mparams, red),
+          study.relative(folder / "params.npz"))
+  print(f"3/3 training-free methods on the teacher, matched MACs")
   for method in ("etps", "topk"):
     red = study.config_common.reduction(method, keep, locations)
     add(method, "none (off the shelf)", study.evaluate_reduction(cfg, params, red))
+  r = _tome_r_like(cfg, rows[-1]["gmacs"] * 1e9, locations)
+  add("tome", f"none (off the shelf, r={r})",
+      study.evaluate_reduction(cfg, params, study.config_common.reduction("tome", 0.0,
+                                                                         tome_r=r)))
 
   dense = rows[0]
+  cell = lambda s: (f"{100 * s['top1_mean']:.2f} ± {100 * s['top1_std']:.2f} (n={s['seeds']})"
+                    if s else "")
   table = [{"model": r["model"], "training": r["training"], "top-1 %": f"{100 * r['top1']:.2f}",
+            "study mean ± std": cell(r["study"]),
             "MMACs": f"{1e3 * r['gmacs']:.2f}",
             "MACs vs dense": f"{r['gmacs'] / dense['gmacs']:.2f}",
             "img/s": f"{r['images_per_s']:.0f}",
             "speed-up": f"{r['images_per_s'] / dense['images_per_s']:.2f}x"} for r in rows]
   print()
   print_table(table, list(table[0]))
-  payload = {"keep": keep, "steps": args.steps, "teacher": str(args.teacher), "rows": rows,
-             "seconds": time.perf_counter() - start}
+  if spread_what:
+    print(f"\nstudy: {spread_what} ({study.relative(args.study)})")
+  payload = {"keep": keep, "finetune_steps": args.finetune, "teacher": str(args.teacher),
+             "study": spread_what, "rows": rows, "seconds": time.perf_counter() - start}
   study.write_json(out / "quick.json", payload)
   png = study.plot_curves([{**r, "method": r["model"]} for r in rows[1:]], out / "quick.png",
-                          dense=dense, title=f"Fashion-MNIST, keep {keep}: dTPS vs pruning "
-                                             f"({args.steps} fine-tuning steps)")
+                          dense=dense, title=f"Fashion-MNIST, keep {keep}: learned and "
+                                             f"training-free reductions, one model each")
   model = study.build_model(study.fashion_mnist_config(args.arg, "method=dtps", f"keep={keep}"))
   x, raw = study.normalise(fm.load("test")[0][:4], cfg)
-  visualize.token_pictures(model, checkpoints.load_params(out / "dtps" / "params.npz", model),
+  visualize.token_pictures(model, checkpoints.load_params(learned["dtps"], model),
                            x, out / "tokens_dtps.png", display_images=raw,
-                           title=f"dTPS, keep {keep}, fine-tuned {args.steps} steps")
+                           title=f"dTPS, keep {keep} ({rows[1]['training']})")
   print(f"wrote {out / 'quick.json'}, {png} and {out / 'tokens_dtps.png'} "
         f"in {time.perf_counter() - start:.0f}s")
 
@@ -355,10 +454,16 @@ def main(argv=None) -> None:
                                                  "(models.reduction.SCORES)")
   s.add_argument("--name", default="fmnist_offshelf", help="output JSON / PNG name")
   s = sub.add_parser("finetune", help="fine-tuned comparisons over seeds")
-  s.add_argument("--methods", type=_methods, default=tuple(m for pr in FINETUNE_PAIRS for m in pr))
-  s.add_argument("--keeps", type=_floats, default=(0.7, 0.5, 0.3))
-  s.add_argument("--seeds", type=_ints, default=(0, 1))
-  s.add_argument("--steps", type=int, default=100)
+  s.add_argument("--methods", type=_methods, default=FINETUNE_METHODS)
+  s.add_argument("--keeps", type=_floats, default=(0.5, 0.3))
+  s.add_argument("--seeds", type=_ints, default=(0, 1, 2))
+  s.add_argument("--steps", type=int, default=500,
+                 help="the length the curve picked (results/fmnist_curve.json)")
+  s.add_argument("--report", action="store_true",
+                 help="write the JSON and plot from the finished runs; train nothing")
+  s.add_argument("--publish", action="store_true",
+                 help="copy the seed-0 models at --publish_keep into results/fmnist_finetuned/")
+  s.add_argument("--publish_keep", type=float, default=0.5)
   s = sub.add_parser("curve", help="test top-1 along one long fine-tune per learned method")
   s.add_argument("--methods", type=_methods, default=reduction.LEARNED)
   s.add_argument("--keep", type=float, default=0.5)
@@ -373,9 +478,15 @@ def main(argv=None) -> None:
   s = sub.add_parser("report", help="markdown tables of the results JSON")
   s.add_argument("--offshelf", default="fmnist_offshelf",
                  help="which off-the-shelf JSON (e.g. fmnist_offshelf_gap)")
-  s = sub.add_parser("quick", help="the main job: a short end-to-end comparison")
+  s = sub.add_parser("quick", help="the main job: the committed models, compared")
   s.add_argument("--keep", type=float, default=0.5)
-  s.add_argument("--steps", type=int, default=100)
+  s.add_argument("--finetune", type=int, default=0, metavar="STEPS",
+                 help="fine-tune the four learned models here for STEPS steps (live) instead "
+                      "of loading the committed ones")
+  s.add_argument("--models", default=str(FINETUNED),
+                 help="the committed fine-tuned models (<method>_<keep>/params.npz)")
+  s.add_argument("--study", default=str(STUDY_JSON),
+                 help="the fine-tuning study whose mean ± std over seeds is shown")
   s.add_argument("--out", default=str(study.ROOT / "runs" / "quick"))
   s.add_argument("--overwrite", action="store_true",
                  help="delete --out first even if this job did not write it")

@@ -1,6 +1,7 @@
 """The Fashion-MNIST study: token pictures, the committed teacher, and the main job end to end."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -84,20 +85,50 @@ def tiny_teacher(tmp_path_factory):
   return path
 
 
-def test_main_job_end_to_end(tiny_teacher, tmp_path, capsys):
-  cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "quick", "--steps", "3",
-            "--out", str(tmp_path / "quick")])
+def test_main_job_end_to_end_fine_tuning_live(tiny_teacher, tmp_path, capsys):
+  cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "quick", "--finetune", "3",
+            "--study", str(tmp_path / "none.json"), "--out", str(tmp_path / "quick")])
   printed = capsys.readouterr().out
   assert "MMACs" in printed and "speed-up" in printed
   result = json.loads((tmp_path / "quick" / "quick.json").read_text())
-  rows = {r["model"]: r for r in result["rows"]}
-  assert list(rows) == ["dense", "dtps", "dynamicvit", "etps", "topk"]
-  assert all(r["examples"] == 10_000 for r in rows.values())
-  for m in ("dtps", "dynamicvit", "etps", "topk"):
-    assert rows[m]["gmacs"] < rows["dense"]["gmacs"]
-  assert rows["dtps"]["step"] == 3
+  rows = result["rows"]
+  assert [r["model"] for r in rows] == ["dense", "dtps", "dynamicvit", "etps", "evit", "etps",
+                                        "topk", "tome"]
+  assert all(r["examples"] == 10_000 for r in rows)
+  assert all(r["gmacs"] < rows[0]["gmacs"] for r in rows[1:])
+  assert rows[1]["step"] == 3 and rows[1]["training"].endswith("(live)")
   for png in ("quick.png", "tokens_dtps.png"):
     assert (tmp_path / "quick" / png).stat().st_size > 5_000
+
+
+def test_main_job_evaluates_committed_models_beside_the_study(tiny_teacher, tmp_path, capsys):
+  # The README's main job loads the committed fine-tuned models (here tiny stand-ins with
+  # score heads) and prints the study's mean ± std over seeds beside each model's figure.
+  models = tmp_path / "models"
+  for method in cli.FINETUNE_METHODS:
+    cfg = study.fashion_mnist_config("tiny", f"method={method}", "keep=0.5")
+    params = study.build_model(cfg).init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))["params"]
+    (models / f"{method}_0.5").mkdir(parents=True)
+    run_checkpoints.save_params_npz(params, models / f"{method}_0.5" / "params.npz")
+    (models / f"{method}_0.5" / "summary.json").write_text(json.dumps({"step": 500}))
+  rows = [{"method": m, "keep": 0.5, "seeds": 3, "top1_mean": 0.8 + i / 100, "top1_std": 0.002,
+           "top1_runs": [0.8, 0.8, 0.8]} for i, m in enumerate(cli.FINETUNE_METHODS)]
+  (tmp_path / "study.json").write_text(json.dumps({"what": "a stand-in study", "rows": rows}))
+  cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "quick", "--models", str(models),
+            "--study", str(tmp_path / "study.json"), "--out", str(tmp_path / "quick")])
+  printed = capsys.readouterr().out
+  assert "80.00 ± 0.20 (n=3)" in printed and "83.00 ± 0.20 (n=3)" in printed, printed
+  result = json.loads((tmp_path / "quick" / "quick.json").read_text())
+  got = [(r["model"], r["training"].split(" (")[0]) for r in result["rows"]]
+  assert got == [("dense", "teacher"), ("dtps", "fine-tuned 500 steps"),
+                 ("dynamicvit", "fine-tuned 500 steps"), ("etps", "fine-tuned 500 steps"),
+                 ("evit", "fine-tuned 500 steps"), ("etps", "none"), ("topk", "none"),
+                 ("tome", "none")]
+  assert result["rows"][1]["source"].endswith("dtps_0.5/params.npz")
+  shutil.rmtree(models / "evit_0.5")
+  with pytest.raises(SystemExit, match="no fine-tuned evit model"):
+    cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "quick", "--models", str(models),
+              "--out", str(tmp_path / "quick")])
 
 
 def test_main_job_never_deletes_a_users_folder(tiny_teacher, tmp_path):
@@ -105,7 +136,7 @@ def test_main_job_never_deletes_a_users_folder(tiny_teacher, tmp_path):
   mine.mkdir()
   (mine / "thesis.tex").write_text("months of work")
   with pytest.raises(SystemExit, match="was not written by this job"):
-    cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "quick", "--steps", "1",
+    cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "quick", "--finetune", "1",
               "--out", str(mine)])
   assert (mine / "thesis.tex").read_text() == "months of work"
   # A folder the job wrote itself is replaced on the next run.
