@@ -223,7 +223,7 @@ def test_reductions_run_on_cls_free_models(pool, scan, method):
   assert np.isfinite(np.asarray(logits)).all()
   assert out["encoded"].shape[1] < dense_out["encoded"].shape[1]
   sizes = np.asarray(out["sizes"]).sum(-1)
-  if method in ("dtps", "etps", "evit", "tome"):  # nothing thrown away
+  if method in ("dtps", "etps", "evit", "tome", "pitome"):  # nothing thrown away
     np.testing.assert_allclose(sizes, 16, rtol=1e-5)
   else:
     assert (sizes < 16).all()

@@ -27,7 +27,7 @@ def test_embedding_counts_the_input_channels():
 
 METHODS = [("none", {}), ("dtps", {"keep_ratio": 0.7}), ("dynamicvit", {"keep_ratio": 0.5}),
            ("etps", {"keep_ratio": 0.7}), ("evit", {"keep_ratio": 0.5}),
-           ("topk", {"keep_ratio": 0.7}), ("tome", {"r": 8})]
+           ("topk", {"keep_ratio": 0.7}), ("tome", {"r": 8}), ("pitome", {"keep_ratio": 0.9})]
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -52,12 +52,14 @@ def _small(method, kw):
     return None
   if method == "tome":
     return {"method": "tome", "r": 4}
+  if method == "pitome":
+    return {"method": "pitome", **kw}
   return {"method": method, "locations": (2, 4, 6), **kw}
 
 
 CLS_FREE = ([("gap", {}, m, kw) for m, kw in METHODS if m not in ("dynamicvit", "topk")]
             + [("map", {"rep_size": 48}, m, kw) for m, kw in METHODS if m in ("none", "etps",
-                                                                            "tome")]
+                                                                            "tome", "pitome")]
             + [("0", {"posemb": "sincos2d"}, m, kw) for m, kw in METHODS
                if m in ("dtps", "evit")])
 

@@ -11,14 +11,14 @@ from tps_jax import checkpoints
 from tps_jax.models.vit import Model
 from conftest import golden
 
-METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome")
+METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome", "pitome")
 SMALL = dict(width=48, depth=4, num_heads=3, mlp_dim=96, patch_size=8, image_size=32)  # 16 patches
 
 
 def small(method="none", **red):
   if method == "tome":
     red.setdefault("r", 2)
-  elif method != "none":
+  elif method not in ("none", "pitome"):
     red.setdefault("locations", (1, 2))
   return Model(5, reduction=dict(method=method, **red), **SMALL)
 
@@ -115,7 +115,8 @@ def test_keep_ratio_one_equals_dense(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_compiles_once_and_has_documented_shapes(method):
-  model = small(method, **({} if method == "tome" else {"keep_counts": (10, 6)}))
+  model = small(method, **({} if method == "tome" else {"keep_ratio": 0.75}
+                           if method == "pitome" else {"keep_counts": (10, 6)}))
   params = model.init(jax.random.key(0), images())["params"]
   chex.clear_trace_counter()
 
@@ -127,9 +128,10 @@ def test_every_method_compiles_once_and_has_documented_shapes(method):
   for seed in range(3):
     logits, out = forward(params, images(seed=seed))
   chex.assert_shape(logits, (2, 5))
-  expected_tokens = 1 + {"none": 16, "tome": 16 - 4 * 2, "evit": 6 + 1}.get(method, 6)
+  expected_tokens = 1 + {"none": 16, "tome": 16 - 4 * 2, "evit": 6 + 1,
+                         "pitome": 16 - 4 - 3 - 2 - 1}.get(method, 6)
   chex.assert_shape(out["encoded"], (2, expected_tokens, 48))
-  if method not in ("none", "tome"):
+  if method not in ("none", "tome", "pitome"):
     chex.assert_shape(out["keep_indices"], [(2, 10 + (method == "evit")),
                                             (2, 6 + (method == "evit"))])
     assert model.reduction.tokens_per_block(16, 4)[-1] == expected_tokens

@@ -76,6 +76,12 @@ def breakdown(model: VisionTransformer) -> dict[str, int]:
         parts["reduction"] += (n - k) * d
         k += 1
       n = k
+    elif red.tome_r and red.tome_r[i] and red.method == "pitome":
+      # cosine similarities of the T patch tokens' keys (head dim), then the merge as this
+      # library runs it: a (T, T - r) one-hot product of the size-weighted tokens and sizes
+      r, t = red.tome_r[i], n
+      parts["reduction"] += t * t * (d // model.num_heads) + t * (t - r) * (d + 1)
+      n -= r
     elif red.tome_r and red.tome_r[i]:
       r, t = red.tome_r[i], n + p
       na, nb = (t + 1) // 2, t // 2

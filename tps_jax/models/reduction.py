@@ -12,6 +12,8 @@ Methods (SPEC sections 2-3):
   evit        attention scores inside; pruned tokens fused into one extra token
   topk        attention scores inside; pruned tokens dropped
   tome        ToMe merging of `r` tokens inside every block (or the given ones)
+  pitome      PiToMe (NeurIPS 2024): inside every block, keep `keep_ratio` of the tokens
+              by merging the crowded (high-energy) ones; isolated tokens are protected
 
 The attention score of etps / evit / topk (`score`, SCORES): "cls", the attention from
 the cls token (the papers'; models with a cls token); for models without one (GAP, MAP,
@@ -23,16 +25,18 @@ a cls token and CLS_FREE_SCORE otherwise (README, "Models without a cls token").
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 from tps_jax import ops
 
 # The one list of methods: configs, experiments and benchmarks take theirs from here.
-METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome")
+METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome", "pitome")
+MERGING = ("tome", "pitome")  # merge inside every block (a per-block count, `tome_r`)
 LEARNED = ("dtps", "dynamicvit")  # score head, between blocks
 INTRA_BLOCK = ("etps", "evit", "topk")  # cls attention, inside the block
 SQUEEZING = ("dtps", "etps")
-TRAINING_FREE = INTRA_BLOCK + ("tome",)  # run on a dense model's parameters as they are
+TRAINING_FREE = INTRA_BLOCK + MERGING  # run on a dense model's parameters as they are
 # Each TPS variant and the baseline with its scorer that drops (DynamicViT) or fuses (EViT).
 TPS_BASELINES = {"dtps": "dynamicvit", "etps": "evit"}
 DEFAULT_LOCATIONS = (3, 6, 9)
@@ -52,6 +56,8 @@ def spec(method: str, keep_ratio: float = 0.7, locations=DEFAULT_LOCATIONS,
     return None
   if method == "tome":
     return {"method": "tome", "r": r}
+  if method == "pitome":  # keep_ratio is per block here, as the authors' `ratio`
+    return {"method": "pitome", "keep_ratio": keep_ratio}
   return {"method": method, "keep_ratio": keep_ratio, "locations": tuple(locations)}
 
 
@@ -63,7 +69,10 @@ class Reduction:
   locations: block indices of the stages (dtps/dynamicvit: before that block;
     etps/evit/topk: inside it). Empty for none/tome.
   keep_counts: patch tokens kept after each stage (cls excluded).
-  tome_r: tokens ToMe merges in each block (length = depth), zeros elsewhere.
+  tome_r: tokens ToMe / PiToMe merge in each block (length = depth), zeros elsewhere.
+  margins: PiToMe's energy margin per block (the authors': 0.75 - 0.75 * block / depth).
+  bsm_blocks: PiToMe's first `bsm_blocks` blocks match bipartitely over all tokens (the
+    authors': half the blocks, rounded up), the rest merge only high-energy tokens.
   temperature: of the squeeze similarity.
   keep_ratios: the ratio each stage aims at (rho_s of the keep-ratio loss):
     rho ** (s + 1) for a scalar keep_ratio, the list as given, or
@@ -73,6 +82,8 @@ class Reduction:
   locations: tuple[int, ...] = ()
   keep_counts: tuple[int, ...] = ()
   tome_r: tuple[int, ...] = ()
+  margins: tuple[float, ...] = ()
+  bsm_blocks: int = 0
   temperature: float = 1.0
   keep_ratios: tuple[float, ...] = ()
   score: str = "auto"  # SCORES: how etps / evit / topk score tokens
@@ -138,7 +149,7 @@ class Reduction:
       spec = dataclasses.asdict(spec)
     spec = dict(spec)
     allowed = {"method", "locations", "keep_ratio", "keep_counts", "keep_ratios", "r",
-               "tome_r", "temperature", "score"}
+               "tome_r", "temperature", "score", "margins", "bsm_blocks"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
       raise ValueError(f"unknown reduction keys {unknown}; expected some of {sorted(allowed)}.")
@@ -157,6 +168,8 @@ class Reduction:
     if method == "tome":
       return cls("tome", tome_r=_tome_schedule(spec, depth, num_patches, prefix),
                  temperature=temperature, score=score)
+    if method == "pitome":
+      return _pitome_plan(cls, spec, depth, num_patches, temperature, score)
 
     locations = tuple(int(l) for l in spec.get("locations", DEFAULT_LOCATIONS))
     if not locations:
@@ -194,6 +207,34 @@ class Reduction:
                 tuple(float(ratio) ** (s + 1) for s in range(len(locations))))
     return cls(method, locations, counts, temperature=temperature,
                keep_ratios=tuple(float(r) for r in ratios), score=score)
+
+
+def _pitome_plan(cls, spec: Mapping[str, Any], depth: int, num_patches: int,
+                 temperature: float, score: str) -> "Reduction":
+  """PiToMe as the authors' DeiT patch runs it: in block i of T patch tokens, merge
+  floor(T - T * keep_ratio) of them (cls, or the protected prefix, never)."""
+  if "locations" in spec or "keep_counts" in spec or "r" in spec:
+    raise ValueError("pitome merges in every block by its keep_ratio (the authors' `ratio`); "
+                     "it takes no locations, keep_counts or r.")
+  ratio = spec.get("keep_ratio", 0.9)
+  if isinstance(ratio, (list, tuple)) or not 0.5 <= float(ratio) <= 1.0:
+    raise ValueError(f"pitome keep_ratio is one ratio per block in [0.5, 1] (the authors' "
+                     f"`ratio`; below 0.5 its matching has too few tokens), got {ratio!r}.")
+  margins = spec.get("margins")
+  margins = (tuple(0.75 - 0.75 * i / depth for i in range(depth)) if margins is None
+             else tuple(float(m) for m in margins))
+  if len(margins) != depth:
+    raise ValueError(f"pitome margins list {len(margins)} values for a model of depth {depth}.")
+  bsm_blocks = int(spec.get("bsm_blocks", math.ceil(depth / 2)))
+  if not 0 <= bsm_blocks <= depth:
+    raise ValueError(f"pitome bsm_blocks must be in [0, {depth}], got {bsm_blocks}.")
+  schedule, t = [], num_patches
+  for _ in range(depth):
+    r = math.floor(t - t * float(ratio))  # the authors' arithmetic, in Python floats
+    schedule.append(r)
+    t -= r
+  return cls("pitome", tome_r=tuple(schedule), margins=margins, bsm_blocks=bsm_blocks,
+             keep_ratios=(float(ratio),), temperature=temperature, score=score)
 
 
 def _tome_schedule(spec: Mapping[str, Any], depth: int, num_patches: int,

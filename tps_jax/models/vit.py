@@ -253,6 +253,22 @@ class Encoder(nn.Module):
         decisions.append(first_patch_decision(st.decision)); hosts.append(st.hosts)
         keep_positions.append(positions)
         i += 1
+      elif red.tome_r and red.tome_r[i] and red.method == "pitome":
+        # The authors' DeiT patch: no proportional attention; cls (the prefix) never merges.
+        y, info = apply(i, "attend", x)
+        def merge(y, size, keys, r=red.tome_r[i], margin=red.margins[i],
+                  matching="bsm" if i < red.bsm_blocks else "pitome"):
+          index = ops.pitome_match(keys[:, p:], r, margin=margin, matching=matching)
+          t = y.shape[1] - p
+          merged_x, merged_size = ops.merge_by_index(y[:, p:], size[:, p:], index, t - r)
+          new_index = jnp.concatenate(
+              [jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (y.shape[0], p)), p + index], 1)
+          return (jnp.concatenate([y[:, :p], merged_x], 1),
+                  jnp.concatenate([size[:, :p], merged_size], 1), new_index)
+        y, size, new_index = stage_fn(merge)(y, size, info.keys)
+        owner = stages.follow(owner, new_index) if owner is not None else None
+        x = apply(i, "feed", y)
+        i += 1
       elif red.tome_r and red.tome_r[i]:
         bias = ops.proportional_attention_bias(size) if merged else None
         y, info = apply(i, "attend", x, bias=bias)

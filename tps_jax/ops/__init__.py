@@ -10,3 +10,4 @@ from tps_jax.ops.squeezing import (HostMatch, cosine_similarity, fuse, match_hos
                                  squeeze_masked_with_hosts, squeeze_with_hosts)
 from tps_jax.ops.tome import (ToMeMatch, bipartite_soft_matching, max_merge, merge_sum,
                               merge_wavg, proportional_attention_bias)
+from tps_jax.ops.pitome import energy_scores, merge_by_index, pitome_match

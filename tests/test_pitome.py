@@ -1,0 +1,88 @@
+"""PiToMe against the authors' own operator (tests/goldens/pitome, scripts/pitome_goldens.py)."""
+
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tps_jax.ops import pitome
+
+GOLDENS = pathlib.Path(__file__).parent / "goldens" / "pitome"
+CASES = sorted(p.stem for p in GOLDENS.glob("*.npz"))
+
+
+def _ours(g, **kw):
+  """The authors' call (cls first, protected) through our operator."""
+  t = g["metric"].shape[1] - 1
+  r = math.floor(t - t * float(g["ratio"]))
+  matching = "bsm" if int(g["bsm"]) else "pitome"
+  kw = {"margin": float(g["margin"]), "matching": matching, **kw}
+  new_index = jax.jit(lambda m: pitome.pitome_match(m, r, **kw))(jnp.asarray(g["metric"][:, 1:]))
+  x, size = pitome.merge_by_index(jnp.asarray(g["x"][:, 1:]), jnp.asarray(g["size"][:, 1:, 0]),
+                                  new_index, t - r)
+  x = np.concatenate([g["x"][:, :1], np.asarray(x)], axis=1)
+  size = np.concatenate([g["size"][:, :1, 0], np.asarray(size)], axis=1)
+  return x, size, np.asarray(new_index), r
+
+
+def test_goldens_cover_both_matchings():
+  assert len(CASES) == 5 and {c.split("_")[0] for c in CASES} == {"bsm", "pitome"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_equals_the_authors_merge(case):
+  g = dict(np.load(GOLDENS / f"{case}.npz"))
+  x, size, _, r = _ours(g)
+  assert r > 0 and x.shape == g["x_out"].shape
+  np.testing.assert_allclose(x, g["x_out"], rtol=1e-5, atol=1e-6)  # same tokens, same order
+  np.testing.assert_allclose(size, g["size_out"][..., 0], rtol=1e-6)
+  np.testing.assert_allclose(size.sum(1), g["size"].sum((1, 2)), rtol=1e-6)  # sizes kept
+
+
+@pytest.mark.parametrize("case", ["pitome_m0375_r07", "bsm_m05_r07"])
+def test_the_energy_decides_which_tokens_may_merge(case):
+  # Without the energy (every token equally "crowded") another set merges: the golden fails.
+  g = dict(np.load(GOLDENS / f"{case}.npz"))
+  real = pitome.energy_scores
+  flat = lambda m, margin, alpha=1.0: (real(m, margin, alpha)[0],
+                                       jnp.zeros(m.shape[:2], jnp.float32))
+  pitome.energy_scores = flat
+  try:
+    x, _, _, _ = _ours(g)
+  finally:
+    pitome.energy_scores = real
+  assert not np.allclose(x, g["x_out"], rtol=1e-5, atol=1e-6)
+
+
+def test_pitome_protects_isolated_tokens_and_checks_its_arguments():
+  # Two tight clusters and two lone tokens: the lone ones (lowest energy) are never merged.
+  rng = np.random.default_rng(0)
+  centres = np.eye(6)[:2] * 5
+  metric = np.concatenate([centres[0] + 0.05 * rng.normal(size=(6, 6)),
+                           centres[1] + 0.05 * rng.normal(size=(6, 6)),
+                           np.eye(6)[2:4] * 5], 0)[None].astype(np.float32)
+  new_index = np.asarray(pitome.pitome_match(jnp.asarray(metric), 6, margin=0.5))
+  counts = np.bincount(new_index[0], minlength=8)
+  assert counts.sum() == 14 and (counts[new_index[0, 12:]] == 1).all()  # lone: alone
+  with pytest.raises(ValueError, match="unknown PiToMe matching 'greedy'"):
+    pitome.pitome_match(jnp.asarray(metric), 2, margin=0.5, matching="greedy")
+  with pytest.raises(ValueError, match="r"):
+    pitome.pitome_match(jnp.asarray(metric), 8, margin=0.5)  # 2r > T
+
+
+def test_the_plan_follows_the_authors_deit_patch_and_checks_its_spec():
+  from tps_jax.models.reduction import Reduction  # pylint: disable=g-import-not-at-top
+  plan = Reduction.create({"method": "pitome", "keep_ratio": 0.9}, depth=12, num_patches=196)
+  # r = floor(T - T * ratio) of the T patch tokens each block sees; cls never merges.
+  assert plan.tome_r == (19, 17, 16, 14, 13, 11, 10, 9, 8, 7, 7, 6)
+  assert plan.margins[0] == 0.75 and plan.margins[6] == 0.375 and plan.bsm_blocks == 6
+  assert plan.tokens_per_block(196, 12)[-1] == 1 + 196 - sum(plan.tome_r)
+  for bad, match in (({"keep_ratio": 0.4}, "in \\[0.5, 1\\]"),
+                     ({"keep_ratio": 0.9, "locations": (3,)}, "takes no locations"),
+                     ({"keep_ratio": 0.9, "margins": (0.5,)}, "margins list 1 values"),
+                     ({"keep_ratio": 0.9, "bsm_blocks": 13}, "bsm_blocks must be in")):
+    with pytest.raises(ValueError, match=match):
+      Reduction.create({"method": "pitome", **bad}, depth=12, num_patches=196)
