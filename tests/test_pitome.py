@@ -12,6 +12,7 @@ from tps_jax.ops import pitome
 
 GOLDENS = pathlib.Path(__file__).parent / "goldens" / "pitome"
 CASES = sorted(p.stem for p in GOLDENS.glob("*.npz"))
+OPERATOR_CASES = [c for c in CASES if c != "deit"]
 
 
 def _ours(g, **kw):
@@ -29,10 +30,10 @@ def _ours(g, **kw):
 
 
 def test_goldens_cover_both_matchings():
-  assert len(CASES) == 5 and {c.split("_")[0] for c in CASES} == {"bsm", "pitome"}
+  assert len(CASES) == 6 and {c.split("_")[0] for c in CASES} == {"bsm", "pitome", "deit"}
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", OPERATOR_CASES)
 def test_equals_the_authors_merge(case):
   g = dict(np.load(GOLDENS / f"{case}.npz"))
   x, size, _, r = _ours(g)
@@ -86,3 +87,21 @@ def test_the_plan_follows_the_authors_deit_patch_and_checks_its_spec():
                      ({"keep_ratio": 0.9, "bsm_blocks": 13}, "bsm_blocks must be in")):
     with pytest.raises(ValueError, match=match):
       Reduction.create({"method": "pitome", **bad}, depth=12, num_patches=196)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.9, 0.8, 0.7])
+def test_model_equals_the_authors_patched_timm_deit(ratio):
+  # The authors' algo/pitome/patch/deit.py on timm 0.4.12's DeiT (tests/goldens/pitome/
+  # deit.npz), loaded from the same state dict: the same logits.
+  from tps_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from tps_jax.models.vit import Model  # pylint: disable=g-import-not-at-top
+  g = dict(np.load(GOLDENS / "deit.npz"))
+  sd = {k[3:]: v for k, v in g.items() if k.startswith("sd:")}
+  model = Model(5, width=48, depth=4, num_heads=3, mlp_dim=192, patch_size=8, image_size=64,
+                layout="deit", reduction={"method": "pitome", "keep_ratio": ratio})
+  params = checkpoints.from_torch_state_dict(sd, model)
+  logits, out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, g["images"])
+  np.testing.assert_allclose(logits, g[f"logits:{ratio}"], rtol=1e-5, atol=2e-5)
+  assert out["encoded"].shape[1] == 1 + 64 - sum(model.reduction.tome_r)
+  if ratio < 1:
+    assert not np.allclose(g[f"logits:{ratio}"], g["logits:1.0"], atol=1e-3)  # it merged
