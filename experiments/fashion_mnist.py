@@ -413,6 +413,20 @@ def report(args) -> None:
     for p in tome:
       print(f"| {p['tome_r']} | {1e3 * p['gmacs']:.2f} ({100 * p['gmacs'] / d['gmacs']:.0f}%) "
             f"| {_pct(p['top1'])} |")
+  for name in args.extra:  # more training-free methods, each against the nearest MACs
+    extra = json.loads((out / f"{name}.json").read_text())
+    print(f"\n{name} (each point beside the nearest-MACs eTPS and ToMe points of {args.offshelf}):"
+          "\n\n| method | keep per block | MMACs | top-1 | eTPS (MMACs) | ToMe (MMACs) |\n"
+          "|---|---|---|---|---|---|")
+    near = lambda m, g: min((q for q in off["points"] if q["method"] == m),
+                            key=lambda q: abs(q["gmacs"] - g), default=None)
+    for p in extra["points"]:
+      if p["method"] == "none":
+        continue
+      cells = [f"{_pct(q['top1'])} ({1e3 * q['gmacs']:.1f})" if q else "" for q in
+               (near("etps", p["gmacs"]), near("tome", p["gmacs"]))]
+      print(f"| {p['method']} | {p.get('keep', '')} | {1e3 * p['gmacs']:.2f} | "
+            f"{_pct(p['top1'])} | {cells[0]} | {cells[1]} |")
   ft_path = out / "fmnist_finetune.json"
   if not ft_path.exists():
     return
@@ -478,6 +492,9 @@ def main(argv=None) -> None:
   s = sub.add_parser("report", help="markdown tables of the results JSON")
   s.add_argument("--offshelf", default="fmnist_offshelf",
                  help="which off-the-shelf JSON (e.g. fmnist_offshelf_gap)")
+  s.add_argument("--extra", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
+                 help="more off-the-shelf JSONs (e.g. fmnist_offshelf_pitome), each point "
+                      "beside the nearest-MACs eTPS and ToMe points")
   s = sub.add_parser("quick", help="the main job: the committed models, compared")
   s.add_argument("--keep", type=float, default=0.5)
   s.add_argument("--finetune", type=int, default=0, metavar="STEPS",

@@ -43,6 +43,7 @@ STYLE = {
     "evit": dict(color="tab:green", marker="s", label="EViT (fuse)"),
     "topk": dict(color="tab:purple", marker="v", label="top-k (drop)"),
     "tome": dict(color="tab:gray", marker="D", label="ToMe (merge)"),
+    "pitome": dict(color="tab:brown", marker="P", label="PiToMe (merge)"),
 }
 
 
