@@ -81,6 +81,9 @@ def test_the_plan_follows_the_authors_deit_patch_and_checks_its_spec():
   assert plan.tome_r == (19, 17, 16, 14, 13, 11, 10, 9, 8, 7, 7, 6)
   assert plan.margins[0] == 0.75 and plan.margins[6] == 0.375 and plan.bsm_blocks == 6
   assert plan.tokens_per_block(196, 12)[-1] == 1 + 196 - sum(plan.tome_r)
+  assert Reduction.create(plan, depth=12, num_patches=196) == plan  # a plan passes as it is
+  with pytest.raises(ValueError, match="made for depth 12, the model has 8"):
+    Reduction.create(plan, depth=8, num_patches=196)
   for bad, match in (({"keep_ratio": 0.4}, "in \\[0.5, 1\\]"),
                      ({"keep_ratio": 0.9, "locations": (3,)}, "takes no locations"),
                      ({"keep_ratio": 0.9, "margins": (0.5,)}, "margins list 1 values"),

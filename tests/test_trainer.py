@@ -213,7 +213,8 @@ def test_checkpoints_tell_corruption_from_mismatch(tmp_path):
   # Reading a workdir's params (load_params, --init, --evaluate) takes the newest intact step
   # as restore does, and moves nothing; a named step is read or refused (issue 24 item 4).
   warned = []
-  np.testing.assert_array_equal(run_checkpoints.read_params(tmp_path, warn=warned.append)["w"],
+  relative = os.path.relpath(tmp_path)  # as `--evaluate runs/x` gives it; Orbax wants absolute
+  np.testing.assert_array_equal(run_checkpoints.read_params(relative, warn=warned.append)["w"],
                                 state(2)["params"]["w"])
   assert len(warned) == 1 and "checkpoints/3 is corrupt" in warned[0]
   with pytest.raises(foreign.CheckpointCorruptError, match="differ from the checksums"):

@@ -93,6 +93,8 @@ def step_dirs(path: str | os.PathLike) -> tuple[list[epath.Path], bool]:
 
   `path`: a workdir (its `checkpoints/`), a checkpoints directory, or one step directory.
   """
+  if "://" not in str(path):  # Orbax (tensorstore) takes absolute paths only
+    path = os.path.abspath(path)
   path = epath.Path(path)
   root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
   steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True) \

@@ -63,6 +63,13 @@ class BadImages:
     self.seen: set[int] = set()
     self._lock = threading.Lock()
 
+  def __getstate__(self):  # grain's worker processes get a pickled copy: no lock in it
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
   def report(self, index: int, record, error: Exception) -> None:
     image = record.get("image") if isinstance(record, dict) else None
     name = str(image) if isinstance(image, (str, os.PathLike)) else f"record {index}"
@@ -139,6 +146,14 @@ class _EpochOrder:
   def __len__(self):
     return self.used * _MAX_EPOCHS
 
+  def __getstate__(self):  # grain's worker processes get a pickled copy: no lock, no cache
+    return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_orders")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._orders = collections.OrderedDict()
+    self._lock = threading.Lock()
+
   def order(self, epoch: int) -> np.ndarray:
     """Epoch `epoch`'s permutation of [lo, hi)."""
     with self._lock:
@@ -192,7 +207,7 @@ def train_dataset(source, split: str, preprocess: preprocess_lib.Preprocess, *,
       record = records[i]
       try:
         decoded = source.decode(record["image"])
-      except (ValueError, OSError) as e:
+      except ValueError as e:  # undecodable bytes; a failing read (OSError) is raised as it is
         bad.report(i, record, e)
         continue
       image = preprocess_lib.train_image(decoded, rng, preprocess)
@@ -241,7 +256,7 @@ def eval_batches(source, split: str, preprocess: preprocess_lib.Preprocess, *,
     record = records[lo + position]
     try:
       decoded = source.decode(record["image"])
-    except (ValueError, OSError) as e:
+    except ValueError as e:  # undecodable bytes; a failing read (OSError) is raised as it is
       bad.report(lo + position, record, e)
       return padding
     image = preprocess_lib.eval_image(decoded, p)

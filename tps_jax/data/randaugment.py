@@ -129,8 +129,9 @@ def _auto_contrast_table(image, level, key):
   hi = jnp.max(image, axis=(0, 1))
   scale = 255.0 / jnp.maximum(hi - lo, 1.0)
   v = _values(image)
-  # PIL's lut is int(v * scale - lo * scale) in double; (v - lo) * scale is the same value
-  # (v - lo is exact) with one float32 rounding, which no compiled form can fuse differently.
+  # PIL's lut is int(v * scale - lo * scale) in double. (v - lo) * scale (v - lo is exact)
+  # has one float32 rounding, which no compiled form can fuse differently; it differs from
+  # PIL by one grey level in 0.17% of (lo, hi, v) (the two-product form: 0.26%).
   return jnp.where(hi > lo, _u8((v - lo) * scale), v)
 
 

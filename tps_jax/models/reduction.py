@@ -141,6 +141,13 @@ class Reduction:
     `method`, `locations`, and one of `keep_ratio` (a scalar: cumulative, rho ** (s+1);
     or one ratio per stage), `keep_counts`, or for tome `r` (int or per-block list).
     """
+    if isinstance(spec, Reduction) and spec.method == "pitome":  # its plan is per block
+      if len(spec.tome_r) != depth or len(spec.margins) != depth:
+        raise ValueError(f"this pitome plan was made for depth {len(spec.tome_r)}, the model "
+                         f"has {depth} blocks.")
+      if sum(spec.tome_r) >= num_patches:
+        raise ValueError(f"this pitome plan merges {sum(spec.tome_r)} of {num_patches} patches.")
+      return spec
     if spec is None:
       spec = {"method": "none"}
     elif isinstance(spec, str):

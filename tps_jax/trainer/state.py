@@ -68,6 +68,7 @@ class Checkpoints:
     self._closed = False
     self._lock = threading.Lock()
     self._unsealed: list[int] = []  # saved by this run, checksums not yet written
+    self._hashing = 0  # steps whose checksums a thread is writing now
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=1, create=True,
         enable_async_checkpointing=async_save)
@@ -108,27 +109,44 @@ class Checkpoints:
       delay = min(2 * delay, 1.0)
 
   def _write_checksums(self, steps) -> None:
+    """Claims each step (under the lock), then hashes it outside the lock, so a save that
+    arrives meanwhile does not wait for the hashing. A failed write leaves the step without
+    checksums (it still restores: Orbax's own commit stands) and is logged."""
     for step in steps:
       with self._lock:
         if step not in self._unsealed:
           continue  # sealed meanwhile by the other path
         self._unsealed.remove(step)
+        self._hashing += 1
+      try:
         if jax.process_index() == 0:
           run_checkpoints.write_checksums(self.directory / str(step))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("checkpoint %s/%d: its checksums could not be written (%s: %s); it "
+                        "restores without them.", self.directory, step, type(e).__name__, e)
+      finally:
+        with self._lock:
+          self._hashing -= 1
 
   def _finalized(self, step: int) -> bool:
     step_dir = self.directory / str(step)
     return step_dir.is_dir() and ocp.step.is_checkpoint_finalized(step_dir)
 
   def _seal(self) -> None:
-    """Waits for pending saves, seals what they finished and drops the rest (a step that is
-    not there once every save is done was removed by max_to_keep)."""
+    """Waits for pending saves and any hashing in flight, seals what the saves finished and
+    drops the rest (a step that is not there once every save is done was removed by
+    max_to_keep)."""
     self.manager.wait_until_finished()
     with self._lock:
       pending = list(self._unsealed)
     self._write_checksums([s for s in pending if self._finalized(s)])
     with self._lock:
       self._unsealed = [s for s in self._unsealed if s not in pending]
+    while True:  # a background thread may still be hashing a step it claimed
+      with self._lock:
+        if not self._hashing:
+          return
+      time.sleep(0.01)
 
   def verify(self, step: int, abstract_state: dict | None = None) -> None:
     """Raises CheckpointCorruptError if `step`'s bytes are damaged, CheckpointMismatchError
@@ -196,7 +214,8 @@ class Checkpoints:
       try:
         self.verify(step, abstract_state)
       except (foreign.CheckpointCorruptError, foreign.CheckpointMismatchError) as e:
-        error, code = e, _VERDICTS.index(type(e))
+        error = e
+        code = 1 if isinstance(e, foreign.CheckpointCorruptError) else 2
       except Exception as e:  # pylint: disable=broad-except (shared, then raised as it is)
         error, code = e, len(_VERDICTS)
     code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
