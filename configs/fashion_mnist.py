@@ -12,7 +12,8 @@ section 4's losses, the same checkpoint serving as the frozen teacher. With
 another cosine cycle (8 epochs at lr 1e-3 by default), with no teacher: the
 committed teacher is 12 epochs from scratch followed by two such cycles (lr
 1e-3, then 5e-4; experiments/fashion_mnist.py TEACHER_PHASES).
-`tiny` shrinks everything for tests. `pool=gap` (or map) builds the model without a cls
+`tiny` shrinks everything for tests (evaluating on the first 2000 test images).
+`pool=gap` (or map) builds the model without a cls
 token (its teacher: results/fmnist_teacher_gap/); `score` picks the attention score of
 etps / evit / topk (models.reduction.SCORES).
 """
@@ -39,6 +40,7 @@ def get_config(arg=None):
                                             score=arg.score))
 
   c.input.dataset = "fashion_mnist"
+  c.input.eval_split = "test[:2000]" if arg.tiny else "test"  # tests: a fifth of the test set
   c.input.batch_size = arg.batch
   c.input.eval_batch_size = 1000
   c.input.preprocess = dict(size=28, channels=1, crop="pad_random", pad=2, flip=True,

@@ -294,13 +294,20 @@ def quick(args) -> None:
   from tps_jax.trainer import loop  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
+  models = pathlib.Path(args.models)
+  missing = [m for m in args.methods
+             if not args.finetune and not (models / f"{m}_{args.keep}" / "params.npz").exists()]
+  if missing:  # said before anything runs
+    raise SystemExit(f"no fine-tuned {', '.join(missing)} model in {models} "
+                     f"(<method>_{args.keep}/params.npz); train the study (python -m "
+                     f"experiments.fashion_mnist finetune --publish) or pass --finetune STEPS "
+                     f"to fine-tune here.")
   out = fresh_out(pathlib.Path(args.out), args.overwrite)
   teacher_path = pathlib.Path(args.teacher).resolve()
   cfg = study.fashion_mnist_config(args.arg)
   params = study.load_dense(cfg, teacher_path)
   locations = study.stage_locations(args.arg)
   keep = args.keep
-  models = pathlib.Path(args.models)
   spread, spread_what = _study_rows(pathlib.Path(args.study), keep)
   rows = []
 
@@ -317,7 +324,7 @@ def quick(args) -> None:
   learned = {}
   if args.finetune:
     print(f"2/3 fine-tune {args.finetune} steps from the teacher, keep {keep}, live")
-    for method in FINETUNE_METHODS:
+    for method in args.methods:
       fcfg = study.fashion_mnist_config(args.arg, f"method={method}", f"keep={keep}",
                                         f"init={teacher_path}", f"steps={args.finetune}")
       fcfg.tensorboard = False
@@ -327,12 +334,8 @@ def quick(args) -> None:
       add(method, f"fine-tuned {args.finetune} steps (live)", r, study.relative(learned[method]))
   else:
     print(f"2/3 the committed fine-tuned models, keep {keep} ({study.relative(models)})")
-    for method in FINETUNE_METHODS:
+    for method in args.methods:
       folder = models / f"{method}_{keep}"
-      if not (folder / "params.npz").exists():
-        raise SystemExit(f"no fine-tuned {method} model at {folder}; train the study "
-                         f"(python -m experiments.fashion_mnist finetune) or pass "
-                         f"--finetune STEPS to fine-tune here.")
       steps = json.loads((folder / "summary.json").read_text()).get("step")
       red = study.config_common.reduction(method, keep, locations)
       model = study.build_model(study.fashion_mnist_config(args.arg, f"method={method}",
@@ -369,13 +372,16 @@ def quick(args) -> None:
   png = study.plot_curves([{**r, "method": r["model"]} for r in rows[1:]], out / "quick.png",
                           dense=dense, title=f"Fashion-MNIST, keep {keep}: learned and "
                                              f"training-free reductions, one model each")
-  model = study.build_model(study.fashion_mnist_config(args.arg, "method=dtps", f"keep={keep}"))
+  first = args.methods[0]  # the first learned model's scorer, pictured (dTPS by default)
+  model = study.build_model(study.fashion_mnist_config(args.arg, f"method={first}",
+                                                       f"keep={keep}"))
   x, raw = study.normalise(fm.load("test")[0][:4], cfg)
-  visualize.token_pictures(model, checkpoints.load_params(learned["dtps"], model),
-                           x, out / "tokens_dtps.png", display_images=raw,
-                           title=f"dTPS, keep {keep} ({rows[1]['training']})")
-  print(f"wrote {out / 'quick.json'}, {png} and {out / 'tokens_dtps.png'} "
-        f"in {time.perf_counter() - start:.0f}s")
+  picture = out / f"tokens_{first}.png"
+  visualize.token_pictures(model, checkpoints.load_params(learned[first], model),
+                           x, picture, display_images=raw,
+                           title=f"{study.STYLE[first]['label']}, keep {keep} "
+                                 f"({rows[1]['training']})")
+  print(f"wrote {out / 'quick.json'}, {png} and {picture} in {time.perf_counter() - start:.0f}s")
 
 
 def _pct(v: float) -> str:
@@ -500,6 +506,8 @@ def main(argv=None) -> None:
   s.add_argument("--finetune", type=int, default=0, metavar="STEPS",
                  help="fine-tune the four learned models here for STEPS steps (live) instead "
                       "of loading the committed ones")
+  s.add_argument("--methods", type=_methods, default=FINETUNE_METHODS,
+                 help="the learned methods to show (dtps first: its scorer is pictured)")
   s.add_argument("--models", default=str(FINETUNED),
                  help="the committed fine-tuned models (<method>_<keep>/params.npz)")
   s.add_argument("--study", default=str(STUDY_JSON),

@@ -12,6 +12,7 @@ specific to one dataset except `fashion_mnist_config`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -69,10 +70,15 @@ def stage_locations(arg: str = "") -> tuple[int, ...]:
   return tuple(probe.model.reduction["locations"])
 
 
+@functools.lru_cache(maxsize=None)
+def _dataset_classes(dataset: str, data_dir: str | None) -> int:
+  return data.get_source(dataset, data_dir=data_dir).num_classes
+
+
 def build_model(config, **overrides):
   """The inference model of `config` (classes from the config or else from its dataset)."""
-  num_classes = config.get("num_classes") or data.get_source(
-      config.input.dataset, data_dir=config.input.get("data_dir")).num_classes
+  num_classes = config.get("num_classes") or _dataset_classes(config.input.dataset,
+                                                              config.input.get("data_dir"))
   return _build_model(config.model, num_classes, **overrides)
 
 

@@ -330,6 +330,22 @@ def test_image_folder_source_and_bad_files(tmp_path, caplog):
   assert sorted(np.concatenate([r["label"][r["mask"]] for r in rows])) == [0, 0, 0, 1, 1, 1]
 
 
+def test_split_slices_select_examples_in_order(tmp_path):
+  # tfds's "NAME[START:STOP]" on every source (tfds reads it itself): the tiny test recipe
+  # evaluates on test[:2000].
+  source = data.get_source("fashion_mnist", prefer="idx")
+  images, labels = fashion_mnist.load("test")
+  assert source.num_examples("test[:2000]") == 2000
+  np.testing.assert_array_equal(source.records("test[-3:]")[2]["image"][..., 0], images[-1])
+  assert source.records("test[10:12]")[0]["label"] == labels[10]
+  _write_folder(tmp_path, corrupt=False)
+  assert data.get_source("folder", data_dir=tmp_path).num_examples("train[2:5]") == 3
+  for bad, match in (("test[2k]", "a slice is written NAME\\[START:STOP\\]"),
+                     ("test[5:5]", "selects no example")):
+    with pytest.raises(ValueError, match=match):
+      source.num_examples(bad)
+
+
 def test_image_folder_errors(tmp_path):
   with pytest.raises(ValueError, match="needs data_dir"):
     data.get_source("folder")

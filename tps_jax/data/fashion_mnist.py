@@ -7,6 +7,7 @@ under /usr/share/datasets/fashion-mnist; `data_dir` or the environment variable
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import pathlib
@@ -47,7 +48,11 @@ def data_dir(path: str | os.PathLike | None = None) -> pathlib.Path:
 
 
 def load(split: str, path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (images uint8 (N, 28, 28), labels int32 (N,)) of `split` ("train" or "test")."""
+  """Returns (images uint8 (N, 28, 28), labels int32 (N,)) of `split` ("train" or "test").
+
+  Read once per process and file version (the arrays are read-only and shared): the
+  experiments evaluate many models on the same split.
+  """
   if split not in FILES:
     raise ValueError(f"unknown Fashion-MNIST split {split!r}; expected one of {sorted(FILES)}.")
   root = data_dir(path)
@@ -57,8 +62,18 @@ def load(split: str, path: str | os.PathLike | None = None) -> tuple[np.ndarray,
     raise FileNotFoundError(
         f"Fashion-MNIST files not found: {missing}. Install the Debian package "
         f"(apt-get install -y dataset-fashion-mnist) or set TPS_FASHION_MNIST_DIR.")
+  stamp = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
+  return _read(stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _read(stamp) -> tuple[np.ndarray, np.ndarray]:
+  paths = [pathlib.Path(p) for p, _, _ in stamp]
   images, labels = (read_idx(p) for p in paths)
   if images.shape[0] != labels.shape[0]:
     raise ValueError(f"{paths[0]} holds {images.shape[0]} images but {paths[1]} holds "
                      f"{labels.shape[0]} labels.")
-  return images, labels.astype(np.int32)
+  labels = labels.astype(np.int32)
+  for a in (images, labels):
+    a.setflags(write=False)
+  return images, labels

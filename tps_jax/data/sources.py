@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+import re
 from typing import Any, Sequence
 
 from absl import logging
@@ -50,6 +51,31 @@ def decode_image_bytes(raw: bytes, channels: int, what: str = "image") -> np.nda
   return array[..., None] if array.ndim == 2 else array
 
 
+_SLICE = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
+def split_slice(split: str) -> tuple[str, slice]:
+  """"test[:2000]" -> ("test", slice(None, 2000)); "test" -> ("test", slice(None)).
+
+  The tfds split-slicing syntax with example counts (tfds sources take it natively)."""
+  m = _SLICE.match(split)
+  if not m:
+    if "[" in split:
+      raise ValueError(f"split {split!r}: a slice is written NAME[START:STOP] with integer "
+                       f"example counts, e.g. 'test[:2000]'.")
+    return split, slice(None)
+  num = lambda v: int(v) if v else None
+  return m["name"], slice(num(m["start"]), num(m["stop"]))
+
+
+def _sliced(columns: tuple[np.ndarray, np.ndarray], sl: slice, split: str):
+  images, labels = columns
+  images, labels = images[sl], labels[sl]
+  if not len(labels):
+    raise ValueError(f"split {split!r} selects no example.")
+  return images, labels
+
+
 class ArraySource:
   """In-memory uint8 images (N, H, W[, C]) and int labels, per split."""
 
@@ -70,9 +96,10 @@ class ArraySource:
     self.channels = next(iter(self._arrays.values()))[0].shape[-1]
 
   def _split(self, split):
-    if split not in self._arrays:
-      raise ValueError(f"{self.name} has no split {split!r}; it has {sorted(self._arrays)}.")
-    return self._arrays[split]
+    name, sl = split_slice(split)
+    if name not in self._arrays:
+      raise ValueError(f"{self.name} has no split {name!r}; it has {sorted(self._arrays)}.")
+    return _sliced(self._arrays[name], sl, split)
 
   def num_examples(self, split: str) -> int:
     return len(self._split(split)[1])
@@ -144,8 +171,9 @@ class FolderSource:
     return path
 
   def _split(self, split):
+    split, sl = split_slice(split)
     if split in self._files:
-      return self._files[split]
+      return _sliced(self._files[split], sl, split)
     path = self._split_dir(split)
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if self.classes is None:
@@ -171,7 +199,7 @@ class FolderSource:
                        f"(looked for {', '.join(IMAGE_EXTENSIONS)}).")
     self.skipped[split] = skipped
     self._files[split] = (np.array(files), np.array(labels, np.int32))
-    return self._files[split]
+    return _sliced(self._files[split], sl, split)
 
   def num_examples(self, split: str) -> int:
     return len(self._split(split)[1])
