@@ -20,6 +20,7 @@ evaluates into results/fmnist_finetuned/.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -265,12 +266,12 @@ def _tome_r_like(cfg, macs: float, locations) -> int:
   from tps_jax import flops  # pylint: disable=g-import-not-at-top
   best = None
   for r in range(1, 16):
-    model = study.build_model(cfg, reduction=study.config_common.reduction("tome", 0.0,
-                                                                           tome_r=r))
     try:
-      gap = abs(flops.macs(model) - macs)
+      model = study.build_model(cfg, reduction=study.config_common.reduction("tome", 0.0,
+                                                                             tome_r=r))
     except ValueError:  # r too large for the tokens left
       break
+    gap = abs(flops.macs(model) - macs)
     best = (gap, r) if best is None or gap < best[0] else best
   return best[1]
 
@@ -294,6 +295,8 @@ def quick(args) -> None:
   from tps_jax.trainer import loop  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
+  # img/s: the median of 2 timed batches of 1000 after a warm-up (the study's sweeps take 3)
+  evaluate = functools.partial(study.evaluate_reduction, speed_repeats=2)
   models = pathlib.Path(args.models)
   missing = [m for m in args.methods
              if not args.finetune and not (models / f"{m}_{args.keep}" / "params.npz").exists()]
@@ -320,7 +323,7 @@ def quick(args) -> None:
           f"{r['images_per_s']:.0f} img/s   [{time.perf_counter() - start:.0f}s]")
 
   print(f"1/3 the dense teacher ({study.relative(teacher_path)})")
-  add("dense", "teacher", study.evaluate_reduction(cfg, params, None))
+  add("dense", "teacher", evaluate(cfg, params, None))
   learned = {}
   if args.finetune:
     print(f"2/3 fine-tune {args.finetune} steps from the teacher, keep {keep}, live")
@@ -342,16 +345,15 @@ def quick(args) -> None:
                                                            f"keep={keep}"))
       mparams = checkpoints.load_params(folder / "params.npz", model)
       learned[method] = folder / "params.npz"
-      add(method, f"fine-tuned {steps} steps", study.evaluate_reduction(cfg, mparams, red),
+      add(method, f"fine-tuned {steps} steps", evaluate(cfg, mparams, red),
           study.relative(folder / "params.npz"))
   print(f"3/3 training-free methods on the teacher, matched MACs")
   for method in ("etps", "topk"):
     red = study.config_common.reduction(method, keep, locations)
-    add(method, "none (off the shelf)", study.evaluate_reduction(cfg, params, red))
+    add(method, "none (off the shelf)", evaluate(cfg, params, red))
   r = _tome_r_like(cfg, rows[-1]["gmacs"] * 1e9, locations)
   add("tome", f"none (off the shelf, r={r})",
-      study.evaluate_reduction(cfg, params, study.config_common.reduction("tome", 0.0,
-                                                                         tome_r=r)))
+      evaluate(cfg, params, study.config_common.reduction("tome", 0.0, tome_r=r)))
 
   dense = rows[0]
   cell = lambda s: (f"{100 * s['top1_mean']:.2f} ± {100 * s['top1_std']:.2f} (n={s['seeds']})"

@@ -99,7 +99,8 @@ def normalise(images_uint8, config):
   return (raw - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32), raw
 
 
-def evaluate_reduction(config, params, reduction: dict | None) -> dict[str, Any]:
+def evaluate_reduction(config, params, reduction: dict | None, *,
+                       speed_repeats: int = 3) -> dict[str, Any]:
   """Top-1 (whole eval split), MACs and inference images/s of `params` run with `reduction`.
 
   `params` must fit the reduced model (dense parameters do for every training-free
@@ -110,7 +111,7 @@ def evaluate_reduction(config, params, reduction: dict | None) -> dict[str, Any]
   run = loop.Run(cfg)
   placed = jax.device_put(params, run.state_shardings["params"])
   run.compile_eval()
-  result = run.summary(placed, speed_repeats=3)
+  result = run.summary(placed, speed_repeats=speed_repeats)
   if reduction and "keep_ratio" in reduction:
     result["keep"] = reduction["keep_ratio"]
   return result
