@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Carries unfinished training runs from one session to the next: runs/ is not in git, and a
-# session's processes and files outside git end with it. `save` packs each run's newest
-# checkpoint step, metrics and config into carry/<run>.tar (committed); `restore` unpacks them
-# under runs/ again, where rerunning the same command resumes at that step.
+# Carries training runs from one session to the next: runs/ is not in git, and a session's
+# processes and files outside git end with it. `save` packs into carry/<run>.tar (committed):
+# a finished run's summary, config and metrics (enough for the study to count it and skip it),
+# an unfinished run's newest checkpoint step, metrics and config. `restore` unpacks them under
+# runs/ again, where rerunning the same command resumes at that step.
 #
 #   bash scripts/carry_runs.sh save runs/curve/dtps_0.5_s0_2000 runs/fmnist_teacher_gap
 #   bash scripts/carry_runs.sh restore
@@ -15,9 +16,14 @@ case "$mode" in
     mkdir -p carry
     for run in "$@"; do
       run=${run%/}
-      latest=$(ls "$run/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)
-      [ -n "$latest" ] || { echo "no checkpoint step in $run" >&2; exit 1; }
-      files=("$run/checkpoints/$latest" "$run/config.json")
+      if [ -f "$run/summary.json" ]; then  # finished
+        files=("$run/summary.json" "$run/config.json")
+        latest=done
+      else
+        latest=$(ls "$run/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)
+        [ -n "$latest" ] || { echo "no checkpoint step in $run" >&2; exit 1; }
+        files=("$run/checkpoints/$latest" "$run/config.json")
+      fi
       [ -f "$run/metrics.jsonl" ] && files+=("$run/metrics.jsonl")
       [ -f "$run.log" ] && files+=("$run.log")
       tar -cf "carry/$(echo "$run" | tr '/' '+').tar" "${files[@]}"
