@@ -13,6 +13,13 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_backend_optimization_level=0").strip()
 
+# One persistent compilation cache for this run's workers and subprocesses: many tests compile
+# the same small programs (the tiny recipe's steps, evaluations), which then load instead.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tps_jax_test_xla_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 # tcmalloc for the xdist workers and the tests' subprocesses, which inherit this environment
 # (XLA on the CPU re-faults its buffers every step under glibc's malloc: tps_jax/host.py).
 from tps_jax import host  # pylint: disable=g-import-not-at-top,wrong-import-position
