@@ -88,14 +88,17 @@ def check_checksums(step_dir: str | os.PathLike) -> None:
         f"written when it was saved, e.g. {bad[:3]}.")
 
 
+def absolute(path: str | os.PathLike) -> epath.Path:
+  """`path` as Orbax (tensorstore) needs it: local paths made absolute, URLs as they are."""
+  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
 def step_dirs(path: str | os.PathLike) -> tuple[list[epath.Path], bool]:
   """The step directories a path names, newest first, and whether it named one step.
 
   `path`: a workdir (its `checkpoints/`), a checkpoints directory, or one step directory.
   """
-  if "://" not in str(path):  # Orbax (tensorstore) takes absolute paths only
-    path = os.path.abspath(path)
-  path = epath.Path(path)
+  path = absolute(path)
   root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
   steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True) \
       if root.is_dir() else []

@@ -43,7 +43,10 @@ from jax.experimental import multihost_utils
 from tps_jax import checkpoints as foreign
 from tps_jax import run_checkpoints
 
-_VERDICTS = (None, foreign.CheckpointCorruptError, foreign.CheckpointMismatchError)
+# The codes process 0 broadcasts after verifying a step: 0 intact, else what each raises.
+_VERDICTS = {1: (foreign.CheckpointCorruptError, "corrupt"),
+             2: (foreign.CheckpointMismatchError, "not matching this run"),
+             3: (RuntimeError, "unreadable (not corrupt)")}
 
 
 def _layout(tree) -> dict[str, tuple]:
@@ -60,9 +63,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str | os.PathLike, *, every_steps: int = 1000, keep: int = 3,
                async_save: bool = True):
-    self.directory = epath.Path(workdir) / "checkpoints"
-    if not self.directory.is_absolute() and "://" not in str(workdir):
-      self.directory = epath.Path(os.path.abspath(self.directory))
+    self.directory = run_checkpoints.absolute(workdir) / "checkpoints"
     self.every_steps = every_steps
     self.async_save = async_save
     self._closed = False
@@ -217,13 +218,12 @@ class Checkpoints:
         error = e
         code = 1 if isinstance(e, foreign.CheckpointCorruptError) else 2
       except Exception as e:  # pylint: disable=broad-except (shared, then raised as it is)
-        error, code = e, len(_VERDICTS)
+        error, code = e, 3
     code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
     if error is not None:
       raise error
     if code:
-      what = {1: "corrupt", 2: "not matching this run"}.get(code, "unreadable (not corrupt)")
-      kind = _VERDICTS[code] if code < len(_VERDICTS) else RuntimeError
+      kind, what = _VERDICTS[code]
       raise kind(f"checkpoint {self.directory / str(step)}: process 0 found it {what}; its "
                  f"log says why.")
 
