@@ -3,7 +3,8 @@
 XLA on the CPU allocates and frees its buffers every step; under glibc's malloc
 each large buffer goes back to the kernel and faults in again, page by page.
 Measured on this project's 2-core machine (benchmarks/train_step.py's
-Fashion-MNIST DynamicViT step with teacher, batch 128, one run, docs/speed.md):
+Fashion-MNIST DynamicViT step with teacher, batch 128, `row(...)` timed in one
+process per allocator, one run each, docs/speed.md):
 78.6 img/s and 2.45M page faults under glibc, 110.2 img/s and 0.55M under
 tcmalloc (jemalloc's defaults: 74.5, 2.84M). Debian's libtcmalloc-minimal4
 (scripts/setup.sh installs it) is preloaded by re-executing the process, since
