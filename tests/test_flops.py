@@ -27,12 +27,16 @@ def test_embedding_counts_the_input_channels():
 
 METHODS = [("none", {}), ("dtps", {"keep_ratio": 0.7}), ("dynamicvit", {"keep_ratio": 0.5}),
            ("etps", {"keep_ratio": 0.7}), ("evit", {"keep_ratio": 0.5}),
-           ("topk", {"keep_ratio": 0.7}), ("tome", {"r": 8}), ("pitome", {"keep_ratio": 0.9})]
+           ("topk", {"keep_ratio": 0.7}), ("tome", {"r": 8}), ("pitome", {"keep_ratio": 0.9}),
+           ("mctf", {"r": 8}), ("mctf", {"r": 8, "one_step_ahead": 0, "bidirection": False}),
+           ("mctf", {"r": 0.3, "locations": (3, 6), "one_step_ahead": 2, "pooling": "mean"})]
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("method,kw", METHODS)
 def test_matches_the_traced_matmuls_and_xla(method, kw, channels):
+  if method == "mctf" and kw != {"r": 8} and channels == 3:
+    pytest.skip("MCTF's other modes are counted on the small geometry (suite time)")
   # The Fashion-MNIST geometry (1 channel, patch 4) is where the embedding matters most.
   if channels == 1:
     m = Model(10, width=96, depth=8, num_heads=3, mlp_dim=384, patch_size=4, image_size=28,
@@ -54,6 +58,8 @@ def _small(method, kw):
     return {"method": "tome", "r": 4}
   if method == "pitome":
     return {"method": "pitome", **kw}
+  if method == "mctf":
+    return {"method": "mctf", **kw, "r": 4 if kw["r"] >= 1 else kw["r"]}
   return {"method": method, "locations": (2, 4, 6), **kw}
 
 

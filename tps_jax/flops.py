@@ -82,6 +82,22 @@ def breakdown(model: VisionTransformer) -> dict[str, int]:
       r, t = red.tome_r[i], n
       parts["reduction"] += t * t * (d // model.num_heads) + t * (t - r) * (d + 1)
       n -= r
+    elif red.tome_r and red.tome_r[i] and red.method == "mctf":
+      # the tokens' cosine similarities (width D), then (ops.mctf_merge) a (T, T - r) one-hot
+      # product of the weighted tokens and one of the sizes
+      r, t = red.tome_r[i], n + p
+      t2 = t - r
+      parts["reduction"] += ((t + 1) // 2) * (t // 2) * d + t * t2 * (d + 1)
+      osa = red.mctf.one_step_ahead
+      if osa == 1:  # q, k and the attention on T; v, out on T - r; rows merge (T -> T - r)
+        parts["blocks"] += 2 * t * d * d + 2 * t * t * d + 2 * t2 * d * d + t * t2 * d
+      elif osa == 2:  # the look-ahead's q, k and logits on T, then a whole block on T - r
+        parts["blocks"] += 2 * t * d * d + t * t * d + _attention(t2, d)
+      else:  # a whole block on T, the merge after its MLP
+        parts["blocks"] += _attention(t, d) + _mlp(t, d, m)
+      parts["blocks"] += _mlp(t2, d, m) if osa else 0
+      n -= r
+      continue
     elif red.tome_r and red.tome_r[i]:
       r, t = red.tome_r[i], n + p
       na, nb = (t + 1) // 2, t // 2

@@ -88,11 +88,13 @@ class AttentionOut(NamedTuple):
     cls-free importance score), float32, or None when not asked for.
   mean_query: (B, H, N) softmax attention from the mean query (the average token's
     view: a cls-free score at the cost of one row), float32, or None.
+  probs: (B, H, N, N) the whole softmax attention, float32, or None (MCTF).
   """
   cls_attn: jax.Array | None
   keys: jax.Array | None
   received: jax.Array | None = None
   mean_query: jax.Array | None = None
+  probs: jax.Array | None = None
 
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
@@ -137,18 +139,40 @@ class MultiHeadDotProductAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, policy=None, bias=None, want_cls_attn=False,
-               want_keys=False, want_received=False,
-               want_mean_query=False) -> tuple[jax.Array, AttentionOut]:
-    """x (B, N, D); policy (B, N) 0/1 or None; bias (B, 1|H, 1|N, N) or None."""
+               want_keys=False, want_received=False, want_mean_query=False,
+               want_probs=False, probs_only=False, given_probs=None, value_index=None,
+               rows=None) -> tuple[jax.Array | None, AttentionOut]:
+    """x (B, N, D); policy (B, N) 0/1 or None; bias (B, 1|H, 1|N, N) or None.
+
+    MCTF's one-step-ahead attention comes in two calls: `probs_only=True` returns only
+    the softmax attention of x (B, H, N, N) (output None); then, on the merged tokens x
+    (B, N', D), `given_probs` (B, H, N, N) with `value_index` (B, N) (each token's merged
+    token) and `rows` (B, N, N') (each token's share of its merged token) gives
+    out(rows^T (probs @ v[value_index])): the merged attention matrix's output, without
+    forming that matrix.
+    """
     _, _, d = x.shape
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}.")
     head_dim = d // self.num_heads
     dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
                                          name=name)
-    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, N, H, hd)
+    out_dense = lambda: nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")
     scale = head_dim ** -0.5
-    cls_attn = received = mean_query = None
+    if given_probs is not None:
+      v = dense("value")(x)  # (B, N', H, hd)
+      v = jnp.take_along_axis(v, value_index[:, :, None, None], axis=1)  # (B, N, H, hd)
+      y = jnp.einsum("bhqk,bkhd->bqhd", given_probs.astype(v.dtype), v)
+      y = jnp.einsum("bqo,bqhd->bohd", rows.astype(y.dtype), y)
+      return out_dense()(y), AttentionOut(None, None)
+    if probs_only:
+      q, k = dense("query")(x), dense("key")(x)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+      if bias is not None:
+        logits = logits + bias
+      return None, AttentionOut(None, None, probs=jax.nn.softmax(upcast(logits), axis=-1))
+    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, N, H, hd)
+    cls_attn = received = mean_query = probs = None
     fused = self._fused(head_dim)
 
     def row_softmax(query):  # (B, H, hd) one query per head -> (B, H, N) float32
@@ -166,7 +190,7 @@ class MultiHeadDotProductAttention(nn.Module):
                          "(dTPS training needs neither).")
       y = ops.policy_attention(q * jnp.asarray(scale, q.dtype), k, v, policy,
                                form=self.policy_form, implementation=fused or "xla")
-    elif fused and not want_received:
+    elif fused and not (want_received or want_probs):
       if bias is not None and fused == "cudnn":  # cuDNN takes the bias in q's dtype
         bias = bias.astype(q.dtype)
       y = ops.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=fused)
@@ -184,10 +208,12 @@ class MultiHeadDotProductAttention(nn.Module):
         cls_attn = upcast(attn[:, :, 0])
       if want_received:  # the whole matrix is at hand: its column means
         received = jnp.mean(upcast(attn), axis=2)
+      if want_probs:
+        probs = upcast(attn)
 
-    out = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(y)
+    out = out_dense()(y)
     keys = jnp.mean(k, axis=2) if want_keys else None
-    return out, AttentionOut(cls_attn, keys, received, mean_query)
+    return out, AttentionOut(cls_attn, keys, received, mean_query, probs)
 
 
 def drop_path(module: nn.Module, y: jax.Array, rate, deterministic: bool) -> jax.Array:
@@ -261,6 +287,25 @@ class Encoder1DBlock(nn.Module):
     return self._attend(x, want_cls_attn=True, want_keys=True, want_received=True,
                         want_mean_query=True)
 
+  def attend_probs(self, x, bias=None) -> tuple[jax.Array, AttentionOut]:
+    """`attend` that also returns the whole softmax attention (B, H, N, N) (MCTF after the
+    block)."""
+    return self._attend(x, bias=bias, want_keys=True, want_probs=True)
+
+  def attention_probs(self, x, bias=None) -> jax.Array:
+    """The softmax attention of LN(x) alone: (B, N, D) -> (B, H, N, N) float32 (MCTF's
+    one step ahead looks at it before merging)."""
+    return self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), bias=bias,
+                                               probs_only=True)[1].probs
+
+  def attend_ahead(self, x, probs, value_index, rows) -> jax.Array:
+    """First half on merged tokens with the attention of the tokens before the merge:
+    x (B, N', D), probs (B, H, N, N), value_index (B, N) in [0, N'), rows (B, N, N')
+    -> (B, N', D) (see MultiHeadDotProductAttention's `given_probs`)."""
+    y, _ = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), given_probs=probs,
+                                               value_index=value_index, rows=rows)
+    return x + self._branch(y, None)
+
   def feed(self, x) -> jax.Array:
     """Second half: (B, N', D) -> (B, N', D); N' may be smaller than in `attend`."""
     return self._feed(x)
@@ -276,4 +321,5 @@ class Encoder1DBlock(nn.Module):
 
 # Methods that `nn.remat(Encoder1DBlock, methods=REMAT_METHODS)` rematerialises: every way the
 # encoder runs a block, whole or in halves around a reduction stage.
-REMAT_METHODS = ("__call__", "attend", "attend_received", "feed")
+REMAT_METHODS = ("__call__", "attend", "attend_received", "attend_probs", "attention_probs",
+                 "attend_ahead", "feed")

@@ -14,6 +14,9 @@ Methods (SPEC sections 2-3):
   tome        ToMe merging of `r` tokens inside every block (or the given ones)
   pitome      PiToMe (NeurIPS 2024): inside every block, keep `keep_ratio` of the tokens
               by merging the crowded (high-energy) ones; isolated tokens are protected
+  mctf        MCTF (CVPR 2024): in the given blocks, fuse `r` tokens by bipartite matching
+              weighted by similarity, informativeness and size, one step ahead of the
+              attention (MCTFOptions)
 
 The attention score of etps / evit / topk (`score`, SCORES): "cls", the attention from
 the cls token (the papers'; models with a cls token); for models without one (GAP, MAP,
@@ -31,8 +34,8 @@ from typing import Any, Mapping
 from tps_jax import ops
 
 # The one list of methods: configs, experiments and benchmarks take theirs from here.
-METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome", "pitome")
-MERGING = ("tome", "pitome")  # merge inside every block (a per-block count, `tome_r`)
+METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome", "pitome", "mctf")
+MERGING = ("tome", "pitome", "mctf")  # merge inside every block (a per-block count, `tome_r`)
 LEARNED = ("dtps", "dynamicvit")  # score head, between blocks
 INTRA_BLOCK = ("etps", "evit", "topk")  # cls attention, inside the block
 SQUEEZING = ("dtps", "etps")
@@ -58,7 +61,32 @@ def spec(method: str, keep_ratio: float = 0.7, locations=DEFAULT_LOCATIONS,
     return {"method": "tome", "r": r}
   if method == "pitome":  # keep_ratio is per block here, as the authors' `ratio`
     return {"method": "pitome", "keep_ratio": keep_ratio}
+  if method == "mctf":  # the authors' DeiT setting: r per block in blocks 1..depth-1
+    return {"method": "mctf", "r": r}
   return {"method": method, "keep_ratio": keep_ratio, "locations": tuple(locations)}
+
+
+ONE_STEP_AHEAD = (0, 1, 2)  # MCTF: merge after the block / before its attention / precisely
+
+
+@dataclasses.dataclass(frozen=True)
+class MCTFOptions:
+  """MCTF's settings, defaults as the authors' DeiT runs (`--mctf_type
+  [16,0,0,1,1,1,20,40,1,1,0]`): temperatures of the similarity, informativeness and size
+  criteria (0 drops one), bidirectional matching, one-step-ahead mode (0: merge after the
+  block with its attention; 1: merge before the attention, whose matrix is merged rather
+  than recomputed; 2: merge before and recompute), the pooling ("attn", "size", "mean",
+  ops.mctf.POOLINGS) and proportional attention (log size added to the logits)."""
+  tau_sim: float = 1.0
+  tau_info: float = 20.0
+  tau_size: float = 40.0
+  bidirection: bool = True
+  one_step_ahead: int = 1
+  pooling: str = "attn"
+  prop_attn: bool = True
+
+
+MCTF_KEYS = tuple(f.name for f in dataclasses.fields(MCTFOptions))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +115,7 @@ class Reduction:
   temperature: float = 1.0
   keep_ratios: tuple[float, ...] = ()
   score: str = "auto"  # SCORES: how etps / evit / topk score tokens
+  mctf: MCTFOptions | None = None  # method "mctf" only
 
   def score_for(self, has_cls: bool) -> str:
     """The attention score an intra-block stage uses in a model with / without cls."""
@@ -124,9 +153,12 @@ class Reduction:
     for i in range(depth):
       if i in stage_at:
         n = self.keep_counts[stage_at[i]] + (1 if self.method == "evit" else 0)
-      if self.tome_r:
+      after = self.tome_r and self.mctf is not None and self.mctf.one_step_ahead == 0
+      if self.tome_r and not after:
         n -= self.tome_r[i]
       out.append(n + prefix)
+      if after:  # MCTF without one-step-ahead merges after the block's MLP
+        n -= self.tome_r[i]
     return tuple(out)
 
   @classmethod
@@ -141,28 +173,32 @@ class Reduction:
     `method`, `locations`, and one of `keep_ratio` (a scalar: cumulative, rho ** (s+1);
     or one ratio per stage), `keep_counts`, or for tome `r` (int or per-block list).
     """
-    if isinstance(spec, Reduction) and spec.method == "pitome":  # its plan is per block
-      if len(spec.tome_r) != depth or len(spec.margins) != depth:
-        raise ValueError(f"this pitome plan was made for depth {len(spec.tome_r)}, the model "
-                         f"has {depth} blocks.")
+    if isinstance(spec, Reduction) and spec.method in ("pitome", "mctf"):  # a per-block plan
+      if len(spec.tome_r) != depth or (spec.method == "pitome" and len(spec.margins) != depth):
+        raise ValueError(f"this {spec.method} plan was made for depth {len(spec.tome_r)}, the "
+                         f"model has {depth} blocks.")
       if sum(spec.tome_r) >= num_patches:
-        raise ValueError(f"this pitome plan merges {sum(spec.tome_r)} of {num_patches} patches.")
+        raise ValueError(f"this {spec.method} plan merges {sum(spec.tome_r)} of {num_patches} "
+                         f"patches.")
       return spec
     if spec is None:
       spec = {"method": "none"}
     elif isinstance(spec, str):
       spec = {"method": spec}
     elif isinstance(spec, Reduction):
-      spec = dataclasses.asdict(spec)
+      spec = {k: v for k, v in dataclasses.asdict(spec).items() if k != "mctf"}
     spec = dict(spec)
     allowed = {"method", "locations", "keep_ratio", "keep_counts", "keep_ratios", "r",
-               "tome_r", "temperature", "score", "margins", "bsm_blocks"}
+               "tome_r", "temperature", "score", "margins", "bsm_blocks", *MCTF_KEYS}
     unknown = sorted(set(spec) - allowed)
     if unknown:
       raise ValueError(f"unknown reduction keys {unknown}; expected some of {sorted(allowed)}.")
     method = spec.get("method", "none")
     if method not in METHODS:
       raise ValueError(f"unknown reduction method {method!r}; expected one of {METHODS}.")
+    foreign = sorted(set(spec) & set(MCTF_KEYS)) if method != "mctf" else []
+    if foreign:
+      raise ValueError(f"reduction keys {foreign} are MCTF's; method {method!r} takes none.")
     temperature = float(spec.get("temperature", 1.0))
     if not temperature > 0:
       raise ValueError(f"reduction temperature must be > 0, got {temperature}.")
@@ -177,6 +213,8 @@ class Reduction:
                  temperature=temperature, score=score)
     if method == "pitome":
       return _pitome_plan(cls, spec, depth, num_patches, temperature, score)
+    if method == "mctf":
+      return _mctf_plan(cls, spec, depth, num_patches, prefix, temperature, score)
 
     locations = tuple(int(l) for l in spec.get("locations", DEFAULT_LOCATIONS))
     if not locations:
@@ -242,6 +280,67 @@ def _pitome_plan(cls, spec: Mapping[str, Any], depth: int, num_patches: int,
     t -= r
   return cls("pitome", tome_r=tuple(schedule), margins=margins, bsm_blocks=bsm_blocks,
              keep_ratios=(float(ratio),), temperature=temperature, score=score)
+
+
+def _mctf_plan(cls, spec: Mapping[str, Any], depth: int, num_patches: int, prefix: int,
+               temperature: float, score: str) -> "Reduction":
+  """MCTF as the authors' DeiT runs it: in each activated block (`locations`, default
+  1..depth-1) of t tokens, `r` (an int, or a fraction < 1 of the t - prefix reducible
+  ones) fused, by their arithmetic: at least 10 tokens stay, at most half the reducible
+  ones merge."""
+  if "keep_ratio" in spec or "keep_counts" in spec or "margins" in spec:
+    raise ValueError("mctf fuses `r` tokens in each of its `locations` (the authors' r and "
+                     "activate_layer); it takes no keep_ratio, keep_counts or margins.")
+  r = spec.get("r", spec.get("tome_r", 16))
+  if isinstance(r, (list, tuple)):
+    if len(r) != depth:
+      raise ValueError(f"mctf r lists {len(r)} values for a model of depth {depth}.")
+    if "locations" in spec:
+      raise ValueError("mctf takes a per-block r list or locations, not both.")
+    wanted = [float(v) for v in r]
+  else:
+    if not (isinstance(r, (int, float)) and r >= 0) or isinstance(r, bool):
+      raise ValueError(f"mctf r must be a count >= 0 or a fraction in (0, 1), got {r!r}.")
+    locations = tuple(int(l) for l in spec.get("locations", range(1, depth)))
+    bad = [l for l in locations if not 0 <= l < depth]
+    if bad:
+      raise ValueError(f"mctf locations {bad} are outside the model's blocks [0, {depth - 1}].")
+    wanted = [float(r) if i in locations else 0.0 for i in range(depth)]
+  if any(v < 0 or (v >= 1 and v != int(v)) for v in wanted):
+    raise ValueError(f"mctf r must be counts or fractions in (0, 1), got {r!r}.")
+  opts = {k: spec[k] for k in MCTF_KEYS if k in spec}
+  try:
+    options = MCTFOptions(**opts)
+  except TypeError as e:  # pragma: no cover - keys are checked above
+    raise ValueError(str(e)) from None
+  for name in ("tau_sim", "tau_info", "tau_size"):
+    v = getattr(options, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+      raise ValueError(f"mctf {name} must be a number >= 0 (0 drops the criterion), got {v!r}.")
+  if options.one_step_ahead not in ONE_STEP_AHEAD:
+    raise ValueError(f"mctf one_step_ahead must be one of {ONE_STEP_AHEAD}, got "
+                     f"{options.one_step_ahead!r}.")
+  if options.pooling not in ops.mctf.POOLINGS:
+    raise ValueError(f"unknown mctf pooling {options.pooling!r}; expected one of "
+                     f"{ops.mctf.POOLINGS} (the authors' max pooling is not offered).")
+  options = dataclasses.replace(options, tau_sim=float(options.tau_sim),
+                                tau_info=float(options.tau_info),
+                                tau_size=float(options.tau_size),
+                                bidirection=bool(options.bidirection),
+                                prop_attn=bool(options.prop_attn))
+  schedule, t = [], num_patches + prefix
+  for v in wanted:
+    if v == 0:
+      schedule.append(0)
+      continue
+    if t - v < 10:  # the authors' arithmetic (utils/mctf.py), before the fraction
+      v = t - 10
+    n = min(int((t - prefix) * v) if v < 1 else int(v), (t - prefix) // 2)
+    n = max(n, 0)
+    schedule.append(n)
+    t -= n
+  return cls("mctf", tome_r=tuple(schedule), temperature=temperature, score=score,
+             mctf=options)
 
 
 def _tome_schedule(spec: Mapping[str, Any], depth: int, num_patches: int,

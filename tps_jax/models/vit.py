@@ -181,6 +181,39 @@ class Encoder(nn.Module):
       return jax.lax.scan(body, x, xs)[0]
     return apply, run
 
+  def _mctf_block(self, apply, i, x, size, merged, stage_fn):
+    """Block i with MCTF's fusion of `tome_r[i]` tokens (ops/mctf.py), in the authors' place:
+    one_step_ahead 1 merges before the attention and merges its matrix, 2 merges before and
+    recomputes it, 0 merges after the block. -> (x (B, T - r, D), size, new_index (B, T))."""
+    red, opts, p = self.reduction, self.reduction.mctf, self.prefix
+    r = red.tome_r[i]
+    bias = ops.proportional_attention_bias(size) if merged and opts.prop_attn else None
+
+    def merge(metric, y, size, probs):
+      received = jnp.mean(probs, axis=(1, 2))  # (B, T) attention received
+      new_index = ops.mctf_match(metric, received, size, r, tau_sim=opts.tau_sim,
+                                 tau_info=opts.tau_info, tau_size=opts.tau_size,
+                                 bidirection=opts.bidirection, protected=p)
+      weights = ops.pooling_weights(received, size, opts.pooling, received.shape)
+      y, size, rows = ops.mctf_merge(y, size, weights, new_index, y.shape[1] - r)
+      return y, size, new_index, rows
+
+    if opts.one_step_ahead == 0:
+      y, info = apply(i, "attend_probs", x, bias=bias)
+      y = apply(i, "feed", y)
+      y, size, new_index, _ = stage_fn(merge)(y, y, size, info.probs)
+      return y, size, new_index
+    probs = apply(i, "attention_probs", x, bias=bias)
+    if opts.one_step_ahead == 2:  # the authors compute this look-ahead without gradient
+      probs = jax.lax.stop_gradient(probs)
+    y, size, new_index, rows = stage_fn(merge)(x, x, size, probs)
+    if opts.one_step_ahead == 1:
+      y = apply(i, "attend_ahead", y, probs, new_index, rows)
+    else:
+      bias = ops.proportional_attention_bias(size) if opts.prop_attn else None
+      y, _ = apply(i, "attend", y, bias=bias)
+    return apply(i, "feed", y), size, new_index
+
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     red = self.reduction
@@ -267,6 +300,16 @@ class Encoder(nn.Module):
                   jnp.concatenate([size[:, :p], merged_size], 1), new_index)
         y, size, new_index = stage_fn(merge)(y, size, info.keys)
         owner = stages.follow(owner, new_index) if owner is not None else None
+        x = apply(i, "feed", y)
+        i += 1
+      elif red.tome_r and red.tome_r[i] and red.method == "mctf":
+        x, size, new_index = self._mctf_block(apply, i, x, size, merged, stage_fn)
+        merged = True
+        owner = stages.follow(owner, new_index) if owner is not None else None
+        i += 1
+      elif merged and not red.tome_r[i] and (red.method == "tome" or red.mctf.prop_attn):
+        # a block without a merge after one: still proportional attention (both authors')
+        y, _ = apply(i, "attend", x, bias=ops.proportional_attention_bias(size))
         x = apply(i, "feed", y)
         i += 1
       elif red.tome_r and red.tome_r[i]:
