@@ -424,7 +424,7 @@ def report(args) -> None:
   for name in args.extra:  # more training-free methods, each against the nearest MACs
     extra = json.loads((out / f"{name}.json").read_text())
     print(f"\n{name} (each point beside the nearest-MACs eTPS and ToMe points of {args.offshelf}):"
-          "\n\n| method | keep per block | MMACs | top-1 | eTPS (MMACs) | ToMe (MMACs) |\n"
+          "\n\n| method | setting | MMACs | top-1 | eTPS (MMACs) | ToMe (MMACs) |\n"
           "|---|---|---|---|---|---|")
     near = lambda m, g: min((q for q in off["points"] if q["method"] == m),
                             key=lambda q: abs(q["gmacs"] - g), default=None)
@@ -433,7 +433,8 @@ def report(args) -> None:
         continue
       cells = [f"{_pct(q['top1'])} ({1e3 * q['gmacs']:.1f})" if q else "" for q in
                (near("etps", p["gmacs"]), near("tome", p["gmacs"]))]
-      print(f"| {p['method']} | {p.get('keep', '')} | {1e3 * p['gmacs']:.2f} | "
+      setting = f"keep {p['keep']}" if "keep" in p else f"r {p['tome_r']}"
+      print(f"| {p['method']} | {setting} | {1e3 * p['gmacs']:.2f} | "
             f"{_pct(p['top1'])} | {cells[0]} | {cells[1]} |")
   ft_path = out / "fmnist_finetune.json"
   if not ft_path.exists():

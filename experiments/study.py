@@ -45,6 +45,7 @@ STYLE = {
     "topk": dict(color="tab:purple", marker="v", label="top-k (drop)"),
     "tome": dict(color="tab:gray", marker="D", label="ToMe (merge)"),
     "pitome": dict(color="tab:brown", marker="P", label="PiToMe (merge)"),
+    "mctf": dict(color="tab:olive", marker="X", label="MCTF (fuse)"),
 }
 
 
@@ -123,19 +124,20 @@ def offshelf_sweep(config, params, *, locations: Sequence[int], methods: Sequenc
   """Training-free methods on the same parameters: one point per (method, keep) or ToMe r,
   plus the dense model first."""
   points = []
-  todo = [("none", None)] + [(m, k) for m in methods if m != "tome" for k in keeps]
-  todo += [("tome", r) for r in tome_rs] if "tome" in methods else []
+  by_r = ("tome", "mctf")  # swept over r, the tokens merged per block
+  todo = [("none", None)] + [(m, k) for m in methods if m not in by_r for k in keeps]
+  todo += [(m, r) for m in by_r if m in methods for r in tome_rs]
   for method, arg in todo:
     if method == "none":
       red = None
-    elif method == "tome":
-      red = config_common.reduction("tome", 0.0, tome_r=arg)
+    elif method in by_r:  # ToMe in every block, MCTF in blocks 1.. (the authors')
+      red = config_common.reduction(method, 0.0, tome_r=arg)
     else:
       red = config_common.reduction(method, arg, locations, score=score)
     t = time.perf_counter()
     p = evaluate_reduction(config, params, red)
     points.append(p)
-    what = f"r={arg}" if method == "tome" else (f"keep={arg}" if arg else "")
+    what = f"r={arg}" if method in by_r else (f"keep={arg}" if arg else "")
     log(f"  {method:6s} {what:9s} top-1 {100 * p['top1']:6.2f}%  {p['gmacs'] * 1e3:7.2f} MMACs"
         f"  {p['images_per_s']:7.0f} img/s  ({time.perf_counter() - t:.0f}s)")
   return points

@@ -8,7 +8,7 @@
 #   4  one process timing dense and dtps_fused with kernel breakdowns (and dense's optimised
 #      HLO, to name the reductions the traces show), and dense with cuDNN's LayerNorm and with
 #      cuBLAS in place of Triton GEMMs (XLA compiler options)
-#   5  inference rows of every method (PiToMe included) on DeiT-S, bf16, batch 256 and 1
+#   5  inference rows of every method (PiToMe and MCTF included) on DeiT-S, bf16, batch 256 and 1
 # A DeiT-S step compiles in about 80 s, so 30 device-minutes hold about three of these calls.
 # The rows accumulate in benchmarks/results/train_step_gpu.json (--append): between calls,
 # copy the returned train_step_gpu.json over it here, so the next call keeps its rows. Never
