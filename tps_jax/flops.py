@@ -66,7 +66,13 @@ def breakdown(model: VisionTransformer) -> dict[str, int]:
         parts["reduction"] += 2 * (n - k) * k * d
       n = k
     n_attn = n
-    if s is not None and red.intra_block:
+    if s is not None and red.method == "diffrate":
+      kp, km = red.prune_counts[s], red.keep_counts[s]
+      # the score row; each of the kp - km merged tokens against the km + p kept (similarity,
+      # then the one-hot merge of the tokens and of the sizes)
+      parts["reduction"] += (n + p) * d + 2 * (kp - km) * (km + p) * d + (kp - km) * (km + p)
+      n = km
+    elif s is not None and red.intra_block:
       k = red.keep_counts[s]
       # the score row (cls or mean query); "received" is the attention matrix's column means
       parts["reduction"] += (n + p) * d

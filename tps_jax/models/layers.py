@@ -281,10 +281,10 @@ class Encoder1DBlock(nn.Module):
     return self._attend(x, bias=bias, want_cls_attn=True, want_keys=True,
                         want_mean_query=True)
 
-  def attend_received(self, x) -> tuple[jax.Array, AttentionOut]:
+  def attend_received(self, x, bias=None) -> tuple[jax.Array, AttentionOut]:
     """`attend` that also returns each token's attention received (column means of the
     attention matrix, which is then formed whatever the implementation)."""
-    return self._attend(x, want_cls_attn=True, want_keys=True, want_received=True,
+    return self._attend(x, bias=bias, want_cls_attn=True, want_keys=True, want_received=True,
                         want_mean_query=True)
 
   def attend_probs(self, x, bias=None) -> tuple[jax.Array, AttentionOut]:

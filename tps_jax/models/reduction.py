@@ -14,6 +14,9 @@ Methods (SPEC sections 2-3):
   tome        ToMe merging of `r` tokens inside every block (or the given ones)
   pitome      PiToMe (NeurIPS 2024): inside every block, keep `keep_ratio` of the tokens
               by merging the crowded (high-energy) ones; isolated tokens are protected
+  diffrate    DiffRate (ICCV 2023): in each block, sort by cls attention, prune to
+              `prune_kept[i]`, merge the rest beyond `merge_kept[i]` into their most
+              similar kept token (a schedule, e.g. from tps_jax.diffrate_search)
   mctf        MCTF (CVPR 2024): in the given blocks, fuse `r` tokens by bipartite matching
               weighted by similarity, informativeness and size, one step ahead of the
               attention (MCTFOptions)
@@ -34,12 +37,13 @@ from typing import Any, Mapping
 from tps_jax import ops
 
 # The one list of methods: configs, experiments and benchmarks take theirs from here.
-METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome", "pitome", "mctf")
+METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome", "pitome", "mctf",
+           "diffrate")
 MERGING = ("tome", "pitome", "mctf")  # merge inside every block (a per-block count, `tome_r`)
 LEARNED = ("dtps", "dynamicvit")  # score head, between blocks
 INTRA_BLOCK = ("etps", "evit", "topk")  # cls attention, inside the block
 SQUEEZING = ("dtps", "etps")
-TRAINING_FREE = INTRA_BLOCK + MERGING  # run on a dense model's parameters as they are
+TRAINING_FREE = INTRA_BLOCK + MERGING + ("diffrate",)  # run on a dense model's parameters as they are
 # Each TPS variant and the baseline with its scorer that drops (DynamicViT) or fuses (EViT).
 TPS_BASELINES = {"dtps": "dynamicvit", "etps": "evit"}
 DEFAULT_LOCATIONS = (3, 6, 9)
@@ -116,6 +120,7 @@ class Reduction:
   keep_ratios: tuple[float, ...] = ()
   score: str = "auto"  # SCORES: how etps / evit / topk score tokens
   mctf: MCTFOptions | None = None  # method "mctf" only
+  prune_counts: tuple[int, ...] = ()  # diffrate: patch tokens kept by pruning at each location
 
   def score_for(self, has_cls: bool) -> str:
     """The attention score an intra-block stage uses in a model with / without cls."""
@@ -137,8 +142,8 @@ class Reduction:
 
   @property
   def intra_block(self) -> bool:
-    """Scores from cls attention inside the stage block (etps, evit, topk)."""
-    return self.method in INTRA_BLOCK
+    """Scores from attention inside the stage block (etps, evit, topk, diffrate)."""
+    return self.method in INTRA_BLOCK or self.method == "diffrate"
 
   @property
   def squeezes(self) -> bool:
@@ -181,15 +186,20 @@ class Reduction:
         raise ValueError(f"this {spec.method} plan merges {sum(spec.tome_r)} of {num_patches} "
                          f"patches.")
       return spec
+    if isinstance(spec, Reduction) and spec.method == "diffrate":  # its schedule, re-checked
+      return _diffrate_plan(cls, diffrate_schedule(spec, depth, num_patches), depth,
+                            num_patches, spec.temperature, spec.score)
     if spec is None:
       spec = {"method": "none"}
     elif isinstance(spec, str):
       spec = {"method": spec}
     elif isinstance(spec, Reduction):
-      spec = {k: v for k, v in dataclasses.asdict(spec).items() if k != "mctf"}
+      spec = {k: v for k, v in dataclasses.asdict(spec).items()
+              if k not in ("mctf", "prune_counts")}
     spec = dict(spec)
     allowed = {"method", "locations", "keep_ratio", "keep_counts", "keep_ratios", "r",
-               "tome_r", "temperature", "score", "margins", "bsm_blocks", *MCTF_KEYS}
+               "tome_r", "temperature", "score", "margins", "bsm_blocks", "prune_kept",
+               "merge_kept", *MCTF_KEYS}
     unknown = sorted(set(spec) - allowed)
     if unknown:
       raise ValueError(f"unknown reduction keys {unknown}; expected some of {sorted(allowed)}.")
@@ -215,6 +225,10 @@ class Reduction:
       return _pitome_plan(cls, spec, depth, num_patches, temperature, score)
     if method == "mctf":
       return _mctf_plan(cls, spec, depth, num_patches, prefix, temperature, score)
+    if method == "diffrate":
+      return _diffrate_plan(cls, spec, depth, num_patches, temperature, score)
+    if "prune_kept" in spec or "merge_kept" in spec:
+      raise ValueError(f"prune_kept / merge_kept are DiffRate's; method {method!r} takes none.")
 
     locations = tuple(int(l) for l in spec.get("locations", DEFAULT_LOCATIONS))
     if not locations:
@@ -280,6 +294,49 @@ def _pitome_plan(cls, spec: Mapping[str, Any], depth: int, num_patches: int,
     t -= r
   return cls("pitome", tome_r=tuple(schedule), margins=margins, bsm_blocks=bsm_blocks,
              keep_ratios=(float(ratio),), temperature=temperature, score=score)
+
+
+def _diffrate_plan(cls, spec: Mapping[str, Any], depth: int, num_patches: int,
+                   temperature: float, score: str) -> "Reduction":
+  """DiffRate's schedule: per block, the patch tokens (cls excluded; the authors count it) kept
+  after pruning and after merging; counts above the tokens left change nothing."""
+  extra = sorted(set(spec) & {"keep_ratio", "keep_counts", "r", "margins", "locations"})
+  if extra:
+    raise ValueError(f"diffrate takes per-block prune_kept and merge_kept lists, not {extra}.")
+  lists = {}
+  for key in ("prune_kept", "merge_kept"):
+    v = spec.get(key)
+    if v is None:
+      raise ValueError(f"diffrate needs {key}: one count per block ({depth}).")
+    v = tuple(int(c) for c in v)
+    if len(v) != depth:
+      raise ValueError(f"diffrate {key} lists {len(v)} counts for a model of depth {depth}.")
+    if any(c < 1 for c in v):
+      raise ValueError(f"diffrate {key} counts must be >= 1, got {v}.")
+    lists[key] = v
+  locations, prune_counts, keep_counts, n = [], [], [], num_patches
+  for i, (p, m) in enumerate(zip(lists["prune_kept"], lists["merge_kept"])):
+    a = min(n, p)
+    b = min(a, m)
+    if b < n:
+      locations.append(i); prune_counts.append(a); keep_counts.append(b)
+      n = b
+  return cls("diffrate", tuple(locations), tuple(keep_counts), temperature=temperature,
+             keep_ratios=tuple(k / num_patches for k in keep_counts), score=score,
+             prune_counts=tuple(prune_counts))
+
+
+def diffrate_schedule(plan: Mapping[str, Any] | "Reduction", depth: int,
+                      num_patches: int) -> dict[str, tuple[int, ...]]:
+  """A diffrate plan's per-block prune_kept / merge_kept lists (the effective counts)."""
+  get = (lambda k: plan[k]) if isinstance(plan, Mapping) else (lambda k: getattr(plan, k))
+  at = dict(zip(get("locations"), zip(get("prune_counts"), get("keep_counts"))))
+  prune, merge, n = [], [], num_patches
+  for i in range(depth):
+    a, b = at.get(i, (n, n))
+    prune.append(a); merge.append(b)
+    n = b
+  return {"prune_kept": tuple(prune), "merge_kept": tuple(merge)}
 
 
 def _mctf_plan(cls, spec: Mapping[str, Any], depth: int, num_patches: int, prefix: int,

@@ -106,6 +106,41 @@ def prune_by_scores(x: jax.Array, scores: jax.Array, positions: jax.Array, k: in
                   new_index, out_size)
 
 
+def prune_then_merge(x: jax.Array, scores: jax.Array, positions: jax.Array, prune_k: int,
+                     merge_k: int, *, num_patches: int, prefix: int = 1,
+                     size: jax.Array | None = None) -> StageOut:
+  """DiffRate's stage: keeps the `prune_k` best-scored tokens of x[:, prefix:], then merges
+  those beyond the best `merge_k` into their most similar kept token (ops.diffrate_merge).
+
+  x (B, P + N, C), scores (B, N), positions (B, N), size (B, P + N) or None (all 1).
+  """
+  b, n = scores.shape
+  _, order = jax.lax.top_k(scores, prune_k)  # best first
+  order = order.astype(jnp.int32)
+  keep_idx, src_idx = order[:, :merge_k], order[:, merge_k:]
+  head, tokens = x[:, :prefix], x[:, prefix:]
+  size = jnp.ones(x.shape[:2], jnp.float32) if size is None else size
+  head_size, tok_size = size[:, :prefix], size[:, prefix:]
+  take = lambda a, i: jnp.take_along_axis(a, i, axis=1)
+  kept = jnp.concatenate([head, ops.gather_tokens(tokens, keep_idx)], axis=1)
+  new_size = jnp.concatenate([head_size, take(tok_size, keep_idx)], axis=1)
+  keep_pos = take(positions, keep_idx)
+  hosts = jnp.full((b, num_patches), -1, jnp.int32)
+  rows = jnp.arange(b)[:, None]
+  tok_index = jnp.full((b, n), -1, jnp.int32).at[rows, keep_idx].set(
+      prefix + jnp.arange(merge_k, dtype=jnp.int32)[None])
+  if src_idx.shape[1]:
+    kept, new_size, host = ops.diffrate_merge(kept, ops.gather_tokens(tokens, src_idx),
+                                              new_size, take(tok_size, src_idx), prefix)
+    host_pos = take(jnp.pad(keep_pos, ((0, 0), (prefix, 0)), constant_values=-1), host)
+    hosts = host_map(take(positions, src_idx), host_pos, num_patches)
+    tok_index = tok_index.at[rows, src_idx].set(host)
+  new_index = jnp.concatenate(
+      [jnp.broadcast_to(jnp.arange(prefix, dtype=jnp.int32), (b, prefix)), tok_index], axis=1)
+  return StageOut(kept, keep_pos, ops.indices_to_mask(keep_pos, num_patches), hosts, new_index,
+                  new_size)
+
+
 def decide_masked(x: jax.Array, keep: jax.Array, live: jax.Array, *, squeeze: bool,
                   temperature: float = 1.0, prefix: int = 1,
                   size: jax.Array | None = None):

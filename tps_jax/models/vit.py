@@ -225,7 +225,8 @@ class Encoder(nn.Module):
     positions = jnp.broadcast_to(jnp.arange(first, n0, dtype=jnp.int32), (b, n0 - first))
     live = jnp.ones((b, n0 - first), jnp.float32)
     pad_live = lambda live: jnp.pad(live, ((0, 0), (p, 0)), constant_values=1.0)
-    size = jnp.ones(x.shape[:2], jnp.float32) if self.track_sizes or red.tome_r else None
+    size = (jnp.ones(x.shape[:2], jnp.float32)
+            if self.track_sizes or red.tome_r or red.method == "diffrate" else None)
     merged = False  # ToMe's size bias only once a merge has happened (dense-exact before)
     owner = (jnp.broadcast_to(jnp.arange(n0, dtype=jnp.int32) + int(self.has_cls), (b, n0))
              if self.track_owner else None)
@@ -244,6 +245,12 @@ class Encoder(nn.Module):
 
     def event(i):
       return i in stage_at or bool(red.tome_r and red.tome_r[i])
+
+    def proportional(i):  # a block with no reduction of its own, after a merge: log-size bias
+      if not merged or event(i):
+        return False
+      return (red.method in ("tome", "diffrate")
+              or (red.method == "mctf" and red.mctf.prop_attn))  # as each method's authors
 
     i = 0
     while i < self.depth:
@@ -272,7 +279,22 @@ class Encoder(nn.Module):
           keep_positions.append(positions)
         owner = stages.follow(owner, new_index) if owner is not None else None
 
-      if s is not None and red.intra_block:  # inside block i
+      if s is not None and red.method == "diffrate":  # inside block i, with the size bias
+        y, info = apply(i, "attend_received" if score == "received" else "attend", x,
+                        bias=ops.proportional_attention_bias(size))
+        attn = {"cls": info.cls_attn, "received": info.received,
+                "mean_query": info.mean_query}[score]
+        st = stage_fn(functools.partial(
+            stages.prune_then_merge, prune_k=red.prune_counts[s], merge_k=red.keep_counts[s],
+            num_patches=n0, prefix=p))(y, jnp.mean(attn[:, :, p:], axis=1), positions,
+                                       size=size)
+        x, positions, size = apply(i, "feed", st.x), st.positions, st.size
+        merged = True
+        owner = stages.follow(owner, st.new_index) if owner is not None else None
+        decisions.append(first_patch_decision(st.decision)); hosts.append(st.hosts)
+        keep_positions.append(positions)
+        i += 1
+      elif s is not None and red.intra_block:  # inside block i
         y, info = apply(i, "attend_received" if score == "received" else "attend", x)
         attn = {"cls": info.cls_attn, "received": info.received,
                 "mean_query": info.mean_query}[score]
@@ -307,8 +329,7 @@ class Encoder(nn.Module):
         merged = True
         owner = stages.follow(owner, new_index) if owner is not None else None
         i += 1
-      elif merged and not red.tome_r[i] and (red.method == "tome" or red.mctf.prop_attn):
-        # a block without a merge after one: still proportional attention (both authors')
+      elif proportional(i):
         y, _ = apply(i, "attend", x, bias=ops.proportional_attention_bias(size))
         x = apply(i, "feed", y)
         i += 1

@@ -12,3 +12,4 @@ from tps_jax.ops.tome import (ToMeMatch, bipartite_soft_matching, max_merge, mer
                               merge_wavg, proportional_attention_bias)
 from tps_jax.ops.pitome import energy_scores, merge_by_index, pitome_match
 from tps_jax.ops.mctf import mctf_match, mctf_merge, mctf_scores, pooling_weights
+from tps_jax.ops.diffrate import diffrate_merge
