@@ -390,6 +390,61 @@ def _pct(v: float) -> str:
   return f"{100 * v:.2f}"
 
 
+def rate_search(args) -> None:
+  """DiffRate's search of per-block counts at a MACs target on the teacher, then the searched
+  schedule for DiffRate itself and, as stages, for eTPS / top-k / EViT, each against the same
+  method's fixed geometric schedule at the nearest MACs."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tps_jax import flops  # pylint: disable=g-import-not-at-top
+  from tps_jax.data import fashion_mnist as fm  # pylint: disable=g-import-not-at-top
+  from tps_jax.trainer import rate_search as rs  # pylint: disable=g-import-not-at-top
+
+  cfg = study.fashion_mnist_config(args.arg)
+  params = study.load_dense(cfg, args.teacher)
+  model = study.build_model(cfg, reduction=None)
+  dense_macs = flops.macs(model)
+  target = args.target * dense_macs
+  images, labels = fm.load("train")
+  rng = np.random.default_rng(args.seed)
+
+  def batches():
+    while True:
+      idx = rng.choice(len(labels), args.batch, replace=False)
+      yield study.normalise(images[idx], cfg)[0], labels[idx]
+
+  print(f"DiffRate search at {args.target:.0%} of the dense {dense_macs / 1e6:.2f} MMACs, "
+        f"{args.steps} steps of {args.batch}:")
+  t = time.perf_counter()
+  found = rs.search(model, params, batches(), target_macs=target, steps=args.steps,
+                    lr=args.lr, lamb=args.lamb, unit=args.unit, warmup_steps=args.warmup)
+  print(f"  searched in {time.perf_counter() - t:.0f}s: prune {found.prune_kept}, merge "
+        f"{found.merge_kept}")
+  stages = rs.to_stages(found.merge_kept, model.num_patches)
+  rows = [{"method": "diffrate", "schedule": "searched", **study.evaluate_reduction(
+      cfg, params, found.spec())}]
+  off = json.loads((pathlib.Path(args.results) / f"{args.offshelf}.json").read_text())
+  for method in args.methods:
+    searched = study.evaluate_reduction(cfg, params, {"method": method, **stages})
+    rows.append({"method": method, "schedule": "searched", **searched})
+    fixed = min((p for p in off["points"] if p["method"] == method),  # same teacher, images
+                key=lambda r: abs(r["gmacs"] - searched["gmacs"]))
+    rows.append({"method": method, "schedule": f"fixed ({args.offshelf})", **fixed})
+  for r in rows:
+    print(f"  {r['method']:8s} {r['schedule']:8s} top-1 {100 * r['top1']:6.2f}%  "
+          f"{1e3 * r['gmacs']:6.2f} MMACs  keep {r.get('keep_counts')}")
+  out = pathlib.Path(args.results) / f"{args.name}.json"
+  study.write_json(out, {
+      "what": "DiffRate's differentiable rate search on the dense Fashion-MNIST teacher (train "
+              "split), then every schedule evaluated on the whole test set",
+      "teacher": study.relative(args.teacher), "target_fraction": args.target,
+      "target_macs": target, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+      "lamb": args.lamb, "unit": args.unit, "warmup_steps": args.warmup, "seed": args.seed,
+      "searched": {"prune_kept": found.prune_kept, "merge_kept": found.merge_kept,
+                   "stages": stages, "proxy_macs": found.macs, "history": found.history},
+      "rows": rows})
+  print(f"wrote {out}")
+
+
 def report(args) -> None:
   """Markdown tables of the committed results (what the README quotes)."""
   out = pathlib.Path(args.results)
@@ -498,6 +553,21 @@ def main(argv=None) -> None:
   s.add_argument("--methods", type=_methods, default=("dtps", "etps", "evit", "topk"))
   s.add_argument("--keep", type=float, default=0.5)
   s.add_argument("--images", type=_ints, default=(0, 1, 2, 3))
+  s = sub.add_parser("search", help="DiffRate's rate search for a MACs target, and its "
+                     "schedule for DiffRate, eTPS, top-k and EViT")
+  s.add_argument("--target", type=float, default=0.5, help="fraction of the dense MACs")
+  s.add_argument("--steps", type=int, default=300)
+  s.add_argument("--batch", type=int, default=128)
+  s.add_argument("--lr", type=float, default=0.01, help="the authors' arch-lr")
+  s.add_argument("--lamb", type=float, default=5.0, help="the authors' flops weight")
+  s.add_argument("--unit", type=float, default=1e7,
+                 help="MACs per unit of the flops loss (the authors' 1e9 on DeiT)")
+  s.add_argument("--warmup", type=int, default=0, help="steps without the flops loss")
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--methods", type=_methods, default=("etps", "topk", "evit"))
+  s.add_argument("--offshelf", default="fmnist_offshelf",
+                 help="results JSON whose fixed-schedule point nearest in MACs is compared")
+  s.add_argument("--name", default="fmnist_diffrate")
   s = sub.add_parser("report", help="markdown tables of the results JSON")
   s.add_argument("--offshelf", default="fmnist_offshelf",
                  help="which off-the-shelf JSON (e.g. fmnist_offshelf_gap)")
@@ -520,7 +590,7 @@ def main(argv=None) -> None:
                  help="delete --out first even if this job did not write it")
   args = p.parse_args(argv)
   {"teacher": teacher, "offshelf": offshelf, "finetune": finetune, "pictures": pictures,
-   "quick": quick, "report": report, "curve": curve}[args.command](args)
+   "quick": quick, "report": report, "curve": curve, "search": rate_search}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,66 @@ def test_cls_free_and_scanned_models_run_diffrate():
     logits, out = jax.jit(lambda p: model.apply({"params": p}, images))(params)
     assert logits.shape == (2, 10) and np.isfinite(np.asarray(logits)).all()
     assert out["encoded"].shape[1] == 20 + (0 if kw.get("pool_type") == "gap" else 1)
+
+
+def test_search_forward_and_gradients_equal_the_authors():
+  # Their training forward (masked, sorted, merged in place) on seeded architecture
+  # parameters: the same logits, kept numbers and MACs proxy, and the same gradients of the
+  # cross-entropy and of the proxy with respect to every block's distributions.
+  import optax  # pylint: disable=g-import-not-at-top
+  from tps_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from tps_jax.models.vit import Model  # pylint: disable=g-import-not-at-top
+  from tps_jax.trainer import rate_search as rs  # pylint: disable=g-import-not-at-top
+  model = Model(5, **GEOMETRY)
+  params = checkpoints.from_torch_state_dict(SD, model)
+  arch = [{k: jnp.asarray(DEIT[f"arch:{k}:{i}"]) for k in ("prune", "merge")} for i in range(4)]
+  images, labels = jnp.asarray(DEIT["images"]), jnp.asarray(DEIT["labels"])
+
+  def both(a):
+    logits, macs, kept = rs.search_forward(model, params, a, images)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return ce, (macs, logits, kept)
+
+  (ce, (macs, logits, kept)), g_ce = jax.jit(jax.value_and_grad(both, has_aux=True))(arch)
+  g_macs = jax.jit(jax.grad(lambda a: both(a)[1][0]))(arch)
+  np.testing.assert_allclose(logits, DEIT["logits:search"], rtol=1e-5, atol=2e-5)
+  np.testing.assert_allclose(ce, DEIT["ce:search"], rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(kept), DEIT["kept:search"])
+  their_constant = 65 * 48 * 8 * 8 * 3 + 48 * 5  # their embedding (cls counted) and head
+  np.testing.assert_allclose(float(macs) + their_constant, DEIT["flops:search"], rtol=1e-6)
+  for i in range(4):
+    for k in ("prune", "merge"):
+      for ours, name in ((g_ce, "grad_ce"), (g_macs, "grad_flops")):
+        want = DEIT[f"{name}:{k}:{i}"]
+        got = np.asarray(ours[i][k])
+        if want.shape != got.shape:  # theirs: no gradient reached it (None)
+          assert not np.any(got), (name, k, i)
+        else:
+          np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+  assert np.abs(DEIT["grad_ce:prune:1"]).max() > 0  # the cross-entropy reaches the rates
+
+
+def test_a_short_search_gives_a_schedule_every_staged_method_takes():
+  from tps_jax import flops  # pylint: disable=g-import-not-at-top
+  from tps_jax.models.vit import Model  # pylint: disable=g-import-not-at-top
+  from tps_jax.trainer import rate_search as rs  # pylint: disable=g-import-not-at-top
+  geo = dict(width=16, depth=3, num_heads=2, mlp_dim=32, patch_size=7, image_size=28,
+             channels=1)
+  model = Model(4, **geo)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(8, 28, 28, 1)), jnp.float32)
+  params = jax.jit(model.init)(jax.random.key(0), images)["params"]
+  batches = ((images, rng.integers(0, 4, 8)) for _ in range(4))
+  found = rs.search(model, params, batches, target_macs=0.5 * flops.macs(model), steps=4,
+                    unit=1e4, log_every=2, log=lambda s: None)
+  assert len(found.prune_kept) == 3 and found.prune_kept[0] == 16  # block 0 never compresses
+  assert len(found.history) == 2 and np.isfinite(found.macs)
+  reduced = Model(4, reduction=found.spec(), **geo)
+  assert jax.jit(reduced.apply)({"params": params}, images)[0].shape == (8, 4)
+  stages = rs.to_stages(found.merge_kept, 16)
+  assert rs.to_stages((16, 12, 12), 16) == {"locations": (1,), "keep_counts": (12,)}
+  for method in ("etps", "topk"):
+    if stages["locations"]:
+      Model(4, reduction={"method": method, **stages}, **geo)
+  with pytest.raises(ValueError, match="needs a cls token"):
+    rs.search_forward(Model(4, pool_type="gap", **geo), params, rs.init_arch(16, 3), images)
