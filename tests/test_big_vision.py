@@ -180,6 +180,9 @@ IMAGE = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
 
 
 def _spec(method, keep):
+  if method == "diffrate":  # a per-block schedule (16 patches, 3 blocks)
+    return {"method": "diffrate", "prune_kept": [16, 12, 8] if keep < 1 else [16] * 3,
+            "merge_kept": [16, 10, 8] if keep < 1 else [16] * 3}
   return reduction_lib.spec(method, keep, (1, 2), r=2 if keep < 1 else 0)
 
 
@@ -223,7 +226,7 @@ def test_reductions_run_on_cls_free_models(pool, scan, method):
   assert np.isfinite(np.asarray(logits)).all()
   assert out["encoded"].shape[1] < dense_out["encoded"].shape[1]
   sizes = np.asarray(out["sizes"]).sum(-1)
-  if method in ("dtps", "etps", "evit", "tome", "pitome"):  # nothing thrown away
+  if method in ("dtps", "etps", "evit", "tome", "pitome", "mctf"):  # nothing thrown away
     np.testing.assert_allclose(sizes, 16, rtol=1e-5)
   else:
     assert (sizes < 16).all()

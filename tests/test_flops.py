@@ -29,14 +29,17 @@ METHODS = [("none", {}), ("dtps", {"keep_ratio": 0.7}), ("dynamicvit", {"keep_ra
            ("etps", {"keep_ratio": 0.7}), ("evit", {"keep_ratio": 0.5}),
            ("topk", {"keep_ratio": 0.7}), ("tome", {"r": 8}), ("pitome", {"keep_ratio": 0.9}),
            ("mctf", {"r": 8}), ("mctf", {"r": 8, "one_step_ahead": 0, "bidirection": False}),
-           ("mctf", {"r": 0.3, "locations": (3, 6), "one_step_ahead": 2, "pooling": "mean"})]
+           ("mctf", {"r": 0.3, "locations": (3, 6), "one_step_ahead": 2, "pooling": "mean"}),
+           ("diffrate", {"prune_kept": (49, 44, 40, 40, 30, 30, 30, 20),
+                         "merge_kept": (49, 40, 40, 35, 25, 25, 20, 15)})]
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("method,kw", METHODS)
 def test_matches_the_traced_matmuls_and_xla(method, kw, channels):
-  if method == "mctf" and kw != {"r": 8} and channels == 3:
-    pytest.skip("MCTF's other modes are counted on the small geometry (suite time)")
+  if (method == "mctf" and kw != {"r": 8} or method == "diffrate") and channels == 3:
+    pytest.skip("counted on the small geometry only (suite time; diffrate's schedule is "
+                "for its 49 patches)")
   # The Fashion-MNIST geometry (1 channel, patch 4) is where the embedding matters most.
   if channels == 1:
     m = Model(10, width=96, depth=8, num_heads=3, mlp_dim=384, patch_size=4, image_size=28,
@@ -60,6 +63,8 @@ def _small(method, kw):
     return {"method": "pitome", **kw}
   if method == "mctf":
     return {"method": "mctf", **kw, "r": 4 if kw["r"] >= 1 else kw["r"]}
+  if method == "diffrate":
+    return {"method": "diffrate", **kw}
   return {"method": method, "locations": (2, 4, 6), **kw}
 
 

@@ -67,6 +67,10 @@ def spec(method: str, keep_ratio: float = 0.7, locations=DEFAULT_LOCATIONS,
     return {"method": "pitome", "keep_ratio": keep_ratio}
   if method == "mctf":  # the authors' DeiT setting: r per block in blocks 1..depth-1
     return {"method": "mctf", "r": r}
+  if method == "diffrate":
+    raise ValueError("diffrate runs a per-block schedule: give {'method': 'diffrate', "
+                     "'prune_kept': [...], 'merge_kept': [...]} (e.g. from "
+                     "tps_jax.trainer.rate_search.search).")
   return {"method": method, "keep_ratio": keep_ratio, "locations": tuple(locations)}
 
 
