@@ -68,7 +68,8 @@ def _small(method, kw):
   return {"method": method, "locations": (2, 4, 6), **kw}
 
 
-CLS_FREE = ([("gap", {}, m, kw) for m, kw in METHODS if m not in ("dynamicvit", "topk")]
+_FIRST = list({m: (m, kw) for m, kw in reversed(METHODS)}.values())[::-1]  # one setting each
+CLS_FREE = ([("gap", {}, m, kw) for m, kw in _FIRST if m not in ("dynamicvit", "topk")]
             + [("map", {"rep_size": 48}, m, kw) for m, kw in METHODS if m in ("none", "etps",
                                                                             "tome", "pitome")]
             + [("0", {"posemb": "sincos2d"}, m, kw) for m, kw in METHODS
