@@ -491,6 +491,18 @@ def report(args) -> None:
       setting = f"keep {p['keep']}" if "keep" in p else f"r {p['tome_r']}"
       print(f"| {p['method']} | {setting} | {1e3 * p['gmacs']:.2f} | "
             f"{_pct(p['top1'])} | {cells[0]} | {cells[1]} |")
+  if args.plot:  # every training-free point on one plot: the base sweep, the extras, DiffRate
+    points = [p for p in off["points"]]
+    for name in args.extra:
+      points += [p for p in json.loads((out / f"{name}.json").read_text())["points"]
+                 if p["method"] != "none"]
+    searched = out / "fmnist_diffrate.json"
+    if searched.exists():
+      points += [r for r in json.loads(searched.read_text())["rows"]
+                 if r["method"] == "diffrate"]
+    png = study.plot_curves(points, args.plot, dense=d,
+                            title="Fashion-MNIST, every training-free method: top-1 vs MACs")
+    print(f"\nwrote {png}")
   ft_path = out / "fmnist_finetune.json"
   if not ft_path.exists():
     return
@@ -571,6 +583,9 @@ def main(argv=None) -> None:
   s = sub.add_parser("report", help="markdown tables of the results JSON")
   s.add_argument("--offshelf", default="fmnist_offshelf",
                  help="which off-the-shelf JSON (e.g. fmnist_offshelf_gap)")
+  s.add_argument("--plot", default=None, metavar="PNG",
+                 help="also plot every training-free point (the sweep, --extra, DiffRate's "
+                      "searched schedule) on one figure")
   s.add_argument("--extra", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
                  help="more off-the-shelf JSONs (e.g. fmnist_offshelf_pitome), each point "
                       "beside the nearest-MACs eTPS and ToMe points")

@@ -46,6 +46,7 @@ STYLE = {
     "tome": dict(color="tab:gray", marker="D", label="ToMe (merge)"),
     "pitome": dict(color="tab:brown", marker="P", label="PiToMe (merge)"),
     "mctf": dict(color="tab:olive", marker="X", label="MCTF (fuse)"),
+    "diffrate": dict(color="tab:cyan", marker="*", label="DiffRate (searched schedule)"),
 }
 
 
