@@ -84,19 +84,20 @@ def breakdown(model: VisionTransformer) -> dict[str, int]:
       n = k
     elif red.tome_r and red.tome_r[i] and red.method == "pitome":
       # cosine similarities of the T patch tokens' keys (head dim), then the merge as this
-      # library runs it: a (T, T - r) one-hot product of the size-weighted tokens and sizes
+      # library runs it (ops.planned_merge): gathers and an (r, T - r) one-hot product of the
+      # size-weighted tokens and the sizes
       r, t = red.tome_r[i], n
-      parts["reduction"] += t * t * (d // model.num_heads) + t * (t - r) * (d + 1)
+      parts["reduction"] += t * t * (d // model.num_heads) + r * (t - r) * (d + 1)
       n -= r
     elif red.tome_r and red.tome_r[i] and red.method == "mctf":
-      # the tokens' cosine similarities (width D), then (ops.mctf_merge) a (T, T - r) one-hot
-      # product of the weighted tokens and one of the sizes
+      # the tokens' cosine similarities (width D), then (ops.mctf_merge) gathers and (r, T - r)
+      # one-hot products: the weighted tokens with their weights, and the sizes
       r, t = red.tome_r[i], n + p
       t2 = t - r
-      parts["reduction"] += ((t + 1) // 2) * (t // 2) * d + t * t2 * (d + 1)
+      parts["reduction"] += ((t + 1) // 2) * (t // 2) * d + r * t2 * (d + 1) + 2 * r * t2
       osa = red.mctf.one_step_ahead
-      if osa == 1:  # q, k and the attention on T; v, out on T - r; rows merge (T -> T - r)
-        parts["blocks"] += 2 * t * d * d + 2 * t * t * d + 2 * t2 * d * d + t * t2 * d
+      if osa == 1:  # q, k and the attention on T; v, out on T - r; the rows' merge (T -> T - r)
+        parts["blocks"] += 2 * t * d * d + 2 * t * t * d + 2 * t2 * d * d + r * t2 * (d + 1)
       elif osa == 2:  # the look-ahead's q, k and logits on T, then a whole block on T - r
         parts["blocks"] += 2 * t * d * d + t * t * d + _attention(t2, d)
       else:  # a whole block on T, the merge after its MLP

@@ -141,15 +141,15 @@ class MultiHeadDotProductAttention(nn.Module):
   def __call__(self, x, *, policy=None, bias=None, want_cls_attn=False,
                want_keys=False, want_received=False, want_mean_query=False,
                want_probs=False, probs_only=False, given_probs=None, value_index=None,
-               rows=None) -> tuple[jax.Array | None, AttentionOut]:
+               merge=None) -> tuple[jax.Array | None, AttentionOut]:
     """x (B, N, D); policy (B, N) 0/1 or None; bias (B, 1|H, 1|N, N) or None.
 
     MCTF's one-step-ahead attention comes in two calls: `probs_only=True` returns only
     the softmax attention of x (B, H, N, N) (output None); then, on the merged tokens x
     (B, N', D), `given_probs` (B, H, N, N) with `value_index` (B, N) (each token's merged
-    token) and `rows` (B, N, N') (each token's share of its merged token) gives
-    out(rows^T (probs @ v[value_index])): the merged attention matrix's output, without
-    forming that matrix.
+    token) and `merge` (a MergePlan of that merge and the pooling weights (B, N)) gives
+    out(merge(probs @ v[value_index])): the merged attention matrix's output (queries averaged
+    by the weights, keys summed), without forming that matrix.
     """
     _, _, d = x.shape
     if d % self.num_heads:
@@ -163,7 +163,10 @@ class MultiHeadDotProductAttention(nn.Module):
       v = dense("value")(x)  # (B, N', H, hd)
       v = jnp.take_along_axis(v, value_index[:, :, None, None], axis=1)  # (B, N, H, hd)
       y = jnp.einsum("bhqk,bkhd->bqhd", given_probs.astype(v.dtype), v)
-      y = jnp.einsum("bqo,bqhd->bohd", rows.astype(y.dtype), y)
+      plan, weights = merge
+      b, n, h, hd = y.shape
+      y = ops.planned_merge(y.reshape(b, n, h * hd), weights, plan)[0]
+      y = y.reshape(b, -1, h, hd).astype(v.dtype)
       return out_dense()(y), AttentionOut(None, None)
     if probs_only:
       q, k = dense("query")(x), dense("key")(x)
@@ -298,12 +301,14 @@ class Encoder1DBlock(nn.Module):
     return self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), bias=bias,
                                                probs_only=True)[1].probs
 
-  def attend_ahead(self, x, probs, value_index, rows) -> jax.Array:
+  def attend_ahead(self, x, probs, value_index, base, src, dst, weights) -> jax.Array:
     """First half on merged tokens with the attention of the tokens before the merge:
-    x (B, N', D), probs (B, H, N, N), value_index (B, N) in [0, N'), rows (B, N, N')
-    -> (B, N', D) (see MultiHeadDotProductAttention's `given_probs`)."""
-    y, _ = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), given_probs=probs,
-                                               value_index=value_index, rows=rows)
+    x (B, N', D), probs (B, H, N, N), value_index (B, N) in [0, N'), the merge's plan (base,
+    src, dst) and pooling weights (B, N) -> (B, N', D) (see MultiHeadDotProductAttention's
+    `given_probs`)."""
+    y, _ = self.MultiHeadDotProductAttention_0(
+        self.LayerNorm_0(x), given_probs=probs, value_index=value_index,
+        merge=(ops.MergePlan(base, src, dst), weights))
     return x + self._branch(y, None)
 
   def feed(self, x) -> jax.Array:

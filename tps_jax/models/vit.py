@@ -195,8 +195,8 @@ class Encoder(nn.Module):
                                  tau_info=opts.tau_info, tau_size=opts.tau_size,
                                  bidirection=opts.bidirection, protected=p)
       weights = ops.pooling_weights(received, size, opts.pooling, received.shape)
-      y, size, rows = ops.mctf_merge(y, size, weights, new_index, y.shape[1] - r)
-      return y, size, new_index, rows
+      y, size, plan = ops.mctf_merge(y, size, weights, new_index, y.shape[1] - r)
+      return y, size, new_index, (plan, weights)
 
     if opts.one_step_ahead == 0:
       y, info = apply(i, "attend_probs", x, bias=bias)
@@ -206,9 +206,9 @@ class Encoder(nn.Module):
     probs = apply(i, "attention_probs", x, bias=bias)
     if opts.one_step_ahead == 2:  # the authors compute this look-ahead without gradient
       probs = jax.lax.stop_gradient(probs)
-    y, size, new_index, rows = stage_fn(merge)(x, x, size, probs)
+    y, size, new_index, (plan, weights) = stage_fn(merge)(x, x, size, probs)
     if opts.one_step_ahead == 1:
-      y = apply(i, "attend_ahead", y, probs, new_index, rows)
+      y = apply(i, "attend_ahead", y, probs, new_index, *plan, weights)
     else:
       bias = ops.proportional_attention_bias(size) if opts.prop_attn else None
       y, _ = apply(i, "attend", y, bias=bias)

@@ -10,6 +10,8 @@ from tps_jax.ops.squeezing import (HostMatch, cosine_similarity, fuse, match_hos
                                  squeeze_masked_with_hosts, squeeze_with_hosts)
 from tps_jax.ops.tome import (ToMeMatch, bipartite_soft_matching, max_merge, merge_sum,
                               merge_wavg, proportional_attention_bias)
-from tps_jax.ops.pitome import energy_scores, merge_by_index, pitome_match
-from tps_jax.ops.mctf import mctf_match, mctf_merge, mctf_scores, pooling_weights
+from tps_jax.ops.pitome import (MergePlan, energy_scores, merge_by_index, merge_plan,
+                                pitome_match, planned_merge)
+from tps_jax.ops.mctf import (mctf_match, mctf_merge, mctf_scores, merge_rows,
+                              pooling_weights)
 from tps_jax.ops.diffrate import diffrate_merge

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from tps_jax.ops import validate
 from tps_jax.ops.dtypes import upcast
+from tps_jax.ops.pitome import MergePlan, merge_plan, planned_merge
 
 POOLINGS = ("attn", "size", "mean")  # the authors' pooling_type 1, 0, 3
 
@@ -143,23 +144,29 @@ def pooling_weights(attn: jax.Array | None, size: jax.Array | None, pooling: str
   return upcast(jax.lax.stop_gradient(attn)) * (size / jnp.max(size, axis=1, keepdims=True))
 
 
+def merge_rows(new_index: jax.Array, weights: jax.Array, num_out: int) -> jax.Array:
+  """Each token's share of its output, (B, T, T') float32: the merge as one matrix (the
+  reference form; the model merges by `mctf_merge`'s plan)."""
+  w = jax.nn.one_hot(new_index, num_out, dtype=jnp.float32) * upcast(weights)[..., None]
+  return w / jnp.sum(w, axis=1, keepdims=True)
+
+
 def mctf_merge(x: jax.Array, size: jax.Array | None, weights: jax.Array,
                new_index: jax.Array, num_out: int
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+               ) -> tuple[jax.Array, jax.Array, MergePlan]:
   """Weighted average of the tokens that share an output position.
 
   x (B, T, C), size (B, T) or None (all 1), weights (B, T) > 0, new_index (B, T) in
-  [0, num_out) -> (x (B, num_out, C) in x's dtype, size (B, num_out) float32 (summed),
-  rows (B, T, num_out) float32: each token's share of its output, the matrix that merges
-  anything else laid out like x (the one-step-ahead attention's rows)).
+  [0, num_out) -> (x (B, num_out, C) in x's dtype, size (B, num_out) float32 (summed), the
+  MergePlan, which merges anything else laid out like x with `planned_merge(y, weights,
+  plan)` (the one-step-ahead attention's rows)). Gathers and an (r, num_out) one-hot product.
   """
   b, t, _ = validate.check_rank("x", x, 3, "(B, T, C)")
   for name, v in (("weights", weights), ("new_index", new_index)):
     if tuple(v.shape) != (b, t):
       raise ValueError(f"{name} must have shape (B, T)={(b, t)} to match x, got {v.shape}.")
   size = jnp.ones((b, t), jnp.float32) if size is None else upcast(size)
-  onehot = jax.nn.one_hot(new_index, num_out, dtype=jnp.float32)  # (B, T, O)
-  w = onehot * jax.lax.stop_gradient(upcast(weights))[..., None]
-  rows = w / jnp.sum(w, axis=1, keepdims=True)
-  merged = jnp.einsum("bto,btc->boc", rows, upcast(x)).astype(x.dtype)
-  return merged, jnp.einsum("bto,bt->bo", onehot, size), rows
+  plan = merge_plan(new_index, num_out)
+  merged, _ = planned_merge(x, jax.lax.stop_gradient(upcast(weights)), plan)
+  _, new_size = planned_merge(size[..., None], size, plan)
+  return merged.astype(x.dtype), new_size, plan
