@@ -145,6 +145,7 @@ class TestRemat:
   def _loss_and_params(method, remat, **kw):
     # A stage at every block, so a block left out of remat cannot hide behind the others.
     red = {"r": 2} if method == "tome" else {} if method == "none" else {
+        "r": 4, "locations": (0, 1)} if method == "mctf" else {
         "locations": (0, 1), "keep_ratio": 0.8}
     # 64 patches, 4 heads: activations, not parameters, dominate what the backward pass keeps.
     model = Model(5, reduction=dict(method=method, **red), remat=remat, drop_path=0.2,
@@ -157,9 +158,10 @@ class TestRemat:
     loss = lambda p: jnp.sum(model.apply({"params": p}, x, train=True, rngs=rngs)[0] ** 2)
     return loss, params
 
-  # Each way a block runs: whole (none), under a policy (dtps), in halves around an
-  # intra-block reduction (etps; evit runs the same halves), with a size bias (tome).
-  @pytest.mark.parametrize("method", ["none", "dtps", "etps", "tome"])
+  # Each way a block runs: whole, under a policy (dtps; the dense model runs the same
+  # __call__ without one), in halves around an intra-block reduction (etps; evit runs the same
+  # halves), with a size bias (tome), one step ahead (mctf's three calls).
+  @pytest.mark.parametrize("method", ["dtps", "etps", "tome", "mctf"])
   def test_gradients_equal_and_residuals_fall(self, method):
     (loss, params), (loss_r, _) = (self._loss_and_params(method, r) for r in (False, True))
     grad, grad_r = jax.jit(jax.grad(loss))(params), jax.jit(jax.grad(loss_r))(params)
@@ -169,9 +171,10 @@ class TestRemat:
       _, vjp = jax.jit(lambda p: jax.vjp(f, p))(params)
       return sum(leaf.nbytes for leaf in jax.tree.leaves(vjp))
 
-    # Measured 7-15x less here; a stage block left out keeps its attention and MLP.
+    # Measured 7-15x less here (mctf 3x: its attention matrix passes from the look-ahead to
+    # the merged attention, so it is kept); a stage block left out keeps its attention and MLP.
     saved, saved_r = residual_bytes(loss), residual_bytes(loss_r)
-    assert saved_r < 0.2 * saved
+    assert saved_r < (0.4 if method == "mctf" else 0.2) * saved
 
   def test_fused_policy_attention_under_remat_has_the_exact_gradients(self):
     # The fused form's custom VJP keeps a closure as a residual; remat must recompute it, and
@@ -182,7 +185,7 @@ class TestRemat:
       grads[form] = jax.jit(jax.grad(loss))(params)
     chex.assert_trees_all_close(grads["fused"], grads["exact"], rtol=1e-3, atol=1e-3)
 
-  @pytest.mark.parametrize("method", ["etps", "dtps", "tome"])
+  @pytest.mark.parametrize("method", ["etps", "dtps", "tome", "mctf"])
   def test_only_the_embedding_and_head_matmuls_are_outside_remat(self, method):
     loss, params = self._loss_and_params(method, True)
     top = [e.primitive.name for e in jax.make_jaxpr(loss)(params).jaxpr.eqns]
