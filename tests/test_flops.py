@@ -50,8 +50,10 @@ def test_matches_the_traced_matmuls_and_xla(method, kw, channels):
   # Every matrix product and convolution of the traced inference program (README: 0.1%).
   assert ours == pytest.approx(flops.matmul_macs(m), rel=0.001)
   # XLA's count adds the elementwise work (softmax, GELU, LayerNorm): 3 to 20% more
-  # (most for narrow models with score heads).
-  assert 1.03 < flops.xla_macs(m) / ours < 1.2
+  # (most for narrow models with score heads). Compiled on the small geometry only: a DeiT-Ti
+  # compile per method is a minute of the suite.
+  if channels == 1:
+    assert 1.03 < flops.xla_macs(m) / ours < 1.2
 
 
 def _small(method, kw):
