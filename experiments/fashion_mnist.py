@@ -36,7 +36,9 @@ from tps_jax import atomic  # noqa: E402
 from tps_jax.models import reduction  # noqa: E402
 
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
-OFFSHELF_METHODS = reduction.TRAINING_FREE
+# The default sweep: keep ratios or r. PiToMe (a per-block ratio in [0.5, 1]) and DiffRate (a
+# searched schedule: `search`) run by their own commands (docs/results.md).
+OFFSHELF_METHODS = reduction.INTRA_BLOCK + ("tome", "mctf")
 TOME_RS = (1, 2, 3, 4, 5)
 FINETUNE_PAIRS = tuple(reduction.TPS_BASELINES.items())
 FINETUNE_METHODS = tuple(m for pair in FINETUNE_PAIRS for m in pair)  # dtps, dynamicvit, ...
@@ -419,7 +421,7 @@ def rate_search(args) -> None:
                     lr=args.lr, lamb=args.lamb, unit=args.unit, warmup_steps=args.warmup)
   print(f"  searched in {time.perf_counter() - t:.0f}s: prune {found.prune_kept}, merge "
         f"{found.merge_kept}")
-  stages = rs.to_stages(found.merge_kept, model.num_patches)
+  stages = rs.to_stages(found.prune_kept, found.merge_kept, model.num_patches)
   rows = [{"method": "diffrate", "schedule": "searched", **study.evaluate_reduction(
       cfg, params, found.spec())}]
   off = json.loads((pathlib.Path(args.results) / f"{args.offshelf}.json").read_text())

@@ -58,6 +58,13 @@ def test_the_plan_takes_effective_counts_and_checks_its_spec():
   assert plan.keep_counts == (50, 40, 20)
   assert plan.tokens_per_block(64, 4) == (65, 51, 41, 21)
   assert Reduction.create(plan, depth=4, num_patches=64) == plan
+  with pytest.raises(ValueError, match="reduces at block 3, the model has 3 blocks"):
+    Reduction.create(plan, depth=3, num_patches=64)
+  with pytest.raises(ValueError, match="keeps 64 patches, the model has 49"):
+    Reduction.create(plan, depth=4, num_patches=49)
+  with pytest.raises(ValueError, match="are DiffRate's; method 'tome'"):
+    Reduction.create({"method": "tome", "r": 2, "prune_kept": [5] * 4}, depth=4,
+                     num_patches=64)
   for bad, match in (({"merge_kept": [1, 2, 3, 4]}, "needs prune_kept"),
                      ({"prune_kept": [5] * 3, "merge_kept": [5] * 3}, "lists 3 counts"),
                      ({"prune_kept": [0] * 4, "merge_kept": [5] * 4}, "must be >= 1"),
@@ -137,8 +144,9 @@ def test_a_short_search_gives_a_schedule_every_staged_method_takes():
   assert len(found.history) == 2 and np.isfinite(found.macs)
   reduced = Model(4, reduction=found.spec(), **geo)
   assert jax.jit(reduced.apply)({"params": params}, images)[0].shape == (8, 4)
-  stages = rs.to_stages(found.merge_kept, 16)
-  assert rs.to_stages((16, 12, 12), 16) == {"locations": (1,), "keep_counts": (12,)}
+  stages = rs.to_stages(found.prune_kept, found.merge_kept, 16)
+  assert rs.to_stages((16, 14, 9), (16, 12, 12), 16) == {"locations": (1, 2),
+                                                         "keep_counts": (12, 9)}
   for method in ("etps", "topk"):
     if stages["locations"]:
       Model(4, reduction={"method": method, **stages}, **geo)

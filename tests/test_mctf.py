@@ -78,14 +78,24 @@ def test_the_similarity_criterion_matters_too():
 def test_operator_checks_its_arguments_and_protects_cls():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 11, 8)), jnp.float32)
-  idx = np.asarray(mctf.mctf_match(x, None, None, 5))
+  idx = np.asarray(mctf.mctf_match(x, None, None, 5, tau_info=0.0))
   assert idx.shape == (2, 11) and (idx[:, 0] == 0).all()  # cls stays first, alone
   assert all(np.bincount(row, minlength=6).tolist().count(0) == 0 for row in idx)
   assert (np.bincount(idx[0])[0] == 1)
   with pytest.raises(ValueError, match="r=6 is out of range"):
-    mctf.mctf_match(x, None, None, 6)  # (11 - 1) // 2 = 5 at most
+    mctf.mctf_match(x, None, None, 6, tau_info=0.0)  # (11 - 1) // 2 = 5 at most
+  with pytest.raises(ValueError, match="needs attn"):
+    mctf.mctf_match(x, None, None, 2)
+  with pytest.raises(ValueError, match="protects 0 or 1 leading token"):
+    mctf.mctf_match(x, None, None, 2, tau_info=0.0, protected=2)
   with pytest.raises(ValueError, match="attn must have shape"):
     mctf.mctf_match(x, jnp.ones((2, 10)), None, 2)
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from tps_jax.models.reduction import Reduction  # pylint: disable=g-import-not-at-top
+  bare = dataclasses.replace(Reduction.create({"method": "mctf"}, depth=4, num_patches=16),
+                             mctf=None)
+  with pytest.raises(ValueError, match="needs its MCTFOptions"):
+    Reduction.create(bare, depth=4, num_patches=16)
   with pytest.raises(ValueError, match="unknown MCTF pooling 'max'"):
     mctf.pooling_weights(None, None, "max", (2, 11))
 

@@ -182,6 +182,9 @@ class Reduction:
     `method`, `locations`, and one of `keep_ratio` (a scalar: cumulative, rho ** (s+1);
     or one ratio per stage), `keep_counts`, or for tome `r` (int or per-block list).
     """
+    if isinstance(spec, Reduction) and spec.method == "mctf" and spec.mctf is None:
+      raise ValueError("an mctf Reduction needs its MCTFOptions (mctf=...); build it with "
+                       "Reduction.create({'method': 'mctf', ...}).")
     if isinstance(spec, Reduction) and spec.method in ("pitome", "mctf"):  # a per-block plan
       if len(spec.tome_r) != depth or (spec.method == "pitome" and len(spec.margins) != depth):
         raise ValueError(f"this {spec.method} plan was made for depth {len(spec.tome_r)}, the "
@@ -191,6 +194,16 @@ class Reduction:
                          f"patches.")
       return spec
     if isinstance(spec, Reduction) and spec.method == "diffrate":  # its schedule, re-checked
+      n = len(spec.locations)
+      if len(spec.prune_counts) != n or len(spec.keep_counts) != n:
+        raise ValueError(f"this diffrate plan has {n} locations, {len(spec.prune_counts)} "
+                         f"prune counts and {len(spec.keep_counts)} keep counts.")
+      if spec.locations and max(spec.locations) >= depth:
+        raise ValueError(f"this diffrate plan reduces at block {max(spec.locations)}, the model "
+                         f"has {depth} blocks.")
+      if spec.prune_counts and max(spec.prune_counts) > num_patches:
+        raise ValueError(f"this diffrate plan keeps {max(spec.prune_counts)} patches, the model "
+                         f"has {num_patches}.")
       return _diffrate_plan(cls, diffrate_schedule(spec, depth, num_patches), depth,
                             num_patches, spec.temperature, spec.score)
     if spec is None:
@@ -213,6 +226,8 @@ class Reduction:
     foreign = sorted(set(spec) & set(MCTF_KEYS)) if method != "mctf" else []
     if foreign:
       raise ValueError(f"reduction keys {foreign} are MCTF's; method {method!r} takes none.")
+    if method != "diffrate" and ("prune_kept" in spec or "merge_kept" in spec):
+      raise ValueError(f"prune_kept / merge_kept are DiffRate's; method {method!r} takes none.")
     temperature = float(spec.get("temperature", 1.0))
     if not temperature > 0:
       raise ValueError(f"reduction temperature must be > 0, got {temperature}.")
@@ -231,8 +246,6 @@ class Reduction:
       return _mctf_plan(cls, spec, depth, num_patches, prefix, temperature, score)
     if method == "diffrate":
       return _diffrate_plan(cls, spec, depth, num_patches, temperature, score)
-    if "prune_kept" in spec or "merge_kept" in spec:
-      raise ValueError(f"prune_kept / merge_kept are DiffRate's; method {method!r} takes none.")
 
     locations = tuple(int(l) for l in spec.get("locations", DEFAULT_LOCATIONS))
     if not locations:

@@ -92,6 +92,11 @@ def mctf_match(metric: jax.Array, attn: jax.Array | None, size: jax.Array | None
     new_index (B, T) int32 in [0, T - r): each token's output position.
   """
   b, t, _ = validate.check_rank("metric", metric, 3, "(B, T, C)")
+  if protected not in (0, 1):  # the authors protect the leading rows of set A (even tokens)
+    raise ValueError(f"MCTF protects 0 or 1 leading token (cls), got protected={protected}.")
+  if tau_info and attn is None:
+    raise ValueError("MCTF's informativeness (tau_info > 0) needs attn, the attention each "
+                     "token receives; pass it or set tau_info=0.")
   r = validate.check_count("r", r, 0, max_merge(t, protected),
                            f"MCTF on {t} tokens ({protected} protected)")
   scores = mctf_scores(metric, attn, size, tau_sim=tau_sim, tau_info=tau_info,

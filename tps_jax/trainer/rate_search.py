@@ -230,15 +230,16 @@ def search(model: VisionTransformer, params, batches: Iterable[tuple[Any, Any]],
   opt_state = tx.init(arch)
   const = proxy_constant(model)
 
-  def loss_fn(arch, images, labels, weight):
+  def loss_fn(arch, params, images, labels, weight):
     logits, macs, kept = search_forward(model, params, arch, images)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     flops_loss = ((macs + const - target_macs) / unit) ** 2
     return ce + weight * flops_loss, (ce, macs + const, kept)
 
   @jax.jit
-  def step(arch, opt_state, images, labels, weight):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(arch, images, labels, weight)
+  def step(arch, opt_state, params, images, labels, weight):  # params an argument: not baked in
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(arch, params, images, labels,
+                                                                  weight)
     updates, opt_state = tx.update(grads, opt_state, arch)
     return optax.apply_updates(arch, updates), opt_state, loss, aux
 
@@ -247,7 +248,7 @@ def search(model: VisionTransformer, params, batches: Iterable[tuple[Any, Any]],
   for s in range(steps):
     images, labels = next(it)
     weight = 0.0 if s < warmup_steps else lamb
-    arch, opt_state, loss, (ce, macs, kept) = step(arch, opt_state, jnp.asarray(images),
+    arch, opt_state, loss, (ce, macs, kept) = step(arch, opt_state, params, jnp.asarray(images),
                                                     jnp.asarray(labels), weight)
     if (s + 1) % log_every == 0 or s == steps - 1:
       row = {"step": s + 1, "loss": float(loss), "ce": float(ce), "macs": float(macs)}
@@ -263,11 +264,15 @@ def search(model: VisionTransformer, params, batches: Iterable[tuple[Any, Any]],
                       history)
 
 
-def to_stages(merge_kept, num_patches: int) -> dict[str, tuple[int, ...]]:
+def to_stages(prune_kept, merge_kept, num_patches: int) -> dict[str, tuple[int, ...]]:
   """A searched schedule as stages of a staged method: the blocks where the tokens left
-  fall (`locations`) and the patch tokens kept there (`keep_counts`)."""
+  (min of the tokens before, the pruning and the merging count) fall (`locations`) and the
+  patch tokens kept there (`keep_counts`)."""
+  if len(prune_kept) != len(merge_kept):
+    raise ValueError(f"prune_kept has {len(prune_kept)} blocks, merge_kept {len(merge_kept)}.")
   locations, counts, n = [], [], num_patches
-  for i, m in enumerate(merge_kept):
-    if m < n:
-      locations.append(i); counts.append(int(m)); n = int(m)
+  for i, (p, m) in enumerate(zip(prune_kept, merge_kept)):
+    left = min(n, int(p), int(m))
+    if left < n:
+      locations.append(i); counts.append(left); n = left
   return {"locations": tuple(locations), "keep_counts": tuple(counts)}
