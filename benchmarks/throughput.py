@@ -1,17 +1,30 @@
 """Inference throughput (images/s) of the dense ViT and each token-reduction method.
 
 For each model (DeiT-Ti/16, DeiT-S/16 at 224), batch size, dtype and method,
-times the jitted `model.apply(..., train=False)` (compile excluded, median of
-repeats) and prints images/s with the analytic GMACs and the speed-up over the
-dense model of the same row group. Writes JSON to benchmarks/results/.
+times the jitted `model.apply(..., train=False)` on random images (compile
+excluded, median of repeats) and prints images/s with the analytic GMACs and the
+speed-up over the dense model of the same row group. On a GPU, timm's DeiT under
+torch.compile (bf16, `benchmarks.timm_inference`) is timed first in a subprocess
+for each model and batch, before this process takes the GPU, as the reference
+row (`vs_timm`: against the faster of its two forms). The JSON is written after
+every row (`--append` keeps an earlier file's other rows), so a run cut short
+keeps what it measured. Writes JSON to benchmarks/results/.
 
   python -m benchmarks.throughput [--models Ti/16 S/16] [--batches 32 1]
       [--dtypes float32 bfloat16] [--methods none dtps ...] [--repeats 5]
+      [--no-timm] [--append] [--deadline_s S] [--out F]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +53,37 @@ def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_s
                 dtype=jnp.dtype(dtype))
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
   cost = evaluation.cost(model, params["params"], batch=batch, repeats=repeats)
-  return {"model": variant, "batch": batch, "dtype": dtype, "method": method,
-          "gmacs": cost["gmacs"], "img_per_s": cost["images_per_s"]}
+  return {"impl": "tps_jax", "model": variant, "batch": batch, "dtype": dtype,
+          "method": method, "gmacs": cost["gmacs"], "img_per_s": cost["images_per_s"],
+          "ms_per_batch": 1e3 * batch / cost["images_per_s"]}
+
+
+def timm_rows(variant: str, batch: int) -> list[dict]:
+  """timm + torch.compile rows (one per form) from a subprocess; [] where it fails."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.timm_inference", "--model", variant, "--batch",
+       str(batch)], capture_output=True, text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  rows = [json.loads(l[4:]) for l in proc.stdout.splitlines() if l.startswith("ROW ")]
+  if proc.returncode or not rows:
+    print(f"  timm {variant} b={batch} failed:\n{proc.stderr[-2000:]}", flush=True)
+  return rows
+
+
+def _key(r: dict) -> tuple:
+  return (r.get("impl", "tps_jax"), r["model"], r["batch"], r["dtype"], r["method"])
+
+
+def _compare(rows: list[dict]) -> None:
+  """Fills `speedup_vs_dense` (our dense, same group) and `vs_timm` (timm's fastest form)."""
+  for r in rows:
+    group = [t for t in rows if (t["model"], t["batch"], t["dtype"]) ==
+             (r["model"], r["batch"], r["dtype"])]
+    dense = [t["img_per_s"] for t in group if t.get("impl", "tps_jax") == "tps_jax"
+             and t["method"] == "none"]
+    timm = [t["img_per_s"] for t in group if t.get("impl", "tps_jax") != "tps_jax"]
+    r["speedup_vs_dense"] = r["img_per_s"] / dense[0] if dense else float("nan")
+    r["vs_timm"] = r["img_per_s"] / max(timm) if timm else float("nan")
 
 
 def main(argv=None):
@@ -53,24 +95,51 @@ def main(argv=None):
   parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--timm", action=argparse.BooleanOptionalAction, default=True,
+                      help="timm + torch.compile reference rows (GPU only)")
+  parser.add_argument("--append", action="store_true",
+                      help="keep the other rows of an existing --out file")
+  parser.add_argument("--deadline_s", type=float, default=None,
+                      help="start no row after this many seconds (the JSON is written per row)")
   args = parser.parse_args(argv)
+  start = time.perf_counter()
+  out_path = pathlib.Path(args.out) if args.out else None
+  rows, old = [], None
 
-  rows = []
+  def save():
+    nonlocal old
+    if old is None:  # after the timm subprocesses: this initialises the device
+      old = common.appendable(out_path).get("rows", []) if args.append and out_path else []
+    fresh = {_key(r) for r in rows}
+    all_rows = [r for r in old if _key(r) not in fresh] + rows
+    _compare(all_rows)
+    common.write_json("throughput", {"args": vars(args), "rows": all_rows}, args.out)
+    return all_rows
+
+  # timm first, in subprocesses, before this process initialises the GPU (XLA takes 75% of it).
+  gpu = args.timm and shutil.which("nvidia-smi") is not None
+  if gpu:
+    for variant in args.models:
+      for batch in args.batches:
+        for r in timm_rows(variant, batch):
+          rows.append(r)
+          print(f"  {r['impl']} {variant} b={batch}: {r['img_per_s']:.1f} img/s", flush=True)
   for variant in args.models:
     for batch in args.batches:
       for dtype in args.dtypes:
-        dense = None
         for method in args.methods:
+          if args.deadline_s and time.perf_counter() - start > args.deadline_s:
+            print(f"  deadline: {variant} b={batch} {dtype} {method} and later not run")
+            break
           row = run(variant, batch, dtype, method, args.repeats, args.image_size)
-          dense = row["img_per_s"] if method == "none" else dense
-          row["speedup_vs_dense"] = row["img_per_s"] / dense if dense else float("nan")
           rows.append(row)
+          save()
           print(f"  {variant} b={batch} {dtype} {method}: {row['img_per_s']:.1f} img/s",
                 flush=True)
+  all_rows = save()
   print(f"\non {common.machine()['device_kind']} ({common.machine()['cpu_count']} cpus)")
-  common.print_table(rows, ["model", "batch", "dtype", "method", "gmacs", "img_per_s",
-                            "speedup_vs_dense"])
-  common.write_json("throughput", {"args": vars(args), "rows": rows}, args.out)
+  common.print_table(all_rows, ["impl", "model", "batch", "dtype", "method", "gmacs",
+                                "img_per_s", "ms_per_batch", "speedup_vs_dense", "vs_timm"])
 
 
 if __name__ == "__main__":

@@ -261,7 +261,7 @@ def main(argv=None):
     plans.append(("deit_s", 256 if gpu else 32, 20 if gpu else 3))
   out_path = pathlib.Path(args.out) if args.out else (
       common.RESULTS / f"train_step_{jax.devices()[0].platform}.json")
-  old = json.loads(out_path.read_text()) if args.append and out_path.exists() else {}
+  old = common.appendable(out_path) if args.append else {}
   rows, fits = [], list(old.get("max_batch", []))
   peak = bf16_peak_tflops() if gpu else float("nan")
   # Rows compile in their own processes; one persistent cache lets them share XLA's autotuning.

@@ -44,8 +44,11 @@ def top1(eval_step, params, source, split, preprocess, *, global_batch: int,
 
 def speed(model: VisionTransformer, params, *, batch: int, data_sharding=None,
           repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-  """Inference images/s of the jitted model on one batch (compile excluded), with the timing."""
-  images = jnp.zeros((batch, model.image_size, model.image_size, model.channels), jnp.float32)
+  """Inference images/s of the jitted model on one batch of random images (compile excluded),
+  with the timing. Random, not zeros: token reduction on constant images is a degenerate case
+  (every score and similarity ties), and zeros can run faster than real data."""
+  images = jax.random.normal(
+      jax.random.key(0), (batch, model.image_size, model.image_size, model.channels))
   if data_sharding is not None:
     images = jax.device_put(images, data_sharding)
   fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
