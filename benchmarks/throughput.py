@@ -12,12 +12,13 @@ keeps what it measured. Writes JSON to benchmarks/results/.
 
   python -m benchmarks.throughput [--models Ti/16 S/16] [--batches 32 1]
       [--dtypes float32 bfloat16] [--methods none dtps ...] [--repeats 5]
-      [--no-timm] [--append] [--deadline_s S] [--out F]
+      [--no-timm] [--append] [--deadline_s S] [--out F] [--trace none dtps]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import pathlib
@@ -29,7 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks import common
+from benchmarks import common, kernels
 from tps_jax.models import reduction
 from tps_jax.models.vit import Model
 from tps_jax.trainer import evaluation
@@ -48,21 +49,36 @@ METHODS = {m: reduction.spec(m, 0.9 if m == "pitome" else 0.7, r=16 if m == "mct
 METHODS["diffrate"] = DIFFRATE_DEIT_S_2_7
 
 
-def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_size: int):
+def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_size: int,
+        trace_dir: str | None = None):
+  """One row; with `trace_dir`, also three traced calls summarised by kernel (`kernels`) and
+  the optimised HLO (gzipped text, where the trace's fusion names are defined)."""
   model = Model(1000, variant=variant, image_size=image_size, reduction=METHODS[method],
                 dtype=jnp.dtype(dtype))
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
   cost = evaluation.cost(model, params["params"], batch=batch, repeats=repeats)
-  return {"impl": "tps_jax", "model": variant, "batch": batch, "dtype": dtype,
-          "method": method, "gmacs": cost["gmacs"], "img_per_s": cost["images_per_s"],
-          "ms_per_batch": 1e3 * batch / cost["images_per_s"]}
+  row = {"impl": "tps_jax", "model": variant, "batch": batch, "dtype": dtype,
+         "method": method, "gmacs": cost["gmacs"], "img_per_s": cost["images_per_s"],
+         "ms_per_batch": 1e3 * batch / cost["images_per_s"]}
+  if trace_dir:
+    out = pathlib.Path(trace_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{variant.replace('/', '')}_b{batch}_{method}"
+    images = jax.random.normal(jax.random.key(0), (batch, image_size, image_size, 3))
+    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
+    with gzip.open(out / f"hlo_{name}.txt.gz", "wt") as f:
+      f.write(fwd.lower(params["params"], images).compile().as_text())
+    row["kernels"] = kernels.trace(lambda: fwd(params["params"], images),
+                                   keep=out / f"trace_{name}.json.gz")
+  return row
 
 
-def timm_rows(variant: str, batch: int) -> list[dict]:
+def timm_rows(variant: str, batch: int, profile: str | None = None) -> list[dict]:
   """timm + torch.compile rows (one per form) from a subprocess; [] where it fails."""
+  extra = ["--profile", profile] if profile else []
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.timm_inference", "--model", variant, "--batch",
-       str(batch)], capture_output=True, text=True,
+       str(batch), *extra], capture_output=True, text=True,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   rows = [json.loads(l[4:]) for l in proc.stdout.splitlines() if l.startswith("ROW ")]
   if proc.returncode or not rows:
@@ -101,6 +117,10 @@ def main(argv=None):
                       help="keep the other rows of an existing --out file")
   parser.add_argument("--deadline_s", type=float, default=None,
                       help="start no row after this many seconds (the JSON is written per row)")
+  parser.add_argument("--trace", nargs="*", default=[],
+                      help="methods whose kernels to break down (and timm's, on a GPU)")
+  parser.add_argument("--trace_dir", default="/tmp/throughput_traces",
+                      help="where the traces, HLO and timm's kernel tables go")
   args = parser.parse_args(argv)
   start = time.perf_counter()
   out_path = pathlib.Path(args.out) if args.out else None
@@ -121,7 +141,7 @@ def main(argv=None):
   if gpu:
     for variant in args.models:
       for batch in args.batches:
-        for r in timm_rows(variant, batch):
+        for r in timm_rows(variant, batch, args.trace_dir if args.trace else None):
           rows.append(r)
           print(f"  {r['impl']} {variant} b={batch}: {r['img_per_s']:.1f} img/s", flush=True)
   for variant in args.models:
@@ -131,11 +151,15 @@ def main(argv=None):
           if args.deadline_s and time.perf_counter() - start > args.deadline_s:
             print(f"  deadline: {variant} b={batch} {dtype} {method} and later not run")
             break
-          row = run(variant, batch, dtype, method, args.repeats, args.image_size)
+          row = run(variant, batch, dtype, method, args.repeats, args.image_size,
+                    args.trace_dir if method in args.trace else None)
           rows.append(row)
           save()
           print(f"  {variant} b={batch} {dtype} {method}: {row['img_per_s']:.1f} img/s",
                 flush=True)
+          if "kernels" in row:
+            print(f"    kernels (ms/call): {json.dumps(row['kernels'].get('by_kind_ms'))}",
+                  flush=True)
   all_rows = save()
   print(f"\non {common.machine()['device_kind']} ({common.machine()['cpu_count']} cpus)")
   common.print_table(all_rows, ["impl", "model", "batch", "dtype", "method", "gmacs",

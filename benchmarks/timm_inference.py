@@ -26,6 +26,8 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=30)
   parser.add_argument("--forms", default="autocast,bf16_weights")
+  parser.add_argument("--profile", default=None,
+                      help="a folder: each form's CUDA kernels (torch.profiler) go there")
   args = parser.parse_args(argv)
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -60,11 +62,27 @@ def main(argv=None):
       torch.cuda.synchronize()
       times.append(start.elapsed_time(end) / 1e3)
     median = statistics.median(times)
+    if args.profile:
+      _profile(torch, fwd, xs, f"{args.profile}/timm_{args.model.replace('/', '')}"
+               f"_b{args.batch}_{form}.txt")
     print("ROW " + json.dumps({
         "impl": f"timm + torch.compile ({form})", "model": args.model, "batch": args.batch,
         "dtype": "bfloat16", "method": "none", "gmacs": None,
         "img_per_s": args.batch / median, "ms_per_batch": median * 1e3,
         "torch": torch.__version__, "timm": timm.__version__}), flush=True)
+
+
+def _profile(torch, fwd, xs, path: str, calls: int = 3) -> None:
+  """The CUDA kernels of `calls` calls, by total device time (per call), as a text table."""
+  import os  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    for i in range(calls):
+      fwd(xs[i % len(xs)])
+    torch.cuda.synchronize()
+  with open(path, "w") as f:
+    f.write(f"{calls} calls\n")
+    f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 
 
 if __name__ == "__main__":
