@@ -7,7 +7,7 @@ import pytest
 
 from tps_jax import checkpoints
 from tps_jax.models.vit import Model
-from conftest import golden
+from conftest import golden, jit_apply
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +122,14 @@ def test_big_vision_npz_with_augreg_names(golden_sd, tmp_path):
   path = tmp_path / "augreg.npz"
   np.savez(path, **renamed)
   loaded = checkpoints.from_big_vision_npz(str(path), dense)
-  ref, _ = dense.apply({"params": params}, _x(g))
-  out, _ = dense.apply({"params": loaded}, _x(g))
+  ref, _ = jit_apply(dense, {"params": params}, _x(g))
+  out, _ = jit_apply(dense, {"params": loaded}, _x(g))
   np.testing.assert_allclose(out, ref, atol=1e-6)
   # And into the DeiT layout, and into a dTPS model with fresh score heads.
   deit = _model("dtps")
   tps_params = checkpoints.from_big_vision_npz(str(path), deit, fresh=("score_heads",))
   assert tps_params["pos_embedding"].shape == (1, 65, 96)
   dense_deit = _model("none")
-  out, _ = dense_deit.apply({"params": checkpoints.from_big_vision_npz(str(path), dense_deit)},
-                            _x(g))
+  out, _ = jit_apply(dense_deit,
+                     {"params": checkpoints.from_big_vision_npz(str(path), dense_deit)}, _x(g))
   np.testing.assert_allclose(out, ref, atol=1e-5)

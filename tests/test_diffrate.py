@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tps_jax.models.reduction import Reduction
+from conftest import jit_apply
 
 GOLDENS = pathlib.Path(__file__).parent / "goldens" / "diffrate"
 DEIT = dict(np.load(GOLDENS / "deit.npz"))
@@ -33,8 +34,8 @@ def test_model_equals_the_authors_diffrate_deit(schedule):
   np.testing.assert_allclose(logits, DEIT[f"logits:{schedule}"], rtol=1e-5, atol=2e-5)
   assert out["encoded"].shape[1] == 1 + model.reduction.keep_counts[-1]
   dense = Model(5, **GEOMETRY)
-  dense_logits, _ = dense.apply({"params": checkpoints.from_torch_state_dict(SD, dense)},
-                                DEIT["images"])
+  dense_logits, _ = jit_apply(dense, {"params": checkpoints.from_torch_state_dict(SD, dense)},
+                             DEIT["images"])
   assert not np.allclose(dense_logits, DEIT[f"logits:{schedule}"], atol=1e-3)  # it reduced
 
 
@@ -45,8 +46,8 @@ def test_without_the_merge_the_golden_fails():
   spec = _spec("merge_only")
   spec["prune_kept"] = spec["merge_kept"]  # prune straight to the merge count: no merge
   model = Model(5, reduction=spec, **GEOMETRY)
-  logits, _ = model.apply({"params": checkpoints.from_torch_state_dict(SD, model)},
-                          DEIT["images"])
+  logits, _ = jit_apply(model, {"params": checkpoints.from_torch_state_dict(SD, model)},
+                       DEIT["images"])
   assert not np.allclose(logits, DEIT["logits:merge_only"], rtol=1e-5, atol=2e-5)
 
 

@@ -8,6 +8,7 @@ import optax
 
 from tps_jax.models.vit import Model
 from tps_jax.trainer import losses
+from conftest import jit_apply, jit_init
 
 
 def test_terms_against_direct_formulas():
@@ -45,8 +46,8 @@ def test_evit_model_distills_only_real_patches():
   model = Model(10, variant="Ti/16", image_size=32, patch_size=8, depth=4,
                 reduction={"method": "evit", "keep_ratio": 0.5, "locations": (1, 2)})
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  params = model.init(jax.random.key(1), x)["params"]
-  _, out = model.apply({"params": params}, x, train=False)
+  params = jit_init(model, jax.random.key(1), x)["params"]
+  _, out = jit_apply(model, {"params": params}, x, train=False)
   positions = out["keep_indices"][-1]
   # Each stage appends a fused token; an earlier one may be kept by the next stage.
   assert (positions[:, -1] == -1).all() and (positions == -1).sum() >= 2

@@ -9,7 +9,7 @@ import pytest
 
 from tps_jax import checkpoints
 from tps_jax.models.vit import Model
-from conftest import golden
+from conftest import golden, jit_apply, jit_init
 
 METHODS = ("none", "dtps", "dynamicvit", "etps", "evit", "topk", "tome", "pitome")
 SMALL = dict(width=48, depth=4, num_heads=3, mlp_dim=96, patch_size=8, image_size=32)  # 16 patches
@@ -42,21 +42,21 @@ class TestGolden:
 
   def test_eval_logits(self, golden_model):
     g, _, model, params, x = golden_model
-    logits, out = model.apply({"params": params}, x, train=False)
+    logits, out = jit_apply(model, {"params": params}, x, train=False)
     np.testing.assert_allclose(logits, g["logits_eval"], atol=1e-4)
     chex.assert_shape(out["keep_indices"], [(4, 38), (4, 23), (4, 13)])
 
   @pytest.mark.parametrize("form", ["exact", "deferred"])
   def test_train_logits_and_decisions(self, golden_model, form):
     g, _, model, params, x = golden_model
-    logits, out = model.clone(policy_form=form).apply({"params": params}, x, train=True)
+    logits, out = jit_apply(model.clone(policy_form=form), {"params": params}, x, train=True)
     np.testing.assert_allclose(logits, g["logits_train"], atol=1e-4)
     np.testing.assert_array_equal(np.round(np.stack(out["decisions"])), g["train_keep_decisions"])
 
   @pytest.mark.parametrize("form", ["fused", "log_bias"])
   def test_fused_policy_attention_is_close_to_the_authors(self, golden_model, form):
     g, _, model, params, x = golden_model
-    logits, out = model.clone(policy_form=form).apply({"params": params}, x, train=True)
+    logits, out = jit_apply(model.clone(policy_form=form), {"params": params}, x, train=True)
     deviation = np.abs(np.asarray(logits) - g["logits_train"]).max()
     assert deviation < 1e-3, deviation  # the README's policy attention section quotes it
     np.testing.assert_array_equal(np.round(np.stack(out["decisions"])), g["train_keep_decisions"])
@@ -68,7 +68,7 @@ class TestGolden:
                reduction=dict(method="dtps", locations=(1, 3, 4), keep_ratio=0.6))
     params = checkpoints.from_torch_state_dict(sd, bv)
     chex.assert_shape(params["pos_embedding"], (1, 64, 96))
-    logits, _ = bv.apply({"params": params}, x, train=False)
+    logits, _ = jit_apply(bv, {"params": params}, x, train=False)
     np.testing.assert_allclose(logits, g["logits_eval"], atol=1e-4)
 
   def test_timm_checkpoint_refuses_the_tanh_gelu(self, golden_model):
@@ -79,14 +79,9 @@ class TestGolden:
     with pytest.raises(ValueError, match="exact .erf. GELU"):
       checkpoints.from_torch_state_dict(sd, bv)
 
-  def test_jitted_matches_eager(self, golden_model):
-    g, _, model, params, x = golden_model
-    logits, _ = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
-    np.testing.assert_allclose(logits, g["logits_eval"], atol=1e-4)
-
   def test_eval_hosts_are_kept_patches(self, golden_model):
     _, _, model, params, x = golden_model
-    _, out = model.apply({"params": params}, x, train=False)
+    _, out = jit_apply(model, {"params": params}, x, train=False)
     for dec, hosts in zip(out["decisions"], out["hosts"]):
       dec, hosts = np.asarray(dec), np.asarray(hosts)
       pruned_here = hosts >= 0
@@ -99,16 +94,16 @@ class TestGolden:
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_ratio_one_equals_dense(method):
   dense = small()
-  params = dense.init(jax.random.key(0), images())["params"]
-  ref, _ = dense.apply({"params": params}, images())
+  params = jit_init(dense, jax.random.key(0), images())["params"]
+  ref, _ = jit_apply(dense, {"params": params}, images())
   model = small(method, **({"r": 0} if method == "tome" else {"keep_ratio": 1.0}))
-  full = model.init(jax.random.key(0), images())["params"]
+  full = jit_init(model, jax.random.key(0), images())["params"]
   full = {**full, **{k: v for k, v in params.items() if k != "Transformer"}}
   full["Transformer"] = {**full["Transformer"], **params["Transformer"]}
-  logits, _ = model.apply({"params": full}, images(), train=False)
+  logits, _ = jit_apply(model, {"params": full}, images(), train=False)
   np.testing.assert_allclose(logits, ref, atol=1e-5)
   if method not in ("dtps", "dynamicvit"):  # learned decisions are sampled in training
-    logits, _ = model.apply({"params": full}, images(), train=True,
+    logits, _ = jit_apply(model, {"params": full}, images(), train=True,
                             rngs={"gumbel": jax.random.key(1)})
     np.testing.assert_allclose(logits, ref, atol=1e-5)
 
@@ -117,7 +112,7 @@ def test_keep_ratio_one_equals_dense(method):
 def test_every_method_compiles_once_and_has_documented_shapes(method):
   model = small(method, **({} if method == "tome" else {"keep_ratio": 0.75}
                            if method == "pitome" else {"keep_counts": (10, 6)}))
-  params = model.init(jax.random.key(0), images())["params"]
+  params = jit_init(model, jax.random.key(0), images())["params"]
   chex.clear_trace_counter()
 
   @jax.jit
@@ -154,7 +149,7 @@ class TestRemat:
     x = images(b=4)
     rngs = {"params": jax.random.key(0), "gumbel": jax.random.key(1),
             "dropout": jax.random.key(2)}
-    params = model.init(rngs, x, train=True)["params"]
+    params = jit_init(model, rngs, x, train=True)["params"]
     loss = lambda p: jnp.sum(model.apply({"params": p}, x, train=True, rngs=rngs)[0] ** 2)
     return loss, params
 
@@ -196,8 +191,8 @@ class TestRemat:
 def test_learned_training_path(method):
   model = small(method, keep_ratio=0.6)
   x = images()
-  params = model.init({"params": jax.random.key(0), "gumbel": jax.random.key(1)}, x,
-                      train=True)["params"]
+  params = jit_init(model, {"params": jax.random.key(0), "gumbel": jax.random.key(1)}, x,
+                    train=True)["params"]
 
   def loss(p, rng):
     logits, out = model.apply({"params": p}, x, train=True, rngs={"gumbel": rng})
@@ -219,7 +214,7 @@ def test_learned_training_path(method):
 
 def test_big_vision_parameter_names():
   model = small("dtps")
-  params = model.init(jax.random.key(0), images())["params"]
+  params = jit_init(model, jax.random.key(0), images())["params"]
   names = set(flax.traverse_util.flatten_dict(params, sep="/"))
   for name in ("embedding/kernel", "cls", "pos_embedding", "head/kernel",
                "Transformer/encoder_norm/scale",
@@ -262,7 +257,7 @@ def test_variants_and_bad_variant():
 
 def test_wrong_image_shape():
   model = small()
-  params = model.init(jax.random.key(0), images())
+  params = jit_init(model, jax.random.key(0), images())
   with pytest.raises(ValueError, match=r"image must be \(B, 32, 32, 3\) NHWC.*\(2, 3, 32, 32\)"):
     model.apply(params, jnp.zeros((2, 3, 32, 32)))
   with pytest.raises(ValueError, match=r"image must be \(B, 32, 32, 3\) NHWC.*\(2, 32, 32, 1\)"):

@@ -13,6 +13,7 @@ from experiments import study
 from tps_jax import data, run_checkpoints, visualize
 from tps_jax.data import fashion_mnist as fm
 from tps_jax.models.vit import Model
+from conftest import jit_init
 
 
 def test_patch_status_follows_patches_through_stages():
@@ -80,7 +81,7 @@ def tiny_teacher(tmp_path_factory):
   path = tmp_path_factory.mktemp("teacher") / "params.npz"
   cfg = study.fashion_mnist_config("tiny")
   model = study.build_model(cfg)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  params = jit_init(model, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
   run_checkpoints.save_params_npz(params, path)
   return path
 
@@ -107,7 +108,8 @@ def test_main_job_evaluates_committed_models_beside_the_study(tiny_teacher, tmp_
   models = tmp_path / "models"
   for method in cli.FINETUNE_METHODS:
     cfg = study.fashion_mnist_config("tiny", f"method={method}", "keep=0.5")
-    params = study.build_model(cfg).init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))["params"]
+    params = jit_init(study.build_model(cfg), jax.random.key(1),
+                      jnp.zeros((1, 28, 28, 1)))["params"]
     (models / f"{method}_0.5").mkdir(parents=True)
     run_checkpoints.save_params_npz(params, models / f"{method}_0.5" / "params.npz")
     (models / f"{method}_0.5" / "summary.json").write_text(json.dumps({"step": 500}))
