@@ -10,6 +10,7 @@ import os
 import pathlib
 import platform
 import subprocess
+import sys
 from typing import Any
 
 import jax
@@ -53,6 +54,18 @@ def appendable(path: pathlib.Path) -> dict[str, Any]:
     print(f"  {path.name} holds rows from {there}, not {here}: starting afresh", flush=True)
     return {}
   return old
+
+
+def subprocess_rows(args: list[str], env=None) -> list[dict[str, Any]]:
+  """The `ROW {json}` lines a `python <args>` subprocess prints (run from the repository root);
+  [] with its stderr's tail printed where it fails or prints none."""
+  proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                        cwd=RESULTS.parent.parent)
+  rows = [json.loads(l[4:]) for l in proc.stdout.splitlines() if l.startswith("ROW ")]
+  if proc.returncode or not rows:
+    print(f"  failed: {' '.join(args)}\n{proc.stderr[-2000:]}", flush=True)
+    return []
+  return rows
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:

@@ -20,11 +20,8 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import time
 
 import jax
@@ -76,14 +73,8 @@ def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_s
 def timm_rows(variant: str, batch: int, profile: str | None = None) -> list[dict]:
   """timm + torch.compile rows (one per form) from a subprocess; [] where it fails."""
   extra = ["--profile", profile] if profile else []
-  proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.timm_inference", "--model", variant, "--batch",
-       str(batch), *extra], capture_output=True, text=True,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  rows = [json.loads(l[4:]) for l in proc.stdout.splitlines() if l.startswith("ROW ")]
-  if proc.returncode or not rows:
-    print(f"  timm {variant} b={batch} failed:\n{proc.stderr[-2000:]}", flush=True)
-  return rows
+  return common.subprocess_rows(["-m", "benchmarks.timm_inference", "--model", variant,
+                                 "--batch", str(batch), *extra])
 
 
 def _key(r: dict) -> tuple:

@@ -24,8 +24,6 @@ import gzip
 import json
 import os
 import pathlib
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -170,13 +168,8 @@ def max_batch(case: str, method: str, remat: bool, bf16: bool, limit_mb: float,
 
 
 def _subprocess(args: list[str], env=None) -> dict | None:
-  proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("ROW ")]
-  if proc.returncode or not lines:
-    print(f"  failed: {' '.join(args)}\n{proc.stderr[-2000:]}", flush=True)
-    return None
-  return json.loads(lines[-1][4:])
+  rows = common.subprocess_rows(args, env)
+  return rows[-1] if rows else None
 
 
 def bf16_peak_tflops(n: int = 8192) -> float:
