@@ -13,6 +13,7 @@ keeps what it measured. Writes JSON to benchmarks/results/.
   python -m benchmarks.throughput [--models Ti/16 S/16] [--batches 32 1]
       [--dtypes float32 bfloat16] [--methods none dtps ...] [--repeats 5]
       [--no-timm] [--append] [--deadline_s S] [--out F] [--trace none dtps]
+      [--xla_option xla_gpu_enable_cudnn_layer_norm=true ...]
 """
 
 from __future__ import annotations
@@ -47,24 +48,31 @@ METHODS["diffrate"] = DIFFRATE_DEIT_S_2_7
 
 
 def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_size: int,
-        trace_dir: str | None = None):
+        trace_dir: str | None = None, xla_options: dict | None = None):
   """One row; with `trace_dir`, also three traced calls summarised by kernel (`kernels`) and
-  the optimised HLO (gzipped text, where the trace's fusion names are defined)."""
+  the optimised HLO (gzipped text, where the trace's fusion names are defined).
+  `xla_options`: XLA compiler options for this row's compile (named in the row)."""
   model = Model(1000, variant=variant, image_size=image_size, reduction=METHODS[method],
                 dtype=jnp.dtype(dtype))
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
-  cost = evaluation.cost(model, params["params"], batch=batch, repeats=repeats)
+  # One compile serves the timing, the trace and the HLO dump.
+  images = evaluation.random_images(model, batch)
+  fwd = evaluation.forward(model).lower(params["params"], images).compile(
+      compiler_options=xla_options or None)
+  cost = evaluation.cost(model, params["params"], batch=batch, repeats=repeats, fwd=fwd)
   row = {"impl": "tps_jax", "model": variant, "batch": batch, "dtype": dtype,
          "method": method, "gmacs": cost["gmacs"], "img_per_s": cost["images_per_s"],
          "ms_per_batch": 1e3 * batch / cost["images_per_s"]}
+  if xla_options:
+    row["xla_options"] = options_label(xla_options)
   if trace_dir:
     out = pathlib.Path(trace_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{variant.replace('/', '')}_b{batch}_{method}"
-    images = jax.random.normal(jax.random.key(0), (batch, image_size, image_size, 3))
-    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
+    name = f"{variant.replace('/', '')}_b{batch}_{method}" + (
+        "_" + options_label(xla_options).replace("=", "-").replace(",", "_") if xla_options
+        else "")
     with gzip.open(out / f"hlo_{name}.txt.gz", "wt") as f:
-      f.write(fwd.lower(params["params"], images).compile().as_text())
+      f.write(fwd.as_text())
     row["kernels"] = kernels.trace(lambda: fwd(params["params"], images),
                                    keep=out / f"trace_{name}.json.gz")
   return row
@@ -77,8 +85,30 @@ def timm_rows(variant: str, batch: int, profile: str | None = None) -> list[dict
                                  "--batch", str(batch), *extra])
 
 
+def parse_option(text: str) -> tuple[str, bool | int | float | str]:
+  """"name=value" -> (name, value): true / false a bool, a number a number, else the text."""
+  name, sep, value = text.partition("=")
+  if not sep or not name:
+    raise argparse.ArgumentTypeError(f"an XLA option is name=value, got {text!r}.")
+  if value.lower() in ("true", "false"):
+    return name, value.lower() == "true"
+  for kind in (int, float):
+    try:
+      return name, kind(value)
+    except ValueError:
+      pass
+  return name, value
+
+
+def options_label(options: dict) -> str:
+  """The row's record of its compiler options: "name=value,..." sorted by name."""
+  return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                  for k, v in sorted(options.items()))
+
+
 def _key(r: dict) -> tuple:
-  return (r.get("impl", "tps_jax"), r["model"], r["batch"], r["dtype"], r["method"])
+  return (r.get("impl", "tps_jax"), r["model"], r["batch"], r["dtype"], r["method"],
+          r.get("xla_options", ""))
 
 
 def _compare(rows: list[dict]) -> None:
@@ -87,7 +117,7 @@ def _compare(rows: list[dict]) -> None:
     group = [t for t in rows if (t["model"], t["batch"], t["dtype"]) ==
              (r["model"], r["batch"], r["dtype"])]
     dense = [t["img_per_s"] for t in group if t.get("impl", "tps_jax") == "tps_jax"
-             and t["method"] == "none"]
+             and t["method"] == "none" and not t.get("xla_options")]
     timm = [t["img_per_s"] for t in group if t.get("impl", "tps_jax") != "tps_jax"]
     r["speedup_vs_dense"] = r["img_per_s"] / dense[0] if dense else float("nan")
     r["vs_timm"] = r["img_per_s"] / max(timm) if timm else float("nan")
@@ -112,6 +142,11 @@ def main(argv=None):
                       help="methods whose kernels to break down (and timm's, on a GPU)")
   parser.add_argument("--trace_dir", default="/tmp/throughput_traces",
                       help="where the traces, HLO and timm's kernel tables go")
+  parser.add_argument("--xla_option", action="append", type=parse_option, default=[],
+                      metavar="NAME=VALUE",
+                      help="an XLA compiler option for our rows (repeatable), e.g. "
+                           "xla_gpu_enable_cudnn_layer_norm=true; such rows are kept apart "
+                           "and never serve as the dense baseline")
   args = parser.parse_args(argv)
   start = time.perf_counter()
   out_path = pathlib.Path(args.out) if args.out else None
@@ -143,18 +178,18 @@ def main(argv=None):
             print(f"  deadline: {variant} b={batch} {dtype} {method} and later not run")
             break
           row = run(variant, batch, dtype, method, args.repeats, args.image_size,
-                    args.trace_dir if method in args.trace else None)
+                    args.trace_dir if method in args.trace else None, dict(args.xla_option))
           rows.append(row)
           save()
-          print(f"  {variant} b={batch} {dtype} {method}: {row['img_per_s']:.1f} img/s",
-                flush=True)
+          print(f"  {variant} b={batch} {dtype} {method} {row.get('xla_options', '')}: "
+                f"{row['img_per_s']:.1f} img/s", flush=True)
           if "kernels" in row:
             print(f"    kernels (ms/call): {json.dumps(row['kernels'].get('by_kind_ms'))}",
                   flush=True)
   all_rows = save()
   print(f"\non {common.machine()['device_kind']} ({common.machine()['cpu_count']} cpus)")
-  common.print_table(all_rows, ["impl", "model", "batch", "dtype", "method", "gmacs",
-                                "img_per_s", "ms_per_batch", "speedup_vs_dense", "vs_timm"])
+  common.print_table(all_rows, ["impl", "model", "batch", "dtype", "method", "xla_options",
+                                "gmacs", "img_per_s", "ms_per_batch", "speedup_vs_dense", "vs_timm"])
 
 
 if __name__ == "__main__":

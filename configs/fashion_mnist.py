@@ -13,6 +13,7 @@ another cosine cycle (8 epochs at lr 1e-3 by default), with no teacher: the
 committed teacher is 12 epochs from scratch followed by two such cycles (lr
 1e-3, then 5e-4; experiments/fashion_mnist.py TEACHER_PHASES).
 `tiny` shrinks everything for tests (evaluating on the first 2000 test images).
+`devices=N` runs on the first N devices (0, the default: all of them).
 `pool=gap` (or map) builds the model without a cls
 token (its teacher: results/fmnist_teacher_gap/); `score` picks the attention score of
 etps / evit / topk (models.reduction.SCORES).
@@ -26,7 +27,7 @@ TRAIN_EXAMPLES = 60_000
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="none", keep=0.7, init="", warm_start="", epochs=0.0,
                          steps=0, batch=128, lr=0.0, seed=0, width=96, depth=8, heads=3,
-                         tiny=False, tome_r=4, pool="tok", score="auto")
+                         tiny=False, tome_r=4, pool="tok", score="auto", devices=0)
   c = common.base()
   c.seed = arg.seed
   width, depth, heads = (16, 2, 2) if arg.tiny else (arg.width, arg.depth, arg.heads)
@@ -67,6 +68,8 @@ def get_config(arg=None):
     c.teacher.checkpoint = arg.init
   elif arg.warm_start:  # a second cosine cycle from a dense checkpoint, no teacher
     c.init.checkpoint = arg.warm_start
+  if arg.devices:  # the first N devices (0: all of them)
+    c.mesh.num_devices = arg.devices
   c.log_every_steps = 5 if arg.tiny else 50
   c.checkpoint.every_steps = 10 if arg.tiny else 200
   return c

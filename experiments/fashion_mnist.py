@@ -498,7 +498,7 @@ def report(args) -> None:
     for name in args.extra:
       points += [p for p in json.loads((out / f"{name}.json").read_text())["points"]
                  if p["method"] != "none"]
-    searched = out / "fmnist_diffrate.json"
+    searched = out / f"{args.diffrate}.json"
     if searched.exists():
       points += [r for r in json.loads(searched.read_text())["rows"]
                  if r["method"] == "diffrate"]
@@ -591,6 +591,9 @@ def main(argv=None) -> None:
   s.add_argument("--extra", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
                  help="more off-the-shelf JSONs (e.g. fmnist_offshelf_pitome), each point "
                       "beside the nearest-MACs eTPS and ToMe points")
+  s.add_argument("--diffrate", default="fmnist_diffrate",
+                 help="the search's results JSON whose DiffRate rows --plot adds (as "
+                      "`search --name` wrote it; skipped when absent)")
   s = sub.add_parser("quick", help="the main job: the committed models, compared")
   s.add_argument("--keep", type=float, default=0.5)
   s.add_argument("--finetune", type=int, default=0, metavar="STEPS",

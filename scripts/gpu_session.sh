@@ -5,7 +5,9 @@
 #      torch.compile first (with its kernel tables), our dense (with a kernel breakdown and its
 #      optimised HLO), dtps, etps, evit, topk, tome
 #   2  the train-step rows timm + compile, dense, dtps_fused, etps, evit (--deadline_s)
-#   3  inference: mctf, pitome, diffrate, dynamicvit at 256; batch 1 of dense and each method
+#   3  inference: dense with cuDNN's LayerNorm and with cuBLAS in place of Triton GEMMs (does an
+#      XLA option close the dense gap?); mctf, pitome, diffrate, dynamicvit at 256; batch 1 of
+#      dense and each method
 #   4  the train rows dtps (exact), dtps_fused_teacher, dense_remat, dtps_fused_remat
 #   5  the largest batches (dense, dtps; remat off and on), Equalize's histogram by method
 #   6  one process timing dense and dtps_fused train steps with kernel breakdowns (and dense's
@@ -35,8 +37,10 @@ case "${1:?phase 1 to 6}" in
   2)
     rows --variants dense,dtps_fused,etps,evit --deadline_s 230 ;;
   3)
-    infer --batches 256 --no-timm --deadline_s 150 --methods none mctf pitome diffrate dynamicvit
-    infer --batches 1 --no-timm --deadline_s 120 --methods none dtps etps evit topk tome ;;
+    infer --batches 256 --no-timm --methods none --xla_option xla_gpu_enable_cudnn_layer_norm=true
+    infer --batches 256 --no-timm --methods none --xla_option xla_gpu_enable_triton_gemm=false
+    infer --batches 256 --no-timm --deadline_s 110 --methods none mctf pitome diffrate dynamicvit
+    infer --batches 1 --no-timm --deadline_s 90 --methods none dtps etps evit topk tome ;;
   4)
     rows --no-timm --variants dtps,dtps_fused_teacher,dense_remat,dtps_fused_remat \
       --deadline_s 280 ;;

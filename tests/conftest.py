@@ -6,12 +6,15 @@ import pathlib
 # Eight simulated CPU devices for the sharding tests; set before JAX starts its backend.
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Compiling dominates this suite (small shapes, many programs): skip LLVM's optimisations. That
-# took the main-job test from 136 s to 76 s here; the golden tests still pass at their tolerances.
-# Subprocesses started by the tests inherit it. Speed is measured in benchmarks/, never here.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_backend_optimization_level=0").strip()
+# Compiling dominates this suite (small shapes, many programs, about half its time): skip LLVM's
+# optimisations (the main-job test 136 s -> 76 s here) and XLA:CPU's MLIR fusion emitters, whose
+# code generation costs more than the older emitters' (40 small programs 2.7 s -> 1.65 s;
+# tests/test_mctf.py 82 s -> 52 s). The golden tests still pass at their tolerances.
+# Subprocesses started by the tests inherit them. Speed is measured in benchmarks/, never here.
+for _flag, _value in (("xla_backend_optimization_level", "0"),
+                      ("xla_cpu_use_fusion_emitters", "false")):
+  if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{_flag}={_value}").strip()
 
 # One persistent compilation cache for this run's workers and subprocesses: many tests compile
 # the same small programs (the tiny recipe's steps, evaluations), which then load instead.
@@ -31,6 +34,15 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The project's shared folder sits beside the checkout (../shared); TPS_SHARED overrides.
 SHARED = pathlib.Path(os.environ.get("TPS_SHARED", ROOT.parent / "shared"))
+
+
+# The modules whose tests take longest (training runs, subprocesses, the main job) go first, so
+# the two workers do not end on one long test while the other idles.
+_SLOW_FIRST = ("test_trainer.py", "test_study.py")
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: item.path.name not in _SLOW_FIRST)  # stable: order kept within
 
 
 def jit_init(model, *args, **static):

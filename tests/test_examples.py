@@ -46,3 +46,24 @@ def test_ops_benchmark_writes_json(tmp_path, capsys):
   assert set(rows) == {"block", "topk", "evit", "tome", "tps", "tps_masked"}
   assert all(r["median_s"] > 0 for r in rows.values())
   assert "pct_of_block" in capsys.readouterr().out
+
+
+def test_inference_benchmark_rows_options_and_append(tmp_path, capsys):
+  from benchmarks import throughput
+  assert throughput.parse_option("a=true") == ("a", True)
+  assert throughput.parse_option("b=3") == ("b", 3) and throughput.parse_option("c=x") == ("c", "x")
+  with pytest.raises(Exception, match="name=value"):
+    throughput.parse_option("novalue")
+  out = tmp_path / "tp.json"
+  common = ["--models", "Ti/16", "--batches", "2", "--dtypes", "float32", "--image-size", "32",
+            "--repeats", "1", "--no-timm", "--out", str(out), "--methods", "none"]
+  throughput.main(common)
+  # A row compiled with an XLA option is kept beside the plain one, never as the baseline.
+  throughput.main(common + ["--append", "--xla_option", "xla_backend_optimization_level=0"])
+  rows = json.loads(out.read_text())["rows"]
+  assert sorted(r.get("xla_options", "") for r in rows) == ["", "xla_backend_optimization_level=0"]
+  plain, tuned = sorted(rows, key=lambda r: r.get("xla_options", ""))
+  assert plain["speedup_vs_dense"] == 1.0
+  assert tuned["speedup_vs_dense"] == pytest.approx(tuned["img_per_s"] / plain["img_per_s"])
+  assert all(r["img_per_s"] > 0 and r["gmacs"] > 0 for r in rows)
+  assert "xla_options" in capsys.readouterr().out

@@ -54,12 +54,13 @@ def test_token_pictures_of_a_model(method, tmp_path):
 def test_committed_teacher_through_the_eval_pipeline():
   """The committed teacher loads into the recipe's model, and the library's eval path (grain
   batches of uint8, device normalisation, padded last batch) gives the same logits as
-  normalising the raw test images by hand: 91.50% on the first 2 000 when committed."""
+  normalising the raw test images by hand: 92.0% on the first 1 000 when committed (a full-size
+  model under the suite's unoptimised XLA: 1 000 images, not more, about 7 s a pass here)."""
   cfg = study.fashion_mnist_config()
   params = study.load_dense(cfg, study.TEACHER)
   model = study.build_model(cfg, reduction=None)
   images, labels = fm.load("test")
-  images, labels = images[:2000], labels[:2000]
+  images, labels = images[:1000], labels[:1000]
   fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
   x, _ = study.normalise(images, cfg)
   direct = np.asarray(fwd(params, x))
@@ -67,7 +68,7 @@ def test_committed_teacher_through_the_eval_pipeline():
   pre = data.Preprocess(**cfg.input.preprocess.to_dict())
   source = data.ArraySource({"test": (images, labels)}, num_classes=10)
   got, seen = [], []
-  for batch in data.eval_batches(source, "test", pre, local_batch=768, shard=(0, 1)):
+  for batch in data.eval_batches(source, "test", pre, local_batch=768, shard=(0, 1)):  # 768+pad
     logits = np.asarray(fwd(params, data.eval_images(batch["image"], pre)))
     got.append(logits[batch["mask"]])
     seen.append(batch["label"][batch["mask"]])
@@ -87,7 +88,7 @@ def tiny_teacher(tmp_path_factory):
 
 
 def test_main_job_end_to_end_fine_tuning_live(tiny_teacher, tmp_path, capsys):
-  cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "quick", "--finetune", "3",
+  cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny,devices=1", "quick", "--finetune", "3",
             "--methods", "dtps", "--study", str(tmp_path / "none.json"),
             "--out", str(tmp_path / "quick")])
   printed = capsys.readouterr().out
@@ -116,7 +117,7 @@ def test_main_job_evaluates_committed_models_beside_the_study(tiny_teacher, tmp_
   rows = [{"method": m, "keep": 0.5, "seeds": 3, "top1_mean": 0.8 + i / 100, "top1_std": 0.002,
            "top1_runs": [0.8, 0.8, 0.8]} for i, m in enumerate(cli.FINETUNE_METHODS)]
   (tmp_path / "study.json").write_text(json.dumps({"what": "a stand-in study", "rows": rows}))
-  cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "quick", "--models", str(models),
+  cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny,devices=1", "quick", "--models", str(models),
             "--study", str(tmp_path / "study.json"), "--out", str(tmp_path / "quick")])
   printed = capsys.readouterr().out
   assert "80.00 ± 0.20 (n=3)" in printed and "83.00 ± 0.20 (n=3)" in printed, printed
@@ -129,7 +130,7 @@ def test_main_job_evaluates_committed_models_beside_the_study(tiny_teacher, tmp_
   assert result["rows"][1]["source"].endswith("dtps_0.5/params.npz")
   shutil.rmtree(models / "evit_0.5")
   with pytest.raises(SystemExit, match="no fine-tuned evit model"):
-    cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "quick", "--models", str(models),
+    cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny,devices=1", "quick", "--models", str(models),
               "--out", str(tmp_path / "quick")])
 
 
@@ -138,7 +139,7 @@ def test_main_job_never_deletes_a_users_folder(tiny_teacher, tmp_path):
   mine.mkdir()
   (mine / "thesis.tex").write_text("months of work")
   with pytest.raises(SystemExit, match="was not written by this job"):
-    cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "quick", "--finetune", "1",
+    cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny,devices=1", "quick", "--finetune", "1",
               "--out", str(mine)])
   assert (mine / "thesis.tex").read_text() == "months of work"
   # A folder the job wrote itself is replaced on the next run.
@@ -148,7 +149,7 @@ def test_main_job_never_deletes_a_users_folder(tiny_teacher, tmp_path):
 
 
 def test_offshelf_sweep_writes_curves(tiny_teacher, tmp_path, capsys):
-  cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny", "--results", str(tmp_path),
+  cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny,devices=1", "--results", str(tmp_path),
             "offshelf", "--methods", "topk,tome", "--keeps", "0.5", "--tome_rs", "2"])
   result = json.loads((tmp_path / "fmnist_offshelf.json").read_text())
   got = [(p["method"], p.get("keep"), p["tome_r"]) for p in result["points"]]

@@ -52,7 +52,7 @@ def _prepare(config):
 
 
 def test_steps_lower_the_loss_and_trace_once():
-  run, state = _prepare(_config("tiny,method=dtps,batch=64",
+  run, state = _prepare(_config("tiny,method=dtps,batch=64,devices=1",
                                 **{"optim.lr": 3e-3, "optim.warmup_epochs": 0.0}))
   step_fn = loop.make_train_step(run.model, run.tx, num_classes=10, mixing=run.mixing,
                                  loss_cfg={}, teacher=None, preprocess=run.preprocess)
@@ -142,7 +142,8 @@ def test_config_and_checkpoint_errors(tmp_path):
 
 
 def test_train_resume_init_and_mismatch(tmp_path):
-  config = _config("tiny,steps=12")
+  # One device (the sharded paths have their own tests below): a fifth less compiling.
+  config = _config("tiny,steps=12,devices=1")
   summary = loop.train_and_evaluate(config, tmp_path / "dense")
   assert summary["step"] == 12 and summary["examples"] == 2000  # tiny: test[:2000]
   # The reported top-1 is that of the exported parameters on the evaluated images (tiny:
@@ -157,7 +158,7 @@ def test_train_resume_init_and_mismatch(tmp_path):
   lines = [json.loads(l) for l in (tmp_path / "dense" / "metrics.jsonl").read_text().splitlines()]
   assert lines[-1]["kind"] == "final" and any(l["kind"] == "train" for l in lines)
   # Fine-tune dTPS from it (teacher = the same checkpoint, fresh score heads).
-  ft = _config(f"tiny,steps=4,method=dtps,init={tmp_path / 'dense'}")
+  ft = _config(f"tiny,steps=4,method=dtps,init={tmp_path / 'dense'},devices=1")
   out = loop.train_and_evaluate(ft, tmp_path / "dtps")
   assert out["method"] == "dtps" and out["step"] == 4
   record = [json.loads(l) for l in (tmp_path / "dtps" / "metrics.jsonl").read_text().splitlines()]
@@ -165,9 +166,10 @@ def test_train_resume_init_and_mismatch(tmp_path):
   assert all(k in train[-1] for k in ("keep", "kl", "token"))
   # The dense checkpoint cannot resume a dTPS run: a clear mismatch.
   with pytest.raises(foreign.CheckpointMismatchError, match="does not match"):
-    loop.train_and_evaluate(_config("tiny,steps=14,method=dtps"), tmp_path / "dense")
+    loop.train_and_evaluate(_config("tiny,steps=14,method=dtps,devices=1"),
+                            tmp_path / "dense")
   # Evaluate entry point on the exported params.
-  ev = loop.evaluate(_config("tiny"), tmp_path / "dense" / "params.npz")
+  ev = loop.evaluate(_config("tiny,devices=1"), tmp_path / "dense" / "params.npz")
   assert ev["top1"] == pytest.approx(summary["top1"]) and ev["images_per_s"] > 0
   # Bytes flipped in the latest checkpoint (12): the run says so loudly and resumes from the
   # newest intact one (10) instead of calling it a config change.
@@ -175,7 +177,7 @@ def test_train_resume_init_and_mismatch(tmp_path):
   messages = []
   with mock.patch.object(loop.metrics_lib.Writer, "message",
                          lambda self, text: messages.append(text)):
-    again = loop.train_and_evaluate(_config("tiny,steps=14"), tmp_path / "dense")
+    again = loop.train_and_evaluate(_config("tiny,steps=14,devices=1"), tmp_path / "dense")
   assert again["step"] == 14
   assert any("checkpoints/12 is corrupt" in m and "WARNING" in m for m in messages), messages
   assert any(m.endswith("checkpoints/10") for m in messages if m.startswith("resuming")), messages
@@ -257,11 +259,11 @@ def test_checkpoints_tell_corruption_from_mismatch(tmp_path):
   (tmp_path / "run").mkdir()
   shutil.move(str(root), str(tmp_path / "run" / "checkpoints"))
   with pytest.raises(RuntimeError, match="refusing to train from step 0"):
-    loop.train_and_evaluate(_config("tiny,steps=2"), tmp_path / "run")
+    loop.train_and_evaluate(_config("tiny,steps=2,devices=1"), tmp_path / "run")
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  config = _config("tiny,steps=20", **{"optim.lr": 1e30, "optim.clip_norm": 0.0,
+  config = _config("tiny,steps=20,devices=1", **{"optim.lr": 1e30, "optim.clip_norm": 0.0,
                                        "optim.warmup_epochs": 0.0,
                                        "checkpoint.every_steps": 1, "log_every_steps": 1})
   with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint"):
@@ -316,7 +318,7 @@ def test_two_processes_with_jax_distributed_agree(tmp_path):
   # The two processes' evaluation (each its half of the test set, counts summed) gives what
   # one process finds for the same parameters over the same 2000 images (issue 24 item 13: the
   # processes' equal top-1 alone held by construction).
-  single = loop.evaluate(_config("tiny,steps=3,batch=32"), tmp_path / "params.npz")
+  single = loop.evaluate(_config("tiny,steps=3,batch=32,devices=1"), tmp_path / "params.npz")
   assert single["examples"] == 2000
   assert reports[0]["top1"] == reports[1]["top1"] == single["top1"]
 

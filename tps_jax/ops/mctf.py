@@ -39,7 +39,7 @@ def max_merge(num_tokens: int, protected: int = 1) -> int:
   return (num_tokens - protected) // 2
 
 
-def _pair_weight(v: jax.Array, tau: float, t1: int) -> jax.Array:
+def _pair_weight(v: jax.Array, tau: float) -> jax.Array:
   """((1/v) / max(1/v)) of A times that of B, to the power 1 / tau: (B, T) -> (B, Ta, Tb)."""
   inv = 1.0 / v
   inv = inv / jnp.max(inv, axis=1, keepdims=True)
@@ -68,7 +68,7 @@ def mctf_scores(metric: jax.Array, attn: jax.Array | None, size: jax.Array | Non
       if tuple(v.shape) != (b, t):
         raise ValueError(f"{name} must have shape (B, T)={(b, t)} to match metric, got "
                          f"{tuple(v.shape)}.")
-      scores = scores * _pair_weight(upcast(jax.lax.stop_gradient(v)), tau, t1)
+      scores = scores * _pair_weight(upcast(jax.lax.stop_gradient(v)), tau)
   if protected:
     scores = scores.at[:, :protected].set(-jnp.inf)
   return scores

@@ -1,9 +1,13 @@
 """How good and how fast a model is: top-1 over a split, MACs, inference images/s.
 
-  result = evaluate(model, params, source, split, preprocess, global_batch=..., data_sharding=...)
+  step = jax.jit(make_eval_step(model, preprocess))
+  result = top1(step, params, source, split, preprocess, global_batch=..., data_sharding=...,
+                speed_repeats=5)                   # {"top1", "examples", "images_per_s"}
+  result |= cost(model, params, batch=..., repeats=0)  # {"gmacs", "method", ...}
 
 The one evaluation path: the trainer's summary, the experiments and the
-benchmarks all report these numbers through `top1` and `cost`.
+benchmarks all report these numbers through `top1`, `cost` and `speed` (the
+bare forward's throughput, which the inference benchmark times).
 """
 
 from __future__ import annotations
@@ -28,40 +32,68 @@ def make_eval_step(model: VisionTransformer, preprocess: data.Preprocess):
 
 
 def top1(eval_step, params, source, split, preprocess, *, global_batch: int,
-         data_sharding, bad_budget: float = data.BAD_BUDGET) -> dict[str, float]:
+         data_sharding, bad_budget: float = data.BAD_BUDGET,
+         speed_repeats: int = 0) -> dict[str, float]:
   """Top-1 over every example of `split` exactly once (padding, and undecodable images within
-  `bad_budget`, masked out: `examples` says how many counted)."""
+  `bad_budget`, masked out: `examples` says how many counted).
+
+  speed_repeats > 0 also times `eval_step` on the split's last batch (already on the devices,
+  the program already compiled: no second compile) and adds `images_per_s`, the evaluation
+  program's throughput at `global_batch` (median of the repeats after one warm-up call).
+  """
   local = data.local_batch_size(global_batch, data_sharding)
   correct = total = 0
+  batch = None
   for batch in data.device_prefetch(
       data.eval_batches(source, split, preprocess, local_batch=local, bad_budget=bad_budget),
       data_sharding):
     c, n = eval_step(params, batch)
     correct, total = correct + c, total + n
   correct, total = int(correct), int(total)
-  return {"top1": correct / max(total, 1), "examples": total}
+  result = {"top1": correct / max(total, 1), "examples": total}
+  if speed_repeats > 0 and batch is not None:
+    t = timing.time_call(eval_step, params, batch, repeats=speed_repeats, warmup=1)
+    result["images_per_s"] = global_batch / t["median_s"]
+  return result
+
+
+def random_images(model: VisionTransformer, batch: int, data_sharding=None) -> jax.Array:
+  """The timing input: (batch, H, W, C) standard-normal images. Random, not zeros: token
+  reduction on constant images is a degenerate case (every score and similarity ties), and
+  zeros can run faster than real data."""
+  images = jax.random.normal(
+      jax.random.key(0), (batch, model.image_size, model.image_size, model.channels))
+  return images if data_sharding is None else jax.device_put(images, data_sharding)
+
+
+def forward(model: VisionTransformer):
+  """The jitted inference forward, (params, images (B, H, W, C)) -> logits (B, classes)."""
+  return jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
 
 
 def speed(model: VisionTransformer, params, *, batch: int, data_sharding=None,
-          repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-  """Inference images/s of the jitted model on one batch of random images (compile excluded),
-  with the timing. Random, not zeros: token reduction on constant images is a degenerate case
-  (every score and similarity ties), and zeros can run faster than real data."""
-  images = jax.random.normal(
-      jax.random.key(0), (batch, model.image_size, model.image_size, model.channels))
-  if data_sharding is not None:
-    images = jax.device_put(images, data_sharding)
-  fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
+          repeats: int = 5, warmup: int = 1, fwd=None) -> dict[str, float]:
+  """Inference images/s of the jitted model on one batch of `random_images` (compile
+  excluded), with the timing.
+
+  fwd: the forward to time, `forward(model)` or its compiled form (a caller that also
+  traces or dumps the program passes the one it compiled, so it compiles once); None
+  jits one here.
+  """
+  images = random_images(model, batch, data_sharding)
+  fwd = forward(model) if fwd is None else fwd
   t = timing.time_call(fwd, params, images, repeats=repeats, warmup=warmup)
   return {"images_per_s": batch / t["median_s"], **t}
 
 
 def cost(model: VisionTransformer, params, *, batch: int, data_sharding=None,
-         repeats: int = 5) -> dict[str, Any]:
-  """GMACs per image (analytic, `flops.macs`), inference images/s, and the method."""
+         repeats: int = 5, fwd=None) -> dict[str, Any]:
+  """GMACs per image (analytic, `flops.macs`), the method, and (repeats > 0) the inference
+  images/s of `fwd` (see `speed`)."""
   red = model.reduction
-  return {"gmacs": flops.macs(model) / 1e9,
-          "images_per_s": speed(model, params, batch=batch, data_sharding=data_sharding,
-                                repeats=repeats)["images_per_s"],
-          "method": red.method, "keep_counts": list(red.keep_counts),
-          "tome_r": max(red.tome_r) if red.tome_r else 0}
+  out = {"gmacs": flops.macs(model) / 1e9, "method": red.method,
+         "keep_counts": list(red.keep_counts), "tome_r": max(red.tome_r) if red.tome_r else 0}
+  if repeats > 0:
+    out["images_per_s"] = speed(model, params, batch=batch, data_sharding=data_sharding,
+                                repeats=repeats, fwd=fwd)["images_per_s"]
+  return out
