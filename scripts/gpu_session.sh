@@ -39,8 +39,8 @@ case "${1:?phase 1 to 6}" in
   3)
     infer --batches 256 --no-timm --methods none --xla_option xla_gpu_enable_cudnn_layer_norm=true
     infer --batches 256 --no-timm --methods none --xla_option xla_gpu_enable_triton_gemm=false
-    infer --batches 256 --no-timm --deadline_s 110 --methods none mctf pitome diffrate dynamicvit
-    infer --batches 1 --no-timm --deadline_s 90 --methods none dtps etps evit topk tome ;;
+    infer --batches 256 --no-timm --deadline_s 90 --methods none mctf pitome diffrate dynamicvit
+    infer --batches 1 --no-timm --deadline_s 60 --methods none dtps etps evit topk tome ;;
   4)
     rows --no-timm --variants dtps,dtps_fused_teacher,dense_remat,dtps_fused_remat \
       --deadline_s 280 ;;

@@ -55,7 +55,7 @@ def test_inference_benchmark_rows_options_and_append(tmp_path, capsys):
   with pytest.raises(Exception, match="name=value"):
     throughput.parse_option("novalue")
   # An earlier run's plain dense row (as --append finds it), then one compiled with an option:
-  # kept beside the plain one, never as the baseline. One compile, not two.
+  # kept beside the plain one, never as the baseline (this test compiles one row, not two).
   from benchmarks import common as bench
   out = tmp_path / "tp.json"
   plain = {"impl": "tps_jax", "model": "Ti/16", "batch": 2, "dtype": "float32",

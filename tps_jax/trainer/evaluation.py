@@ -37,23 +37,27 @@ def top1(eval_step, params, source, split, preprocess, *, global_batch: int,
   """Top-1 over every example of `split` exactly once (padding, and undecodable images within
   `bad_budget`, masked out: `examples` says how many counted).
 
-  speed_repeats > 0 also times `eval_step` on the split's last batch (already on the devices,
-  the program already compiled: no second compile) and adds `images_per_s`, the evaluation
-  program's throughput at `global_batch` (median of the repeats after one warm-up call).
+  speed_repeats > 0 also times `eval_step` on the split's first batch (kept on the devices,
+  the program already compiled: no second compile; the first, not the last, which padding
+  fills with blank images) and adds `images_per_s`, the evaluation program's throughput at
+  `global_batch` (median of the repeats after one warm-up call; NaN for an empty split).
   """
   local = data.local_batch_size(global_batch, data_sharding)
   correct = total = 0
-  batch = None
+  first = None
   for batch in data.device_prefetch(
       data.eval_batches(source, split, preprocess, local_batch=local, bad_budget=bad_budget),
       data_sharding):
+    first = batch if first is None and speed_repeats > 0 else first
     c, n = eval_step(params, batch)
     correct, total = correct + c, total + n
   correct, total = int(correct), int(total)
   result = {"top1": correct / max(total, 1), "examples": total}
-  if speed_repeats > 0 and batch is not None:
-    t = timing.time_call(eval_step, params, batch, repeats=speed_repeats, warmup=1)
-    result["images_per_s"] = global_batch / t["median_s"]
+  if speed_repeats > 0:  # every process has the same batches (padded): the same calls
+    result["images_per_s"] = float("nan")
+    if first is not None:
+      t = timing.time_call(eval_step, params, first, repeats=speed_repeats, warmup=1)
+      result["images_per_s"] = global_batch / t["median_s"]
   return result
 
 

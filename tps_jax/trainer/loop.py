@@ -272,7 +272,7 @@ class Run:
 
   def summary(self, params, *, speed_repeats: int = 5) -> dict[str, Any]:
     """Top-1 over the eval split, GMACs and inference images/s: the one evaluation path. The
-    images/s is the compiled evaluation program's on the split's last batch (at the eval
+    images/s is the compiled evaluation program's on the split's first batch (at the eval
     batch size; normalisation and argmax included), so nothing compiles twice."""
     inp = self.config.input
     return {**self.evaluate(params, speed_repeats=speed_repeats),
