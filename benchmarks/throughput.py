@@ -59,10 +59,10 @@ def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_s
   images = evaluation.random_images(model, batch)
   fwd = evaluation.forward(model).lower(params["params"], images).compile(
       compiler_options=xla_options or None)
-  cost = evaluation.cost(model, params["params"], batch=batch, repeats=repeats, fwd=fwd)
+  rate = evaluation.speed(fwd, params["params"], images, repeats=repeats)["images_per_s"]
   row = {"impl": "tps_jax", "model": variant, "batch": batch, "dtype": dtype,
-         "method": method, "gmacs": cost["gmacs"], "img_per_s": cost["images_per_s"],
-         "ms_per_batch": 1e3 * batch / cost["images_per_s"]}
+         "method": method, "gmacs": evaluation.cost(model)["gmacs"], "img_per_s": rate,
+         "ms_per_batch": 1e3 * batch / rate}
   if xla_options:
     row["xla_options"] = options_label(xla_options)
   if trace_dir:

@@ -64,7 +64,6 @@ def test_matches_the_traced_matmuls_and_xla(method, kw, channels):
       assert flops.xla_macs(m, params, optimized=False) == pytest.approx(xla, rel=0.02)
 
 
-
 def _small(method, kw):
   if method == "none":
     return None

@@ -3,11 +3,12 @@
   step = jax.jit(make_eval_step(model, preprocess))
   result = top1(step, params, source, split, preprocess, global_batch=..., data_sharding=...,
                 speed_repeats=5)                   # {"top1", "examples", "images_per_s"}
-  result |= cost(model, params, batch=..., repeats=0)  # {"gmacs", "method", ...}
+  result |= cost(model)                              # {"gmacs", "method", ...}
 
 The one evaluation path: the trainer's summary, the experiments and the
 benchmarks all report these numbers through `top1`, `cost` and `speed` (the
-bare forward's throughput, which the inference benchmark times).
+bare forward's throughput, which the inference benchmark times:
+`speed(forward(model), params, random_images(model, batch))`).
 """
 
 from __future__ import annotations
@@ -61,13 +62,12 @@ def top1(eval_step, params, source, split, preprocess, *, global_batch: int,
   return result
 
 
-def random_images(model: VisionTransformer, batch: int, data_sharding=None) -> jax.Array:
+def random_images(model: VisionTransformer, batch: int) -> jax.Array:
   """The timing input: (batch, H, W, C) standard-normal images. Random, not zeros: token
   reduction on constant images is a degenerate case (every score and similarity ties), and
   zeros can run faster than real data."""
-  images = jax.random.normal(
+  return jax.random.normal(
       jax.random.key(0), (batch, model.image_size, model.image_size, model.channels))
-  return images if data_sharding is None else jax.device_put(images, data_sharding)
 
 
 def forward(model: VisionTransformer):
@@ -75,29 +75,18 @@ def forward(model: VisionTransformer):
   return jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
 
 
-def speed(model: VisionTransformer, params, *, batch: int, data_sharding=None,
-          repeats: int = 5, warmup: int = 1, fwd=None) -> dict[str, float]:
-  """Inference images/s of the jitted model on one batch of `random_images` (compile
-  excluded), with the timing.
+def speed(fwd, params, images, *, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+  """Inference images/s of `fwd(params, images)` (compile excluded), with the timing.
 
-  fwd: the forward to time, `forward(model)` or its compiled form (a caller that also
-  traces or dumps the program passes the one it compiled, so it compiles once); None
-  jits one here.
+  fwd: `forward(model)` or its compiled form (a caller that also traces or dumps the program
+  passes the one it compiled, so it compiles once); images: `random_images(model, batch)`.
   """
-  images = random_images(model, batch, data_sharding)
-  fwd = forward(model) if fwd is None else fwd
   t = timing.time_call(fwd, params, images, repeats=repeats, warmup=warmup)
-  return {"images_per_s": batch / t["median_s"], **t}
+  return {"images_per_s": images.shape[0] / t["median_s"], **t}
 
 
-def cost(model: VisionTransformer, params, *, batch: int, data_sharding=None,
-         repeats: int = 5, fwd=None) -> dict[str, Any]:
-  """GMACs per image (analytic, `flops.macs`), the method, and (repeats > 0) the inference
-  images/s of `fwd` (see `speed`)."""
+def cost(model: VisionTransformer) -> dict[str, Any]:
+  """GMACs per image (analytic, `flops.macs`) and the method with its keep counts."""
   red = model.reduction
-  out = {"gmacs": flops.macs(model) / 1e9, "method": red.method,
-         "keep_counts": list(red.keep_counts), "tome_r": max(red.tome_r) if red.tome_r else 0}
-  if repeats > 0:
-    out["images_per_s"] = speed(model, params, batch=batch, data_sharding=data_sharding,
-                                repeats=repeats, fwd=fwd)["images_per_s"]
-  return out
+  return {"gmacs": flops.macs(model) / 1e9, "method": red.method,
+          "keep_counts": list(red.keep_counts), "tome_r": max(red.tome_r) if red.tome_r else 0}

@@ -274,12 +274,9 @@ class Run:
     """Top-1 over the eval split, GMACs and inference images/s: the one evaluation path. The
     images/s is the compiled evaluation program's on the split's first batch (at the eval
     batch size; normalisation and argmax included), so nothing compiles twice."""
-    inp = self.config.input
     return {**self.evaluate(params, speed_repeats=speed_repeats),
             "eval_dtype": jnp.dtype(self.eval_model.dtype).name,
-            **evaluation.cost(self.eval_model, params,
-                              batch=inp.get("eval_batch_size", inp.batch_size),
-                              data_sharding=self.data_sharding, repeats=0)}
+            **evaluation.cost(self.eval_model)}
 
 
 def _check_finite(step: int, fetched: list[dict], writer, ckpt) -> None:
