@@ -29,22 +29,15 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common, kernels
-from tps_jax.models import reduction
+from tps_jax import methods
 from tps_jax.models.vit import Model
 from tps_jax.trainer import evaluation
 
-# Every method at the paper's DeiT-S operating point: keep 0.7 at blocks 3, 6, 9; ToMe r = 13;
-# PiToMe keep 0.9 per block (2.61 GMACs on DeiT-S, ToMe r = 13's 2.71: matched MACs); MCTF
-# the authors' r = 16 in blocks 1-11 (2.62 GMACs on DeiT-S).
-# DiffRate the authors' searched DeiT-S 2.7 GFLOPs schedule (OpenGVLab/DiffRate@91ae3e3,
-# compression_rate.json; their counts include cls), 2.72 GMACs by our count.
-DIFFRATE_DEIT_S_2_7 = {
-    "method": "diffrate",
-    "prune_kept": [c - 1 for c in (197, 196, 182, 160, 141, 127, 115, 105, 88, 66, 49, 3)],
-    "merge_kept": [c - 1 for c in (197, 188, 170, 147, 131, 119, 109, 96, 76, 54, 45, 3)]}
-METHODS = {m: reduction.spec(m, 0.9 if m == "pitome" else 0.7, r=16 if m == "mctf" else 13)
-           for m in reduction.METHODS if m != "diffrate"}
-METHODS["diffrate"] = DIFFRATE_DEIT_S_2_7
+# Every registered method at its paper's DeiT-S operating point (`Method.example`): keep 0.7
+# at blocks 3, 6, 9; ToMe r = 13; PiToMe keep 0.9 per block; MCTF the authors' r = 16 in
+# blocks 1-11; DiffRate the authors' searched 2.7 GFLOPs schedule.
+DEIT = methods.Geometry(depth=12, num_patches=196)
+METHODS = {m: methods.get(m).example(DEIT) for m in methods.names()}
 
 
 def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_size: int,

@@ -35,7 +35,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 from benchmarks import common, kernels  # pylint: disable=wrong-import-position
 from configs import common as common_cfg, fashion_mnist  # pylint: disable=wrong-import-position
 from tps_jax import data, flops, timing  # pylint: disable=wrong-import-position
-from tps_jax.models import reduction  # pylint: disable=wrong-import-position
+from tps_jax import methods  # pylint: disable=wrong-import-position
 from tps_jax.models.vit import build_model  # pylint: disable=wrong-import-position
 from tps_jax.trainer import loop, optim  # pylint: disable=wrong-import-position
 
@@ -129,7 +129,7 @@ def row(case: str, method: str, teacher: bool, batch: int, remat: bool, policy_f
   t = timing.time_call(one, repeats=repeats, warmup=2)
   out = {"impl": "tps_jax", "model": CASES[case]["label"], "method": method,
          "teacher": teacher, "batch": batch, "dtype": "bfloat16" if bf16 else "float32",
-         "remat": remat, "policy_form": policy_form if method in reduction.LEARNED else "",
+         "remat": remat, "policy_form": policy_form if methods.get(method).learned else "",
          "attention": attention, "augment": augment,
          "img_per_s": batch / t["median_s"], "step_s": t["median_s"], "compile_s": compile_s,
          "fwd_gmacs": flops.macs(model) / 1e9}

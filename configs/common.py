@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from tps_jax.models import reduction as reduction_lib
+from tps_jax import methods
 
 
 _TRUE, _FALSE = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -54,8 +54,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 def reduction(method: str, keep: float, locations=(3, 6, 9), tome_r: int = 0,
               score: str = "auto") -> dict | None:
-  """config.model.reduction for a recipe's method argument (`models.reduction.spec`)."""
-  spec = reduction_lib.spec(method, keep, locations, r=tome_r)
+  """config.model.reduction for a recipe's method argument (`tps_jax.methods.Method.spec`)."""
+  spec = methods.get(method).spec(keep_ratio=keep, locations=tuple(locations), r=tome_r)
   if spec is not None and score != "auto":
     spec["score"] = score
   return spec

@@ -16,7 +16,7 @@ committed teacher is 12 epochs from scratch followed by two such cycles (lr
 `devices=N` runs on the first N devices (0, the default: all of them).
 `pool=gap` (or map) builds the model without a cls
 token (its teacher: results/fmnist_teacher_gap/); `score` picks the attention score of
-etps / evit / topk (models.reduction.SCORES).
+etps / evit / topk (tps_jax.methods.staged.SCORES).
 """
 
 from configs import common

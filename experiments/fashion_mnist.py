@@ -33,14 +33,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from experiments import study  # noqa: E402
 from tps_jax import atomic  # noqa: E402
-from tps_jax.models import reduction  # noqa: E402
+from tps_jax import methods as registry  # noqa: E402
+from tps_jax.methods import staged  # noqa: E402
 
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 # The default sweep: keep ratios or r. PiToMe (a per-block ratio in [0.5, 1]) and DiffRate (a
 # searched schedule: `search`) run by their own commands (docs/results.md).
-OFFSHELF_METHODS = reduction.INTRA_BLOCK + ("tome", "mctf")
+OFFSHELF_METHODS = ("etps", "evit", "topk", "tome", "mctf")
 TOME_RS = (1, 2, 3, 4, 5)
-FINETUNE_PAIRS = tuple(reduction.TPS_BASELINES.items())
+# Each TPS variant and its pruning baseline (the method's `baseline`): dtps / dynamicvit, etps / evit.
+FINETUNE_PAIRS = tuple((m, registry.get(m).baseline) for m in registry.names()
+                       if registry.get(m).baseline)
 FINETUNE_METHODS = tuple(m for pair in FINETUNE_PAIRS for m in pair)  # dtps, dynamicvit, ...
 
 
@@ -54,10 +57,10 @@ def _ints(s: str) -> tuple[int, ...]:
 
 def _methods(s: str) -> tuple[str, ...]:
   methods = tuple(v for v in s.split(",") if v)
-  unknown = [m for m in methods if m not in reduction.METHODS]
+  unknown = [m for m in methods if m not in registry.names()]
   if unknown:
     raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; expected some of "
-                                     f"{reduction.METHODS}")
+                                     f"{registry.names()}")
   return methods
 
 
@@ -235,7 +238,7 @@ def pictures(args) -> None:
     model = study.build_model(study.fashion_mnist_config(args.arg, f"method={method}",
                                                          f"keep={args.keep}"))
     source = args.teacher
-    if method in reduction.LEARNED:  # needs its fine-tuned score heads
+    if registry.get(method).learned:  # needs its fine-tuned score heads
       source = FINETUNED / f"{method}_{args.keep}" / "params.npz"
     params = checkpoints.load_params(source, model)
     path = out / f"fmnist_tokens_{method}.png"
@@ -543,7 +546,7 @@ def main(argv=None) -> None:
   s.add_argument("--keeps", type=_floats, default=KEEPS)
   s.add_argument("--tome_rs", type=_ints, default=TOME_RS)
   s.add_argument("--score", default="auto", help="etps / evit / topk attention score "
-                                                 "(models.reduction.SCORES)")
+                                                 f"{staged.SCORES})")
   s.add_argument("--name", default="fmnist_offshelf", help="output JSON / PNG name")
   s = sub.add_parser("finetune", help="fine-tuned comparisons over seeds")
   s.add_argument("--methods", type=_methods, default=FINETUNE_METHODS)
@@ -557,7 +560,7 @@ def main(argv=None) -> None:
                  help="copy the seed-0 models at --publish_keep into results/fmnist_finetuned/")
   s.add_argument("--publish_keep", type=float, default=0.5)
   s = sub.add_parser("curve", help="test top-1 along one long fine-tune per learned method")
-  s.add_argument("--methods", type=_methods, default=reduction.LEARNED)
+  s.add_argument("--methods", type=_methods, default=registry.learned())
   s.add_argument("--keep", type=float, default=0.5)
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--at", type=_ints, default=(100, 250, 500, 1000, 2000))

@@ -1,5 +1,5 @@
-"""tps_jax.big_vision against big_vision's own ViT, its `load`, and every reduction on
-models without a cls token (GAP, MAP, pool "0", none; scan and python-loop layouts).
+"""tps_jax.big_vision against big_vision's own ViT, its `load`, and reductions on models
+without a cls token (every method on every layout: tests/test_methods.py).
 
 The goldens (tests/goldens/big_vision/) are big_vision's `models/vit.py` run on seeded
 parameters and inputs by scripts/big_vision_goldens.py (provenance in its docstring).
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tps_jax import big_vision as bv
-from tps_jax.models import reduction as reduction_lib
+from tps_jax import methods
 
 GOLDENS = pathlib.Path(__file__).resolve().parent / "goldens" / "big_vision"
 CONFIGS = ("tok_learn", "gap_learn", "map_learn", "zero_sincos", "none_learn", "gap_sincos_rep",
@@ -183,7 +183,7 @@ def _spec(method, keep):
   if method == "diffrate":  # a per-block schedule (16 patches, 3 blocks)
     return {"method": "diffrate", "prune_kept": [16, 12, 8] if keep < 1 else [16] * 3,
             "merge_kept": [16, 10, 8] if keep < 1 else [16] * 3}
-  return reduction_lib.spec(method, keep, (1, 2), r=2 if keep < 1 else 0)
+  return methods.get(method).spec(keep_ratio=keep, locations=(1, 2), r=2 if keep < 1 else 0)
 
 
 LAYOUTS = [("gap", False), ("map", True), ("gap", True), ("map", False)]
@@ -213,35 +213,6 @@ def _params_for(model, params):
   fresh = {k: jax.tree.map(lambda s: (0.1 * rng.normal(size=s.shape)).astype(np.float32),
                            init["Transformer"][k]) for k in heads}
   return {**params, "Transformer": {**params["Transformer"], **fresh}}
-
-
-@pytest.mark.parametrize("pool,scan", LAYOUTS, ids=lambda v: str(v))
-@pytest.mark.parametrize("method", reduction_lib.METHODS[1:])
-def test_reductions_run_on_cls_free_models(pool, scan, method):
-  """Every method, jitted, on GAP and MAP models with and without scan: fewer tokens reach
-  the end, and the pooled tokens stand for the patches that were not thrown away."""
-  params, _, dense_out = _dense(pool, scan)
-  half = bv.Model(**SMALL, pool_type=pool, scan=scan, reduction=_spec(method, 0.5))
-  logits, out = _apply(half, _params_for(half, params), IMAGE)
-  assert np.isfinite(np.asarray(logits)).all()
-  assert out["encoded"].shape[1] < dense_out["encoded"].shape[1]
-  sizes = np.asarray(out["sizes"]).sum(-1)
-  if method in ("dtps", "etps", "evit", "tome", "pitome", "mctf"):  # nothing thrown away
-    np.testing.assert_allclose(sizes, 16, rtol=1e-5)
-  else:
-    assert (sizes < 16).all()
-
-
-@pytest.mark.parametrize("pool,scan,method",
-                         [("gap", False, m) for m in reduction_lib.METHODS[1:]]
-                         + [("map", True, m) for m in ("etps", "topk")])
-def test_keep_one_equals_dense(pool, scan, method):
-  """At keep 1.0 (ToMe: r 0) tokens are at most reordered, which pooling and attention do
-  not see: the logits are the dense model's."""
-  params, dense_logits, _ = _dense(pool, scan)
-  full = bv.Model(**SMALL, pool_type=pool, scan=scan, reduction=_spec(method, 1.0))
-  logits, _ = _apply(full, _params_for(full, params), IMAGE)
-  np.testing.assert_allclose(logits, dense_logits, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("pool,scan,method", [("map", True, "dtps"), ("gap", False, "dynamicvit")])
@@ -293,10 +264,9 @@ def test_scan_with_stages_equals_python_loop_and_scans_each_segment():
 
 
 def test_cls_score_needs_a_cls_token():
-  model = bv.Model(**SMALL, pool_type="gap",
-                   reduction=dict(method="etps", keep_ratio=0.5, locations=(1,), score="cls"))
-  with pytest.raises(ValueError, match="needs a cls token"):
-    model.init(jax.random.key(0), IMAGE)
+  with pytest.raises(ValueError, match="needs a cls token"):  # at construction: no trace
+    bv.Model(**SMALL, pool_type="gap",
+             reduction=dict(method="etps", keep_ratio=0.5, locations=(1,), score="cls"))
   with pytest.raises(ValueError, match="unknown reduction score"):
     bv.Model(**SMALL, reduction=dict(method="etps", score="norm"))
 
@@ -308,7 +278,7 @@ def test_cls_free_scores_are_the_attention_tokens_receive():
   block = Encoder1DBlock(64, 2)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 9, 32)).astype(np.float32))
   params = block.init(jax.random.key(0), x)["params"]
-  _, info = block.apply({"params": params}, x, method=block.attend_received)
+  _, info = block.apply({"params": params}, x, method=block.attend_matrix)
   ln = params["LayerNorm_0"]
   y = np.asarray(x)
   y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-6)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tps_jax.models.reduction import Reduction
+from tps_jax.methods import Reduction
 from conftest import jit_apply
 
 GOLDENS = pathlib.Path(__file__).parent / "goldens" / "diffrate"
@@ -32,7 +32,7 @@ def test_model_equals_the_authors_diffrate_deit(schedule):
   params = checkpoints.from_torch_state_dict(SD, model)
   logits, out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, DEIT["images"])
   np.testing.assert_allclose(logits, DEIT[f"logits:{schedule}"], rtol=1e-5, atol=2e-5)
-  assert out["encoded"].shape[1] == 1 + model.reduction.keep_counts[-1]
+  assert out["encoded"].shape[1] == 1 + model.reduction.options.keep_counts[-1]
   dense = Model(5, **GEOMETRY)
   dense_logits, _ = jit_apply(dense, {"params": checkpoints.from_torch_state_dict(SD, dense)},
                              DEIT["images"])
@@ -55,25 +55,27 @@ def test_the_plan_takes_effective_counts_and_checks_its_spec():
   plan = Reduction.create({"method": "diffrate", "prune_kept": [64, 70, 40, 40],
                            "merge_kept": [64, 50, 50, 20]}, depth=4, num_patches=64)
   # block 0 changes nothing; counts above the tokens left change nothing
-  assert plan.locations == (1, 2, 3) and plan.prune_counts == (64, 40, 40)
-  assert plan.keep_counts == (50, 40, 20)
-  assert plan.tokens_per_block(64, 4) == (65, 51, 41, 21)
+  o = plan.options
+  assert o.locations == (1, 2, 3) and o.prune_counts == (64, 40, 40)
+  assert o.keep_counts == (50, 40, 20)
+  assert plan.tokens_per_block() == (65, 51, 41, 21)
+  assert plan.tokens() == ((65, 65, 65), (65, 51, 51), (51, 41, 41), (41, 21, 21))
   assert Reduction.create(plan, depth=4, num_patches=64) == plan
   with pytest.raises(ValueError, match="reduces at block 3, the model has 3 blocks"):
     Reduction.create(plan, depth=3, num_patches=64)
   with pytest.raises(ValueError, match="keeps 64 patches, the model has 49"):
     Reduction.create(plan, depth=4, num_patches=49)
-  with pytest.raises(ValueError, match="are DiffRate's; method 'tome'"):
+  with pytest.raises(ValueError, match="'tome' takes no keys \\['prune_kept'\\]"):
     Reduction.create({"method": "tome", "r": 2, "prune_kept": [5] * 4}, depth=4,
                      num_patches=64)
   for bad, match in (({"merge_kept": [1, 2, 3, 4]}, "needs prune_kept"),
                      ({"prune_kept": [5] * 3, "merge_kept": [5] * 3}, "lists 3 counts"),
                      ({"prune_kept": [0] * 4, "merge_kept": [5] * 4}, "must be >= 1"),
                      ({"prune_kept": [5] * 4, "merge_kept": [5] * 4, "keep_ratio": 0.5},
-                      "not \\['keep_ratio'\\]")):
+                      "no keys \\['keep_ratio'\\]")):
     with pytest.raises(ValueError, match=match):
       Reduction.create({"method": "diffrate", **bad}, depth=4, num_patches=64)
-  with pytest.raises(ValueError, match="are DiffRate's"):
+  with pytest.raises(ValueError, match="'etps' takes no keys \\['prune_kept'\\]"):
     Reduction.create({"method": "etps", "prune_kept": [5] * 4}, depth=4, num_patches=64)
 
 

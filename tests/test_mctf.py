@@ -90,31 +90,25 @@ def test_operator_checks_its_arguments_and_protects_cls():
     mctf.mctf_match(x, None, None, 2, tau_info=0.0, protected=2)
   with pytest.raises(ValueError, match="attn must have shape"):
     mctf.mctf_match(x, jnp.ones((2, 10)), None, 2)
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from tps_jax.models.reduction import Reduction  # pylint: disable=g-import-not-at-top
-  bare = dataclasses.replace(Reduction.create({"method": "mctf"}, depth=4, num_patches=16),
-                             mctf=None)
-  with pytest.raises(ValueError, match="needs its MCTFOptions"):
-    Reduction.create(bare, depth=4, num_patches=16)
   with pytest.raises(ValueError, match="unknown MCTF pooling 'max'"):
     mctf.pooling_weights(None, None, "max", (2, 11))
 
 
 def test_the_plan_follows_the_authors_arithmetic_and_checks_its_spec():
-  from tps_jax.models.reduction import Reduction  # pylint: disable=g-import-not-at-top
+  from tps_jax.methods import Reduction  # pylint: disable=g-import-not-at-top
   plan = Reduction.create({"method": "mctf"}, depth=12, num_patches=196)
-  assert plan.tome_r == (0,) + (16,) * 11 and plan.mctf.tau_info == 20.0  # their DeiT run
-  assert plan.tokens_per_block(196, 12)[-1] == 197 - 176
+  assert plan.options.r == (0,) + (16,) * 11 and plan.options.tau_info == 20.0  # their DeiT run
+  assert plan.tokens_per_block()[-1] == 197 - 176
   fast = Reduction.create({"method": "mctf", "r": 0.35, "locations": (3, 6, 9)}, depth=12,
                           num_patches=196)
-  assert fast.tome_r[3] == 68 and fast.tome_r[6] == 44 and fast.tome_r[9] == 29
+  assert fast.options.r[3] == 68 and fast.options.r[6] == 44 and fast.options.r[9] == 29
   small = Reduction.create({"method": "mctf", "r": 16}, depth=4, num_patches=49)
-  assert small.tome_r == (0, 16, 16, 8)  # at least 10 tokens stay: 50 -> 34 -> 18 -> 10
+  assert small.options.r == (0, 16, 16, 8)  # at least 10 tokens stay: 50 -> 34 -> 18 -> 10
   after = Reduction.create({"method": "mctf", "r": 8, "one_step_ahead": 0}, depth=3,
                            num_patches=64)
-  assert after.tokens_per_block(64, 3) == (65, 65, 57)  # merges after the block's MLP
+  assert after.tokens_per_block() == (65, 65, 57)  # merges after the block's MLP
   assert Reduction.create(plan, depth=12, num_patches=196) == plan
-  for bad, match in (({"keep_ratio": 0.5}, "takes no keep_ratio"),
+  for bad, match in (({"keep_ratio": 0.5}, "takes no keys \\['keep_ratio'\\]"),
                      ({"pooling": "max"}, "unknown mctf pooling 'max'"),
                      ({"one_step_ahead": 3}, "one_step_ahead must be one of"),
                      ({"tau_info": -1}, "tau_info must be a number >= 0"),
@@ -123,7 +117,7 @@ def test_the_plan_follows_the_authors_arithmetic_and_checks_its_spec():
                      ({"r": [1, 2]}, "lists 2 values")):
     with pytest.raises(ValueError, match=match):
       Reduction.create({"method": "mctf", **bad}, depth=12, num_patches=196)
-  with pytest.raises(ValueError, match="are MCTF's; method 'tome' takes none"):
+  with pytest.raises(ValueError, match="'tome' takes no keys \\['tau_sim'\\]"):
     Reduction.create({"method": "tome", "r": 4, "tau_sim": 1}, depth=12, num_patches=196)
 
 
@@ -160,7 +154,7 @@ def test_model_equals_the_authors_mctf_deit(variant):
   logits, out = infer(params, g["images"])
   infer(params, g["images"] + 1.0)
   np.testing.assert_allclose(logits, g[f"logits:{variant}"], rtol=1e-5, atol=2e-5)
-  assert out["encoded"].shape[1] == 65 - sum(model.reduction.tome_r)
+  assert out["encoded"].shape[1] == 65 - sum(model.reduction.options.r)
   assert not np.allclose(g[f"logits:{variant}"], g["logits:dense"], atol=1e-3)  # it merged
 
 

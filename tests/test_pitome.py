@@ -75,17 +75,18 @@ def test_pitome_protects_isolated_tokens_and_checks_its_arguments():
 
 
 def test_the_plan_follows_the_authors_deit_patch_and_checks_its_spec():
-  from tps_jax.models.reduction import Reduction  # pylint: disable=g-import-not-at-top
+  from tps_jax.methods import Reduction  # pylint: disable=g-import-not-at-top
   plan = Reduction.create({"method": "pitome", "keep_ratio": 0.9}, depth=12, num_patches=196)
+  o = plan.options
   # r = floor(T - T * ratio) of the T patch tokens each block sees; cls never merges.
-  assert plan.tome_r == (19, 17, 16, 14, 13, 11, 10, 9, 8, 7, 7, 6)
-  assert plan.margins[0] == 0.75 and plan.margins[6] == 0.375 and plan.bsm_blocks == 6
-  assert plan.tokens_per_block(196, 12)[-1] == 1 + 196 - sum(plan.tome_r)
+  assert o.r == (19, 17, 16, 14, 13, 11, 10, 9, 8, 7, 7, 6)
+  assert o.margins[0] == 0.75 and o.margins[6] == 0.375 and o.bsm_blocks == 6
+  assert plan.tokens_per_block()[-1] == 1 + 196 - sum(o.r)
   assert Reduction.create(plan, depth=12, num_patches=196) == plan  # a plan passes as it is
   with pytest.raises(ValueError, match="made for depth 12, the model has 8"):
     Reduction.create(plan, depth=8, num_patches=196)
   for bad, match in (({"keep_ratio": 0.4}, "in \\[0.5, 1\\]"),
-                     ({"keep_ratio": 0.9, "locations": (3,)}, "takes no locations"),
+                     ({"keep_ratio": 0.9, "locations": (3,)}, "takes no keys \\['locations'\\]"),
                      ({"keep_ratio": 0.9, "margins": (0.5,)}, "margins list 1 values"),
                      ({"keep_ratio": 0.9, "bsm_blocks": 13}, "bsm_blocks must be in")):
     with pytest.raises(ValueError, match=match):
@@ -105,6 +106,6 @@ def test_model_equals_the_authors_patched_timm_deit(ratio):
   params = checkpoints.from_torch_state_dict(sd, model)
   logits, out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, g["images"])
   np.testing.assert_allclose(logits, g[f"logits:{ratio}"], rtol=1e-5, atol=2e-5)
-  assert out["encoded"].shape[1] == 1 + 64 - sum(model.reduction.tome_r)
+  assert out["encoded"].shape[1] == 1 + 64 - sum(model.reduction.options.r)
   if ratio < 1:
     assert not np.allclose(g[f"logits:{ratio}"], g["logits:1.0"], atol=1e-3)  # it merged

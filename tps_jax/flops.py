@@ -1,4 +1,4 @@
-"""Multiply-accumulates of a ViT at inference, as the papers count them (SPEC section 5).
+"""Multiply-accumulates of a ViT at inference, as the papers count them (docs/method.md, section 8).
 
 A block over N tokens of width D with MLP width M costs `4 N D^2 + 2 N^2 D`
 (attention) + `2 N D M` (MLP), i.e. `12 N D^2 + 2 N^2 D` for M = 4D. Stages add
@@ -25,94 +25,40 @@ import jax
 from jax.extend import core as jex_core
 import jax.numpy as jnp
 
+from tps_jax import methods
 from tps_jax.models.vit import VisionTransformer
 
 
-def _attention(n: int, d: int) -> int:
-  return 4 * n * d * d + 2 * n * n * d
-
-
-def _mlp(n: int, d: int, m: int) -> int:
-  return 2 * n * d * m
-
-
-def _score_head(n: int, d: int) -> int:
-  return n * (d * d + d * (d // 2) + (d // 2) * (d // 4) + (d // 4) * 2)
-
-
 def breakdown(model: VisionTransformer) -> dict[str, int]:
-  """MACs of one image through `model` at inference, by part."""
+  """MACs of one image through `model` at inference, by part.
+
+  The blocks are counted at the token counts the reduction method declares
+  (`Method.tokens`, the same the encoder runs on), each by `Method.block_macs` (the dense
+  block's count unless the method changes the block's arithmetic); the method adds its own
+  work (`Method.extra_macs`: score heads, matching, merging).
+
+  Args:
+    model: a VisionTransformer built with an image_size.
+  Returns:
+    {"embedding", "blocks", "score_heads", "reduction", "pool", "head"}: MACs of each part.
+  """
   d, m = model.width, model.mlp_dim
   red = model.plan()
-  n0 = model.num_patches
-  p = model.num_prefix  # protected tokens (cls, pool "0"'s readout) beside the reducible ones
+  method, opts = red.impl, red.options
+  dims = methods.Dims(d, m, model.num_heads)
   ph, pw = ((model.patch_size,) * 2 if isinstance(model.patch_size, int)
             else tuple(model.patch_size))
-  rep = 0
-  if model.rep_size:
-    rep = d * (d if model.rep_size is True else int(model.rep_size))
   out_d = (d if model.rep_size is True else int(model.rep_size)) if model.rep_size else d
-  parts = {"embedding": n0 * ph * pw * model.channels * d, "blocks": 0,
+  parts = {"embedding": model.num_patches * ph * pw * model.channels * d, "blocks": 0,
            "score_heads": 0, "reduction": 0, "pool": 0,
-           "head": rep + out_d * (model.num_classes or 0)}
-  n = model.num_reducible  # current reducible tokens
-  stage_at = red.stage_at
-  for i in range(model.depth):
-    s = stage_at.get(i)
-    if s is not None and red.learned:
-      parts["score_heads"] += _score_head(n, d)
-      k = red.keep_counts[s]
-      if red.squeezes:
-        parts["reduction"] += 2 * (n - k) * k * d
-      n = k
-    n_attn = n
-    if s is not None and red.method == "diffrate":
-      kp, km = red.prune_counts[s], red.keep_counts[s]
-      # the score row; each of the kp - km merged tokens against the km + p kept (similarity,
-      # then the one-hot merge of the tokens and of the sizes)
-      parts["reduction"] += (n + p) * d + 2 * (kp - km) * (km + p) * d + (kp - km) * (km + p)
-      n = km
-    elif s is not None and red.intra_block:
-      k = red.keep_counts[s]
-      # the score row (cls or mean query); "received" is the attention matrix's column means
-      parts["reduction"] += (n + p) * d
-      if red.method == "etps":
-        parts["reduction"] += 2 * (n - k) * k * d
-      elif red.method == "evit":
-        parts["reduction"] += (n - k) * d
-        k += 1
-      n = k
-    elif red.tome_r and red.tome_r[i] and red.method == "pitome":
-      # cosine similarities of the T patch tokens' keys (head dim), then the merge as this
-      # library runs it (ops.planned_merge): gathers and an (r, T - r) one-hot product of the
-      # size-weighted tokens and the sizes
-      r, t = red.tome_r[i], n
-      parts["reduction"] += t * t * (d // model.num_heads) + r * (t - r) * (d + 1)
-      n -= r
-    elif red.tome_r and red.tome_r[i] and red.method == "mctf":
-      # the tokens' cosine similarities (width D), then (ops.mctf_merge) gathers and (r, T - r)
-      # one-hot products: the weighted tokens with their weights, and the sizes
-      r, t = red.tome_r[i], n + p
-      t2 = t - r
-      parts["reduction"] += ((t + 1) // 2) * (t // 2) * d + r * t2 * (d + 1) + 2 * r * t2
-      osa = red.mctf.one_step_ahead
-      if osa == 1:  # q, k and the attention on T; v, out on T - r; the rows' merge (T -> T - r)
-        parts["blocks"] += 2 * t * d * d + 2 * t * t * d + 2 * t2 * d * d + r * t2 * (d + 1)
-      elif osa == 2:  # the look-ahead's q, k and logits on T, then a whole block on T - r
-        parts["blocks"] += 2 * t * d * d + t * t * d + _attention(t2, d)
-      else:  # a whole block on T, the merge after its MLP
-        parts["blocks"] += _attention(t, d) + _mlp(t, d, m)
-      parts["blocks"] += _mlp(t2, d, m) if osa else 0
-      n -= r
-      continue
-    elif red.tome_r and red.tome_r[i]:
-      r, t = red.tome_r[i], n + p
-      na, nb = (t + 1) // 2, t // 2
-      parts["reduction"] += na * nb * (d // model.num_heads) + r * nb * (d + 1)
-      n -= r
-    parts["blocks"] += _attention(n_attn + p, d) + _mlp(n + p, d, m)
+           "head": (d * out_d if model.rep_size else 0) + out_d * (model.num_classes or 0)}
+  tokens = red.tokens()
+  for i, (n_attn, n_mlp, _) in enumerate(tokens):
+    parts["blocks"] += method.block_macs(opts, i, n_attn, n_mlp, dims)
+  for part, v in method.extra_macs(opts, red.geometry, dims).items():
+    parts[part] += v
   if model.pool_type == "map":  # one probe query to the t final tokens, then its MLP
-    t = n + p
+    t = tokens[-1][2]
     parts["pool"] = 2 * d * d + 2 * t * d * d + 2 * t * d + 2 * d * m
   return parts
 

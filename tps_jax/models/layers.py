@@ -1,9 +1,9 @@
 """Transformer layers with big_vision parameter names, open for token reduction.
 
 `Encoder1DBlock` is split into its two residual halves, `attend` and `feed`, so
-an intra-block reducer (eTPS, EViT, top-k, ToMe) can act between them, and
-`attend` can run under a training policy (dTPS / DynamicViT) or a ToMe size
-bias. Parameter names match big_vision's ViT (`LayerNorm_0`,
+a reduction inside a block can act between them (`tps_jax.methods.Block` lists what a method
+may call), and the attention can run under a training policy (masked decisions) or a logit
+bias (ToMe's size bias). Parameter names match big_vision's ViT (`LayerNorm_0`,
 `MultiHeadDotProductAttention_0/{query,key,value,out}`, `LayerNorm_1`,
 `MlpBlock_0/Dense_{0,1}`), so its checkpoints load.
 """
@@ -138,18 +138,21 @@ class MultiHeadDotProductAttention(nn.Module):
     return "cudnn" if backend == "gpu" and cudnn else "xla"
 
   @nn.compact
-  def __call__(self, x, *, policy=None, bias=None, want_cls_attn=False,
-               want_keys=False, want_received=False, want_mean_query=False,
-               want_probs=False, probs_only=False, given_probs=None, value_index=None,
-               merge=None) -> tuple[jax.Array | None, AttentionOut]:
-    """x (B, N, D); policy (B, N) 0/1 or None; bias (B, 1|H, 1|N, N) or None.
+  def __call__(self, x, *, policy=None, bias=None, extras=False, matrix=False,
+               probs_only=False, given=None) -> tuple[jax.Array | None, AttentionOut]:
+    """x (B, N, D) -> (output (B, N, D), AttentionOut).
 
-    MCTF's one-step-ahead attention comes in two calls: `probs_only=True` returns only
-    the softmax attention of x (B, H, N, N) (output None); then, on the merged tokens x
-    (B, N', D), `given_probs` (B, H, N, N) with `value_index` (B, N) (each token's merged
-    token) and `merge` (a MergePlan of that merge and the pooling weights (B, N)) gives
-    out(merge(probs @ v[value_index])): the merged attention matrix's output (queries averaged
-    by the weights, keys summed), without forming that matrix.
+    Args:
+      policy: (B, N) 0/1, attention to 0 tokens masked (the masked training form), or None.
+      bias: (B, 1|H, 1|N, N) added to the logits, or None.
+      extras: also return the cls row, the head-mean keys and the mean query's row.
+      matrix: form the whole attention matrix (whatever the implementation) and also return
+        the attention received and the matrix itself.
+      probs_only: return only the softmax attention of x (B, H, N, N) (output None).
+      given: (probs (B, H, N, N), value_index (B, N'), plan, weights (B, N)) on merged tokens x
+        (B, N', D): out(merge(probs @ v[value_index])), the merged attention matrix's output
+        (queries averaged by the weights, keys summed by the MergePlan), without forming that
+        matrix (MCTF's one step ahead).
     """
     _, _, d = x.shape
     if d % self.num_heads:
@@ -159,11 +162,11 @@ class MultiHeadDotProductAttention(nn.Module):
                                          name=name)
     out_dense = lambda: nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")
     scale = head_dim ** -0.5
-    if given_probs is not None:
+    if given is not None:
+      given_probs, value_index, plan, weights = given
       v = dense("value")(x)  # (B, N', H, hd)
       v = jnp.take_along_axis(v, value_index[:, :, None, None], axis=1)  # (B, N, H, hd)
       y = jnp.einsum("bhqk,bkhd->bqhd", given_probs.astype(v.dtype), v)
-      plan, weights = merge
       b, n, h, hd = y.shape
       y = ops.planned_merge(y.reshape(b, n, h * hd), weights, plan)[0]
       y = y.reshape(b, -1, h, hd).astype(v.dtype)
@@ -184,20 +187,20 @@ class MultiHeadDotProductAttention(nn.Module):
         logits = logits + jnp.broadcast_to(bias, logits.shape[:1] + bias.shape[1:])[:, :, 0]
       return jax.nn.softmax(logits, axis=-1)
 
-    if want_mean_query:
+    if extras:
       mean_query = row_softmax(jnp.mean(q, axis=1))
 
     if policy is not None:
-      if want_cls_attn or want_received or bias is not None:
+      if extras or matrix or bias is not None:
         raise ValueError("attention under a policy takes no bias and returns no cls attention "
                          "(dTPS training needs neither).")
       y = ops.policy_attention(q * jnp.asarray(scale, q.dtype), k, v, policy,
                                form=self.policy_form, implementation=fused or "xla")
-    elif fused and not (want_received or want_probs):
+    elif fused and not matrix:
       if bias is not None and fused == "cudnn":  # cuDNN takes the bias in q's dtype
         bias = bias.astype(q.dtype)
       y = ops.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=fused)
-      if want_cls_attn:  # one query row: cheap beside the fused attention
+      if extras:  # one query row: cheap beside the fused attention
         cls_attn = row_softmax(q[:, 0])
     else:
       heads_first = lambda t: t.transpose(0, 2, 1, 3)  # (B, H, N, hd)
@@ -207,15 +210,14 @@ class MultiHeadDotProductAttention(nn.Module):
         logits = logits + bias
       attn = jax.nn.softmax(upcast(logits), axis=-1).astype(logits.dtype)
       y = jnp.einsum("bhqk,bhkd->bhqd", attn, heads_first(v)).transpose(0, 2, 1, 3)
-      if want_cls_attn:
+      if extras:
         cls_attn = upcast(attn[:, :, 0])
-      if want_received:  # the whole matrix is at hand: its column means
+      if matrix:  # the whole matrix is at hand: its column means too
         received = jnp.mean(upcast(attn), axis=2)
-      if want_probs:
         probs = upcast(attn)
 
     out = out_dense()(y)
-    keys = jnp.mean(k, axis=2) if want_keys else None
+    keys = jnp.mean(k, axis=2) if extras else None
     return out, AttentionOut(cls_attn, keys, received, mean_query, probs)
 
 
@@ -264,7 +266,7 @@ class Encoder1DBlock(nn.Module):
     y = self.Dropout_0(y, self.deterministic)
     return drop_path(self, y, self.drop_path if rate is None else rate, self.deterministic)
 
-  # The public halves take arrays only, so nn.remat can lift them (see REMAT_METHODS); each
+  # The public halves take arrays only, so nn.remat can lift them (see BLOCK_FUNCTIONS); each
   # calls an unlifted helper, so a rematerialised __call__ does not nest checkpoints.
   def _attend(self, x, rate=None, **attn_kw) -> tuple[jax.Array, AttentionOut]:
     y, info = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), **attn_kw)
@@ -281,19 +283,13 @@ class Encoder1DBlock(nn.Module):
     bias: additive logit bias (B, 1|H, 1|N, N) (ToMe's size bias) or None. The
     extras are always returned; under jit XLA drops those the caller ignores.
     """
-    return self._attend(x, bias=bias, want_cls_attn=True, want_keys=True,
-                        want_mean_query=True)
+    return self._attend(x, bias=bias, extras=True)
 
-  def attend_received(self, x, bias=None) -> tuple[jax.Array, AttentionOut]:
-    """`attend` that also returns each token's attention received (column means of the
-    attention matrix, which is then formed whatever the implementation)."""
-    return self._attend(x, bias=bias, want_cls_attn=True, want_keys=True, want_received=True,
-                        want_mean_query=True)
-
-  def attend_probs(self, x, bias=None) -> tuple[jax.Array, AttentionOut]:
-    """`attend` that also returns the whole softmax attention (B, H, N, N) (MCTF after the
-    block)."""
-    return self._attend(x, bias=bias, want_keys=True, want_probs=True)
+  def attend_matrix(self, x, bias=None) -> tuple[jax.Array, AttentionOut]:
+    """`attend` that forms the whole attention matrix, whatever the implementation, and also
+    returns each token's attention received (its column means) and the matrix itself
+    (B, H, N, N)."""
+    return self._attend(x, bias=bias, extras=True, matrix=True)
 
   def attention_probs(self, x, bias=None) -> jax.Array:
     """The softmax attention of LN(x) alone: (B, N, D) -> (B, H, N, N) float32 (MCTF's
@@ -307,24 +303,25 @@ class Encoder1DBlock(nn.Module):
     src, dst) and pooling weights (B, N) -> (B, N', D) (see MultiHeadDotProductAttention's
     `given_probs`)."""
     y, _ = self.MultiHeadDotProductAttention_0(
-        self.LayerNorm_0(x), given_probs=probs, value_index=value_index,
-        merge=(ops.MergePlan(base, src, dst), weights))
+        self.LayerNorm_0(x), given=(probs, value_index, ops.MergePlan(base, src, dst), weights))
     return x + self._branch(y, None)
 
   def feed(self, x) -> jax.Array:
     """Second half: (B, N', D) -> (B, N', D); N' may be smaller than in `attend`."""
     return self._feed(x)
 
-  def __call__(self, x, policy=None, rate=None):
-    """The whole block; policy (B, N) 0/1 masks attention to dropped tokens (dTPS training).
+  def __call__(self, x, policy=None, rate=None, bias=None):
+    """The whole block; policy (B, N) 0/1 masks attention to dropped tokens (dTPS training);
+    bias (B, 1|H, 1|N, N) is added to the attention logits (ToMe's size bias) or None.
 
     rate: this block's stochastic-depth rate as an array (scanned blocks), else `drop_path`.
     """
-    x, _ = self._attend(x, rate=rate, policy=policy)
+    x, _ = self._attend(x, rate=rate, policy=policy, bias=bias)
     return self._feed(x, rate=rate)
 
 
-# Methods that `nn.remat(Encoder1DBlock, methods=REMAT_METHODS)` rematerialises: every way the
-# encoder runs a block, whole or in halves around a reduction stage.
-REMAT_METHODS = ("__call__", "attend", "attend_received", "attend_probs", "attention_probs",
-                 "attend_ahead", "feed")
+# The block's functions (tps_jax.methods.Block offers them to the reduction methods), which
+# `nn.remat(Encoder1DBlock, methods=BLOCK_FUNCTIONS)` rematerialises: every way the encoder runs
+# a block, whole or in halves around a reduction.
+BLOCK_FUNCTIONS = ("__call__", "attend", "attend_matrix", "attention_probs", "attend_ahead",
+                   "feed")

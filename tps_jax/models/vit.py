@@ -33,7 +33,6 @@ tokens so the blocks after a stage run on fewer tokens.
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any, Mapping
 
@@ -42,11 +41,10 @@ import jax
 import jax.numpy as jnp
 
 from tps_jax import ops
-from tps_jax.models import pooling, posemb, stages
-from tps_jax.models.layers import (GELUS, IMPLEMENTATIONS, REMAT_METHODS, Encoder1DBlock,
+from tps_jax.methods import Block, Context, Reduction, TokenState
+from tps_jax.models import pooling, posemb
+from tps_jax.models.layers import (BLOCK_FUNCTIONS, GELUS, IMPLEMENTATIONS, Encoder1DBlock,
                                    PatchEmbedding)
-from tps_jax.models.reduction import Reduction
-from tps_jax.models.score_head import ScoreHead
 
 # Width, depth, MLP width and heads by name: big_vision's table (Zhai et al. 2021, Table 2;
 # SigLIP's So400m), which holds DeiT's Ti / S / B.
@@ -92,16 +90,20 @@ def _freeze(spec):
   return spec
 
 
-def resolve_reduction(spec, *, depth: int, num_patches: int, prefix: int) -> Reduction:
+def resolve_reduction(spec, *, depth: int, num_patches: int, prefix: int,
+                      has_cls: bool) -> Reduction:
   """A Reduction for `num_patches` reducible tokens from a Reduction, a (frozen) spec, a
   method name or None."""
   if isinstance(spec, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in spec):
     spec = dict(spec)
-  return Reduction.create(spec, depth=depth, num_patches=num_patches, prefix=prefix)
+  return Reduction.create(spec, depth=depth, num_patches=num_patches, prefix=prefix,
+                          has_cls=has_cls)
 
 
 class Encoder(nn.Module):
-  """The block stack with reduction stages; named "Transformer" in the model.
+  """The block stack; named "Transformer" in the model. It runs the blocks and hands each block
+  its reduction method acts at to the method (`tps_jax.methods.Method.block`), which knows
+  everything of its own; the encoder only carries the token state between blocks.
 
   __call__(x (B, P + N0', D), train) -> (tokens (B, P + N', D), out dict), P = `prefix`.
   """
@@ -127,24 +129,25 @@ class Encoder(nn.Module):
   track_owner: bool = False  # follow each patch to its final token (2-D outputs)
 
   def _blocks(self, x, train: bool):
-    """(apply(i, method, *args), run(a, e, x, policy)): block i's method, and blocks a..e-1
-    whole (a python loop, or with `scan` one `lax.scan` over their slice of the stack)."""
+    """(apply(i, function, *args), run(a, e, x, policy, bias)): one of block i's functions
+    (layers.BLOCK_FUNCTIONS), and blocks a..e-1 whole (a python loop, or with `scan` one
+    `lax.scan` over their slice of the stack)."""
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
               layer_norm_eps=self.layer_norm_eps, attention=self.attention,
               policy_form=self.policy_form, gelu=self.gelu, dropout=self.dropout)
     rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
     if not self.scan:
-      block_cls = nn.remat(Encoder1DBlock, methods=REMAT_METHODS) if self.remat \
+      block_cls = nn.remat(Encoder1DBlock, methods=BLOCK_FUNCTIONS) if self.remat \
           else Encoder1DBlock
       blocks = [block_cls(**kw, drop_path=rates[i], deterministic=not train,
                           name=f"encoderblock_{i}") for i in range(self.depth)]
 
-      def apply(i, method, *args, **kwargs):
-        return getattr(blocks[i], method)(*args, **kwargs)
+      def apply(i, function, *args, **kwargs):
+        return getattr(blocks[i], function)(*args, **kwargs)
 
-      def run(a, e, x, policy):
+      def run(a, e, x, policy, bias):
         for i in range(a, e):
-          x = blocks[i](x, policy=policy)
+          x = blocks[i](x, policy=policy, bias=bias)
         return x
       return apply, run
 
@@ -162,17 +165,17 @@ class Encoder(nn.Module):
     rngs_for = lambda i: {"dropout": jax.random.fold_in(rng, i)} if rng is not None else {}
     block = Encoder1DBlock(**kw, deterministic=not train, parent=None)
 
-    def apply(i, method, *args, **kwargs):
+    def apply(i, function, *args, **kwargs):
       params = jax.tree.map(lambda t: t[i], stack)
       one = Encoder1DBlock(**kw, drop_path=rates[i], deterministic=not train, parent=None)
-      return one.apply({"params": params}, *args, method=method, rngs=rngs_for(i), **kwargs)
+      return one.apply({"params": params}, *args, method=function, rngs=rngs_for(i), **kwargs)
 
     policy_fn = getattr(jax.checkpoint_policies, self.remat_policy, None)
 
-    def run(a, e, x, policy):
+    def run(a, e, x, policy, bias):
       def body(x, inp):
         params, i, rate = inp
-        y = block.apply({"params": params}, x, policy, rate if self.drop_path else None,
+        y = block.apply({"params": params}, x, policy, rate if self.drop_path else None, bias,
                         rngs=rngs_for(i))
         return y, None
       body = jax.checkpoint(body, policy=policy_fn, prevent_cse=False)
@@ -181,191 +184,63 @@ class Encoder(nn.Module):
       return jax.lax.scan(body, x, xs)[0]
     return apply, run
 
-  def _mctf_block(self, apply, i, x, size, merged, stage_fn):
-    """Block i with MCTF's fusion of `tome_r[i]` tokens (ops/mctf.py), in the authors' place:
-    one_step_ahead 1 merges before the attention and merges its matrix, 2 merges before and
-    recomputes it, 0 merges after the block. -> (x (B, T - r, D), size, new_index (B, T))."""
-    red, opts, p = self.reduction, self.reduction.mctf, self.prefix
-    r = red.tome_r[i]
-    bias = ops.proportional_attention_bias(size) if merged and opts.prop_attn else None
-
-    def merge(metric, y, size, probs):
-      received = jnp.mean(probs, axis=(1, 2))  # (B, T) attention received
-      new_index = ops.mctf_match(metric, received, size, r, tau_sim=opts.tau_sim,
-                                 tau_info=opts.tau_info, tau_size=opts.tau_size,
-                                 bidirection=opts.bidirection, protected=p)
-      weights = ops.pooling_weights(received, size, opts.pooling, received.shape)
-      y, size, plan = ops.mctf_merge(y, size, weights, new_index, y.shape[1] - r)
-      return y, size, new_index, (plan, weights)
-
-    if opts.one_step_ahead == 0:
-      y, info = apply(i, "attend_probs", x, bias=bias)
-      y = apply(i, "feed", y)
-      y, size, new_index, _ = stage_fn(merge)(y, y, size, info.probs)
-      return y, size, new_index
-    probs = apply(i, "attention_probs", x, bias=bias)
-    if opts.one_step_ahead == 2:  # the authors compute this look-ahead without gradient
-      probs = jax.lax.stop_gradient(probs)
-    y, size, new_index, (plan, weights) = stage_fn(merge)(x, x, size, probs)
-    if opts.one_step_ahead == 1:
-      y = apply(i, "attend_ahead", y, probs, new_index, *plan, weights)
+  def _context(self, train: bool) -> Context:
+    red = self.reduction
+    if self.remat and not self.scan:  # scan always rematerialises (with remat_policy)
+      checkpoint, wrap = jax.checkpoint, nn.remat
     else:
-      bias = ops.proportional_attention_bias(size) if opts.prop_attn else None
-      y, _ = apply(i, "attend", y, bias=bias)
-    return apply(i, "feed", y), size, new_index
+      checkpoint, wrap = (lambda f: f), (lambda cls: cls)
+    return Context(prefix=self.prefix, first=self.prefix - int(self.has_cls),
+                   num_patches=self.num_patches, has_cls=self.has_cls, train=train,
+                   masked=train and red.learned, dtype=self.dtype,
+                   gumbel_noise=self.gumbel_noise, checkpoint=checkpoint,
+                   module=lambda cls, **kw: wrap(cls)(**kw), make_rng=self.make_rng)
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    red = self.reduction
-    b = x.shape[0]
-    n0 = self.num_patches
-    p = self.prefix
-    first = p - int(self.has_cls)  # patch position of the first reducible token
-    masked = train and red.learned  # fixed-shape decisions with policy attention
-    positions = jnp.broadcast_to(jnp.arange(first, n0, dtype=jnp.int32), (b, n0 - first))
-    live = jnp.ones((b, n0 - first), jnp.float32)
-    pad_live = lambda live: jnp.pad(live, ((0, 0), (p, 0)), constant_values=1.0)
-    size = (jnp.ones(x.shape[:2], jnp.float32)
-            if self.track_sizes or red.tome_r or red.method == "diffrate" else None)
-    merged = False  # ToMe's size bias only once a merge has happened (dense-exact before)
-    owner = (jnp.broadcast_to(jnp.arange(n0, dtype=jnp.int32) + int(self.has_cls), (b, n0))
-             if self.track_owner else None)
-    decisions, hosts, keep_positions = [], [], []
-    stage_at = red.stage_at
-    score = red.score_for(self.has_cls) if red.intra_block else None
-
-    if self.remat and not self.scan:  # scan always rematerialises (with remat_policy)
-      head_cls, stage_fn = nn.remat(ScoreHead), jax.checkpoint
-    else:
-      head_cls, stage_fn = ScoreHead, (lambda f: f)
+    red, ctx = self.reduction, self._context(train)
+    method, opts = red.impl, red.options
+    b, n0, p = x.shape[0], self.num_patches, self.prefix
+    reducible = n0 - ctx.first
+    state = TokenState(
+        x=x, positions=jnp.broadcast_to(jnp.arange(ctx.first, n0, dtype=jnp.int32),
+                                        (b, reducible)),
+        size=(jnp.ones(x.shape[:2], jnp.float32)
+              if self.track_sizes or method.tracks_sizes else None),
+        live=jnp.ones((b, reducible), jnp.float32) if ctx.masked else None,
+        owner=(jnp.broadcast_to(jnp.arange(n0, dtype=jnp.int32) + int(self.has_cls), (b, n0))
+               if self.track_owner else None))
+    tokens = red.tokens()  # what the method declares: the encoder holds it to that
     apply, run = self._blocks(x, train)
-
-    def first_patch_decision(decision):  # pool "0": its readout patch is always kept
-      return decision.at[:, :first].set(1.0) if first else decision
-
-    def event(i):
-      return i in stage_at or bool(red.tome_r and red.tome_r[i])
-
-    def proportional(i):  # a block with no reduction of its own, after a merge: log-size bias
-      if not merged or event(i):
-        return False
-      return (red.method in ("tome", "diffrate")
-              or (red.method == "mctf" and red.mctf.prop_attn))  # as each method's authors
-
     i = 0
     while i < self.depth:
-      s = stage_at.get(i)
-      if s is not None and red.learned:  # between blocks, before block i
-        head = head_cls(dtype=self.dtype, name=f"score_head_{s}")
-        if masked:
-          logits = head(x[:, p:], live)
-          rng = self.make_rng("gumbel") if self.gumbel_noise else None
-          keep = ops.gumbel_softmax_hard(logits, rng)[..., 0] * live
-          x, host, new_index, size = stage_fn(functools.partial(
-              stages.decide_masked, squeeze=red.squeezes, temperature=red.temperature,
-              prefix=p))(x, keep, live, size=size)
-          live = keep
-          decisions.append(first_patch_decision(jnp.pad(keep, ((0, 0), (first, 0)))))
-          hosts.append(jnp.pad(jnp.where(host >= 0, host + first, -1), ((0, 0), (first, 0)),
-                               constant_values=-1))
-        else:
-          logits = head(x[:, p:], jnp.ones(x.shape[:2], jnp.float32)[:, p:])
-          st = stage_fn(functools.partial(
-              stages.prune_by_scores, k=red.keep_counts[s], num_patches=n0,
-              method="squeeze" if red.squeezes else "drop", temperature=red.temperature,
-              prefix=p))(x, logits[..., 0], positions, size=size)
-          x, positions, size, new_index = st.x, st.positions, st.size, st.new_index
-          decisions.append(first_patch_decision(st.decision)); hosts.append(st.hosts)
-          keep_positions.append(positions)
-        owner = stages.follow(owner, new_index) if owner is not None else None
-
-      if s is not None and red.method == "diffrate":  # inside block i, with the size bias
-        y, info = apply(i, "attend_received" if score == "received" else "attend", x,
-                        bias=ops.proportional_attention_bias(size))
-        attn = {"cls": info.cls_attn, "received": info.received,
-                "mean_query": info.mean_query}[score]
-        st = stage_fn(functools.partial(
-            stages.prune_then_merge, prune_k=red.prune_counts[s], merge_k=red.keep_counts[s],
-            num_patches=n0, prefix=p))(y, jnp.mean(attn[:, :, p:], axis=1), positions,
-                                       size=size)
-        x, positions, size = apply(i, "feed", st.x), st.positions, st.size
-        merged = True
-        owner = stages.follow(owner, st.new_index) if owner is not None else None
-        decisions.append(first_patch_decision(st.decision)); hosts.append(st.hosts)
-        keep_positions.append(positions)
-        i += 1
-      elif s is not None and red.intra_block:  # inside block i
-        y, info = apply(i, "attend_received" if score == "received" else "attend", x)
-        attn = {"cls": info.cls_attn, "received": info.received,
-                "mean_query": info.mean_query}[score]
-        scores = jnp.mean(attn[:, :, p:], axis=1)  # (B, N)
-        method = {"etps": "squeeze", "evit": "fuse", "topk": "drop"}[red.method]
-        st = stage_fn(functools.partial(
-            stages.prune_by_scores, k=red.keep_counts[s], method=method, num_patches=n0,
-            temperature=red.temperature, prefix=p))(y, scores, positions, size=size)
-        x, positions, size = apply(i, "feed", st.x), st.positions, st.size
-        owner = stages.follow(owner, st.new_index) if owner is not None else None
-        decisions.append(first_patch_decision(st.decision)); hosts.append(st.hosts)
-        keep_positions.append(positions)
-        i += 1
-      elif red.tome_r and red.tome_r[i] and red.method == "pitome":
-        # The authors' DeiT patch: no proportional attention; cls (the prefix) never merges.
-        y, info = apply(i, "attend", x)
-        def merge(y, size, keys, r=red.tome_r[i], margin=red.margins[i],
-                  matching="bsm" if i < red.bsm_blocks else "pitome"):
-          index = ops.pitome_match(keys[:, p:], r, margin=margin, matching=matching)
-          t = y.shape[1] - p
-          merged_x, merged_size = ops.merge_by_index(y[:, p:], size[:, p:], index, t - r)
-          new_index = jnp.concatenate(
-              [jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (y.shape[0], p)), p + index], 1)
-          return (jnp.concatenate([y[:, :p], merged_x], 1),
-                  jnp.concatenate([size[:, :p], merged_size], 1), new_index)
-        y, size, new_index = stage_fn(merge)(y, size, info.keys)
-        owner = stages.follow(owner, new_index) if owner is not None else None
-        x = apply(i, "feed", y)
-        i += 1
-      elif red.tome_r and red.tome_r[i] and red.method == "mctf":
-        x, size, new_index = self._mctf_block(apply, i, x, size, merged, stage_fn)
-        merged = True
-        owner = stages.follow(owner, new_index) if owner is not None else None
-        i += 1
-      elif proportional(i):
-        y, _ = apply(i, "attend", x, bias=ops.proportional_attention_bias(size))
-        x = apply(i, "feed", y)
-        i += 1
-      elif red.tome_r and red.tome_r[i]:
-        bias = ops.proportional_attention_bias(size) if merged else None
-        y, info = apply(i, "attend", x, bias=bias)
-        def merge(y, size, keys, r=red.tome_r[i]):
-          match = ops.bipartite_soft_matching(keys, r, class_token=p > 0)
-          return (*ops.merge_wavg(y, size, match),
-                  stages.tome_new_index(match, y.shape[1]) if owner is not None else None)
-        y, size, new_index = stage_fn(merge)(y, size, info.keys)
-        merged = True
-        owner = stages.follow(owner, new_index) if owner is not None else None
-        x = apply(i, "feed", y)
-        i += 1
-      else:  # a run of plain blocks up to the next stage
-        e = i + 1
-        while e < self.depth and not event(e):
-          e += 1
-        x = run(i, e, x, pad_live(live) if masked else None)
+      if method.acts_at(opts, i):
+        state, i = method.block(opts, i, Block(apply, i), state, ctx), i + 1
+      else:  # a run of blocks the method does not act at, up to the next it does
+        e = next((j for j in range(i + 1, self.depth) if method.acts_at(opts, j)), self.depth)
+        state = state.replace(x=run(i, e, state.x, state.policy(ctx),
+                                    method.plain_bias(opts, state)))
         i = e
+      if not ctx.masked and state.x.shape[1] != tokens[i - 1][2]:
+        raise ValueError(f"method {red.method!r} left {state.x.shape[1]} tokens after block "
+                         f"{i - 1}; its tokens() declares {tokens[i - 1][2]}.")
 
-    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(x)
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(
+        state.x)
+    live = state.policy(ctx)
     out = {
-        "decisions": decisions,  # per stage (B, N0): 1 where the patch is still kept
-        "hosts": hosts,  # per stage (B, N0): host patch of each patch pruned there, else -1
-        "keep_indices": keep_positions,  # per stage (B, k_s) original patch positions (gather path)
+        "decisions": list(state.decisions),  # per stage (B, N0): 1 where the patch is kept
+        "hosts": list(state.hosts),  # per stage (B, N0): host patch of each patch pruned there
+        "keep_indices": list(state.keep_indices),  # per stage (B, k_s) kept patch positions
         # (B, P + N'): live tokens of the final sequence (all ones on the gather path).
-        "live_mask": (pad_live(live) if masked else jnp.ones(x.shape[:2], jnp.float32)),
+        "live_mask": live if live is not None else jnp.ones(x.shape[:2], jnp.float32),
     }
-    if red.tome_r:
-      out["token_sizes"] = size
-    if size is not None:
-      out["sizes"] = size * out["live_mask"]  # (B, P + N') patches each live token stands for
-    if owner is not None:
-      out["patch_token"] = owner  # (B, N0) index of each patch's final token, -1 if dropped
+    if method.tracks_sizes:  # merged tokens: no single position (token distillation skips)
+      out["token_sizes"] = state.size
+    if state.size is not None:
+      out["sizes"] = state.size * out["live_mask"]  # (B, P + N') patches each token stands for
+    if state.owner is not None:
+      out["patch_token"] = state.owner  # (B, N0) index of each patch's final token, -1 if dropped
     return x, out
 
 
@@ -433,7 +308,7 @@ class VisionTransformer(nn.Module):
     n0 = self.num_patches if num_patches is None else num_patches
     return resolve_reduction(self.reduction, depth=self.depth,
                              num_patches=n0 + int(self.has_cls) - self.num_prefix,
-                             prefix=self.num_prefix)
+                             prefix=self.num_prefix, has_cls=self.has_cls)
 
   @nn.compact
   def __call__(self, image, *, train: bool = False):
@@ -526,7 +401,7 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
 
   Any of width, depth, mlp_dim, num_heads, patch_size given in `kw` overrides the
   variant. `reduction` is a Reduction, a method name or a dict (see
-  `tps_jax.models.reduction`). `image_size=None` takes the size from each input (the
+  `tps_jax.methods`). `image_size=None` takes the size from each input (the
   reduction is then resolved per input grid). Raises ValueError on a config that cannot
   work.
   """
@@ -562,7 +437,7 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
     if isinstance(reduction, Reduction):
       raise ValueError("image_size=None takes a reduction spec (a dict or method name), not a "
                        "Reduction resolved for one token count.")
-    _check_spec(reduction, depth=cfg["depth"], prefix=prefix)
+    _check_spec(reduction, depth=cfg["depth"], prefix=prefix, has_cls=pool == "tok")
     return VisionTransformer(num_classes=num_classes, image_size=None, layout=layout,
                              reduction=_freeze(reduction), **cfg)
   size = _pair(image_size)
@@ -572,21 +447,18 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
   num_patches = (size[0] // patch[0]) * (size[1] // patch[1])
   reducible = num_patches + int(pool == "tok") - prefix
   reduction = Reduction.create(reduction, depth=cfg["depth"], num_patches=reducible,
-                               prefix=prefix)
+                               prefix=prefix, has_cls=pool == "tok")
   return VisionTransformer(num_classes=num_classes, image_size=image_size, layout=layout,
                            reduction=reduction, **cfg)
 
 
-def _check_spec(spec, *, depth: int, prefix: int) -> None:
-  """Names a bad method, key or location of a spec before any grid is known."""
-  if spec is None or isinstance(spec, str):
-    Reduction.create(spec, depth=depth, num_patches=4096, prefix=prefix)
-    return
-  probe = dict(spec)
-  probe.pop("keep_counts", None)  # checked against the grid at the first call
-  if probe.get("method") == "tome":
-    probe["r"] = 0
-  Reduction.create(probe, depth=depth, num_patches=4096, prefix=prefix)
+def _check_spec(spec, *, depth: int, prefix: int, has_cls: bool) -> None:
+  """Names a bad method, key or location of a spec before any grid is known (checked on a
+  large grid; keep_counts, which depend on the grid, at the first call)."""
+  probe = dict(spec) if isinstance(spec, Mapping) else spec
+  if isinstance(probe, dict):
+    probe.pop("keep_counts", None)
+  Reduction.create(probe, depth=depth, num_patches=4096, prefix=prefix, has_cls=has_cls)
 
 
 def build_model(model_cfg, num_classes: int | None, *, mixed_precision: bool = False,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tps_jax import ops
+from tps_jax import methods, ops
 from tps_jax.models import layers
 from tps_jax.models.vit import Encoder, VisionTransformer
 
@@ -197,9 +197,8 @@ def proxy_constant(model: VisionTransformer) -> float:
 
 
 def _dense(model: VisionTransformer) -> VisionTransformer:
-  from tps_jax.models.reduction import Reduction  # pylint: disable=g-import-not-at-top
-  return model.clone(reduction=Reduction.create(None, depth=model.depth,
-                                                num_patches=model.num_reducible))
+  return model.clone(reduction=methods.Reduction.create(None, depth=model.depth,
+                                                        num_patches=model.num_reducible))
 
 
 @dataclasses.dataclass
@@ -270,9 +269,7 @@ def to_stages(prune_kept, merge_kept, num_patches: int) -> dict[str, tuple[int, 
   patch tokens kept there (`keep_counts`)."""
   if len(prune_kept) != len(merge_kept):
     raise ValueError(f"prune_kept has {len(prune_kept)} blocks, merge_kept {len(merge_kept)}.")
-  locations, counts, n = [], [], num_patches
-  for i, (p, m) in enumerate(zip(prune_kept, merge_kept)):
-    left = min(n, int(p), int(m))
-    if left < n:
-      locations.append(i); counts.append(left); n = left
-  return {"locations": tuple(locations), "keep_counts": tuple(counts)}
+  plan = methods.Reduction.create(
+      {"method": "diffrate", "prune_kept": prune_kept, "merge_kept": merge_kept},
+      depth=len(prune_kept), num_patches=num_patches).options
+  return {"locations": plan.locations, "keep_counts": plan.keep_counts}

@@ -21,6 +21,10 @@ import jax.numpy as jnp
 
 from tps_jax import ops
 
+# What a stage does with the tokens it prunes: squeeze them into their hosts (TPS), fuse them
+# into one token (EViT), or drop them.
+PRUNE = ("squeeze", "fuse", "drop")
+
 
 class StageOut(NamedTuple):
   """x: new sequence (B, P + k', C); positions (B, k'); decision (B, N0) kept patches;
@@ -62,7 +66,7 @@ def prune_by_scores(x: jax.Array, scores: jax.Array, positions: jax.Array, k: in
   x (B, P + N, C), scores (B, N), positions (B, N) int32, size (B, P + N) or None.
   method: "squeeze" (TPS), "fuse" (EViT; `scores` are the attention scores), or "drop".
   """
-  if method not in ("squeeze", "fuse", "drop"):
+  if method not in PRUNE:
     raise ValueError(f"unknown stage method {method!r}; expected squeeze, fuse or drop.")
   b, n = scores.shape
   keep_idx, prune_idx = ops.topk_split(scores, k)

@@ -1,0 +1,181 @@
+"""The contract every registered reduction method meets, written once: a method registered in
+`tps_jax.methods` gets these tests without writing them. Each method's own tests (its authors'
+goldens) live in its own file.
+
+- it compiles once under jit and leaves the tokens its `tokens()` declares;
+- its `identity` spec (keep 1.0, r = 0) gives the dense logits on cls, GAP, MAP, pool "0" and
+  scanned models, at inference and (training-free methods) in the training forward;
+- its `example` runs on cls-free models with fewer tokens at the end, which stand for every
+  patch unless the method `drops` some;
+- its MACs equal the traced program's matrix products (and XLA's count within 3-20% more);
+- its gradients are finite, and equal under remat, with only the embedding and the head
+  outside the rematerialised blocks.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tps_jax import flops, methods
+from tps_jax.models.vit import Model
+
+SMALL = dict(width=48, depth=4, num_heads=3, mlp_dim=96, patch_size=8, image_size=32)  # 16 patches
+NAMES = methods.names()
+REDUCING = tuple(n for n in NAMES if methods.get(n).reduces)
+LAYOUTS = {"tok": dict(pool_type="tok"), "gap": dict(pool_type="gap", layout="big_vision"),
+           "map": dict(pool_type="map", layout="big_vision", scan=True),
+           "zero": dict(pool_type="0", layout="big_vision"),
+           "gap_scan": dict(pool_type="gap", layout="big_vision", scan=True)}
+_DENSE = {}
+
+
+def _images(b=2, size=32, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(b, size, size, 3)), jnp.float32)
+
+
+def _geometry(model):
+  return model.plan().geometry
+
+
+def _spec(name, layout, kind):
+  """The method's `example` or `identity` spec for the small model of `layout`."""
+  probe = Model(5, **SMALL, **LAYOUTS[layout])
+  geo = methods.Geometry(probe.depth, probe.num_reducible, probe.num_prefix, probe.has_cls)
+  return getattr(methods.get(name), kind)(geo)
+
+
+def _dense(layout):
+  """The dense model's parameters (a non-zero head) and logits, once per layout."""
+  if layout not in _DENSE:
+    model = Model(5, **SMALL, **LAYOUTS[layout])
+    params = jax.jit(model.init)(jax.random.key(0), _images())["params"]
+    params = jax.tree.map(lambda a: a if a.any() else 0.3 * jax.random.normal(
+        jax.random.key(5), a.shape), params)
+    logits, out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, _images())
+    _DENSE[layout] = params, np.asarray(logits), out
+  return _DENSE[layout]
+
+
+def _params_for(model, params):
+  """Dense parameters plus seeded parameters for whatever the method adds (score heads)."""
+  init = jax.eval_shape(lambda: model.init(jax.random.key(3), _images())["params"])
+  extra = {k: v for k, v in init["Transformer"].items() if k not in params["Transformer"]}
+  rng = np.random.default_rng(3)
+  extra = jax.tree.map(lambda s: (0.1 * rng.normal(size=s.shape)).astype(np.float32), extra)
+  return {**params, "Transformer": {**params["Transformer"], **extra}}
+
+
+def test_the_registry_lists_every_method_and_names_bad_ones():
+  assert NAMES[:10] == ("none", "dtps", "etps", "dynamicvit", "evit", "topk", "tome", "pitome",
+                        "mctf", "diffrate")
+  assert methods.learned() == ("dtps", "dynamicvit")
+  with pytest.raises(ValueError, match="unknown reduction method 'prune'; expected one of"):
+    methods.get("prune")
+  with pytest.raises(ValueError, match="'tome' is already registered"):
+    methods.register("tome")(type("Again", (methods.Method,), {}))
+  with pytest.raises(TypeError, match="decorates a tps_jax.methods.Method subclass"):
+    methods.register("not_a_method")(dict)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiles_once_and_leaves_the_declared_tokens(name):
+  model = Model(5, reduction=_spec(name, "tok", "example"), **SMALL)
+  params = _params_for(model, _dense("tok")[0])
+  chex.clear_trace_counter()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def forward(p, x):
+    return model.apply({"params": p}, x, train=False)
+
+  for seed in range(3):
+    logits, out = forward(params, _images(seed=seed))
+  red = model.reduction
+  tokens = red.tokens()
+  chex.assert_shape(out["encoded"], (2, tokens[-1][2], SMALL["width"]))
+  assert np.isfinite(np.asarray(logits)).all()
+  assert len(out["decisions"]) == len(out["hosts"]) == len(red.stage_blocks)
+  assert red.tokens_per_block() == tuple(t[1] for t in tokens)
+  if red.impl.reduces:
+    assert tokens[-1][2] < tokens[0][0]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("name", REDUCING)
+def test_identity_equals_dense(name, layout):
+  """Keep 1.0 / r = 0: tokens are at most reordered, which pooling and attention do not see."""
+  params, dense_logits, _ = _dense(layout)
+  model = Model(5, reduction=_spec(name, layout, "identity"), **SMALL, **LAYOUTS[layout])
+  params = _params_for(model, params)
+  logits, _ = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, _images())
+  np.testing.assert_allclose(logits, dense_logits, rtol=1e-4, atol=1e-5)
+  if not methods.get(name).learned and layout == "tok":  # learned decisions are sampled
+    logits, _ = jax.jit(lambda p, x: model.apply({"params": p}, x, train=True))(params,
+                                                                                 _images())
+    np.testing.assert_allclose(logits, dense_logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["gap", "map"])
+@pytest.mark.parametrize("name", REDUCING)
+def test_reduces_cls_free_models_and_keeps_the_patches_it_does_not_drop(name, layout):
+  params, _, dense_out = _dense(layout)
+  model = Model(5, reduction=_spec(name, layout, "example"), **SMALL, **LAYOUTS[layout])
+  logits, out = jax.jit(lambda p, x: model.apply({"params": p}, x))(
+      _params_for(model, params), _images())
+  assert np.isfinite(np.asarray(logits)).all()
+  assert out["encoded"].shape[1] < dense_out["encoded"].shape[1]
+  sizes = np.asarray(out["sizes"]).sum(-1)  # patches the final tokens stand for
+  if methods.get(name).drops:
+    assert (sizes < 16).all()
+  else:
+    np.testing.assert_allclose(sizes, 16, rtol=1e-5)
+
+
+FMNIST = dict(width=96, depth=8, num_heads=3, mlp_dim=384, patch_size=4, image_size=28,
+              channels=1)  # the study's geometry (49 patches), where the embedding matters most
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_macs_equal_the_traced_matmuls_and_xla(name):
+  probe = Model(10, **FMNIST)
+  m = Model(10, reduction=methods.get(name).example(_geometry(probe)), **FMNIST)
+  ours = flops.macs(m)
+  image = jnp.zeros((1, 28, 28, 1))
+  params = jax.eval_shape(lambda: m.init(jax.random.key(0), image))  # one trace for both
+  assert ours == pytest.approx(flops.matmul_macs(m, params), rel=0.001)
+  # XLA's count adds the elementwise work (softmax, GELU, LayerNorm): 3 to 20% more. The
+  # lowered program's count (no compile; within 1.1% of the compiled one, test_flops).
+  assert 1.03 < flops.xla_macs(m, params, optimized=False) / ours < 1.2
+
+
+def _loss_and_params(name, remat):
+  # 64 patches, 4 heads, a stage at every block: activations dominate what the backward keeps.
+  cfg = dict(SMALL, width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=4)
+  probe = Model(5, **cfg)
+  model = Model(5, reduction=methods.get(name).example(_geometry(probe)), remat=remat,
+                drop_path=0.2, **cfg)
+  x = _images(b=4)
+  rngs = {"params": jax.random.key(0), "gumbel": jax.random.key(1), "dropout": jax.random.key(2)}
+  params = jax.jit(lambda r: model.init(r, x, train=True))(rngs)["params"]
+  loss = lambda p: jnp.sum(model.apply({"params": p}, x, train=True, rngs=rngs)[0] ** 2)
+  return loss, params
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_are_finite_and_equal_under_remat(name):
+  (loss, params), (loss_r, _) = (_loss_and_params(name, r) for r in (False, True))
+  grad, grad_r = jax.jit(jax.grad(loss))(params), jax.jit(jax.grad(loss_r))(params)
+  chex.assert_tree_all_finite(grad)
+  chex.assert_trees_all_close(grad_r, grad, rtol=1e-4, atol=1e-4)  # float32 recompute order
+  # Only the patch embedding and the classifier head stay outside the rematerialised blocks
+  # and stages (a block left out would keep its attention and MLP for the backward pass).
+  top = [e.primitive.name for e in jax.make_jaxpr(loss_r)(params).jaxpr.eqns]
+  assert top.count("dot_general") == 2
+
+  def residual_bytes(f):  # what the forward keeps for the backward (shapes only, no compile)
+    vjp = jax.eval_shape(lambda p: jax.vjp(f, p)[1], params)
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(vjp))
+
+  assert residual_bytes(loss_r) < 0.5 * residual_bytes(loss)

@@ -1,0 +1,30 @@
+"""Token-reduction methods, one module each, registered by name.
+
+`tps_jax.methods.names()` lists them; `get(name)` returns one; `register(name)` adds one
+(docs/extending.md). The encoder, FLOPs, training, tests and benchmarks read them from here.
+"""
+
+from tps_jax.methods.base import (Block, Context, Dims, Geometry, Method, Reduction, TokenState,
+                                  attention_macs, check_keys, mlp_macs, readout_kept,
+                                  score_head_macs, size_bias)
+from tps_jax.methods.registry import get, names, register
+# The built-ins register themselves on import, in this order.
+from tps_jax.methods import dense  # noqa: F401  pylint: disable=g-bad-import-order
+from tps_jax.methods import tps  # noqa: F401
+from tps_jax.methods import dynamicvit  # noqa: F401
+from tps_jax.methods import evit  # noqa: F401
+from tps_jax.methods import topk  # noqa: F401
+from tps_jax.methods import tome  # noqa: F401
+from tps_jax.methods import pitome  # noqa: F401
+from tps_jax.methods import mctf  # noqa: F401
+from tps_jax.methods import diffrate  # noqa: F401
+
+
+def learned() -> tuple[str, ...]:
+  """The registered methods with parameters to train."""
+  return tuple(n for n in names() if get(n).learned)
+
+
+def training_free() -> tuple[str, ...]:
+  """The registered methods that run on a dense model's parameters (the dense one excluded)."""
+  return tuple(n for n in names() if get(n).reduces and not get(n).learned)
