@@ -117,8 +117,9 @@ def base() -> ml_collections.ConfigDict:
 
 
 def finetune(c: ml_collections.ConfigDict, method: str) -> None:
-  """SPEC section 4 on top of `c`: backbone lr x 0.01 for learned scorers, distillation."""
-  learned = method in reduction_lib.LEARNED
+  """The fine-tuning recipe (docs/method.md, section 9) on top of `c`: backbone lr x 0.01 for
+  learned scorers, distillation."""
+  learned = methods.get(method).learned
   c.optim.backbone_lr_scale = 0.01 if learned else 1.0
   c.loss.keep_weight = 2.0 if learned else 0.0
   c.loss.distill_weight = 0.5

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "examples"))
+import custom_method  # noqa: E402
 import squeeze_fashion_mnist as demo  # noqa: E402
 from benchmarks import ops as ops_bench  # noqa: E402
 from tps_jax.data import fashion_mnist  # noqa: E402
@@ -71,3 +72,11 @@ def test_inference_benchmark_rows_options_and_append(tmp_path, capsys):
   assert rows[1]["speedup_vs_dense"] == pytest.approx(rows[1]["img_per_s"] / 100.0)
   assert rows[1]["img_per_s"] > 0 and rows[1]["gmacs"] > 0
   assert "xla_options" in capsys.readouterr().out
+
+
+def test_custom_method_example_runs_on_a_deit_and_a_big_vision_gap_model(capsys):
+  rows = custom_method.main()
+  assert [r["tokens"] for r in rows] == [197, 99, 196, 98]  # half the patches kept at block 4
+  assert all(r["finite"] for r in rows)
+  assert rows[1]["gmacs"] < 0.7 * rows[0]["gmacs"] and rows[3]["gmacs"] < 0.7 * rows[2]["gmacs"]
+  assert "norm_keep" in capsys.readouterr().out

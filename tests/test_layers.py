@@ -61,7 +61,7 @@ def test_cls_attention_matches_full_softmax_row(impl):
   attn = MultiHeadDotProductAttention(num_heads=2, implementation=impl)
   params = attn.init(jax.random.key(1), x)
   bias = jnp.log(jnp.arange(1.0, 8.0))[None, None, None, :].repeat(2, 0)
-  _, out = attn.apply(params, x, bias=bias, want_cls_attn=True, want_keys=True)
+  _, out = attn.apply(params, x, bias=bias, extras=True)
   p = params["params"]
   proj = lambda name: np.einsum("bnd,dhk->bnhk", x, p[name]["kernel"]) + p[name]["bias"]
   q, k = proj("query"), proj("key")
@@ -96,7 +96,7 @@ def test_xla_and_einsum_attention_agree():
   for impl in ("einsum", "xla"):
     attn = MultiHeadDotProductAttention(num_heads=3, implementation=impl)
     params = attn.init(jax.random.key(0), x)
-    outs[impl] = attn.apply(params, x, bias=bias, want_cls_attn=True)
+    outs[impl] = attn.apply(params, x, bias=bias, extras=True)
   np.testing.assert_allclose(outs["einsum"][0], outs["xla"][0], atol=1e-5)
   np.testing.assert_allclose(outs["einsum"][1].cls_attn, outs["xla"][1].cls_attn, atol=1e-5)
   with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):

@@ -12,14 +12,20 @@ goldens) live in its own file.
   outside the rematerialised blocks.
 """
 
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from tps_jax import flops, methods
 from tps_jax.models.vit import Model
+
+sys.path.insert(0, str(ROOT / "examples"))
+import custom_method  # noqa: E402,F401  registers "norm_keep": it meets the contract too
 
 SMALL = dict(width=48, depth=4, num_heads=3, mlp_dim=96, patch_size=8, image_size=32)  # 16 patches
 NAMES = methods.names()
@@ -70,6 +76,7 @@ def _params_for(model, params):
 def test_the_registry_lists_every_method_and_names_bad_ones():
   assert NAMES[:10] == ("none", "dtps", "etps", "dynamicvit", "evit", "topk", "tome", "pitome",
                         "mctf", "diffrate")
+  assert "norm_keep" in NAMES  # examples/custom_method.py, registered from outside
   assert methods.learned() == ("dtps", "dynamicvit")
   with pytest.raises(ValueError, match="unknown reduction method 'prune'; expected one of"):
     methods.get("prune")

@@ -109,7 +109,7 @@ def test_rules_and_mesh_errors():
 def test_config_and_checkpoint_errors(tmp_path):
   with pytest.raises(ValueError, match="unknown config argument 'methd'"):
     fashion_mnist.get_config("methd=dtps")
-  with pytest.raises(ValueError, match="unknown method 'pruning'"):
+  with pytest.raises(ValueError, match="unknown reduction method 'pruning'"):
     fashion_mnist.get_config("method=pruning")
   with pytest.raises(ValueError, match="unknown DeiT variant"):
     imagenet.get_config("variant=XL")

@@ -144,14 +144,13 @@ def token_pictures(model, params, images, path: str | pathlib.Path | None = None
   """
   import jax
 
-  red = model.reduction
-  if not red.locations:
-    raise ValueError(f"method {red.method!r} has no stages to draw (token_pictures needs one "
-                     f"of dtps, dynamicvit, etps, evit, topk).")
+  red = model.plan()
+  if not red.stage_blocks:
+    raise ValueError(f"method {red.method!r} records no stages to draw (token_pictures needs "
+                     f"a method that prunes at a few blocks, such as dtps or etps).")
   _, out = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(params, images)
   status, host = patch_status(jax.device_get(out["decisions"]), jax.device_get(out["hosts"]))
-  kind = "inside" if red.intra_block else "before"
-  names = [f"{red.method} {kind} block {loc}" for loc in red.locations]
+  names = [f"{red.method} {red.impl.stage_kind} block {loc}" for loc in red.stage_blocks]
   shown = images if display_images is None else display_images
   return draw(np.asarray(shown), status, host, patch_size=model.patch_size, stage_names=names,
               title=title, path=path)

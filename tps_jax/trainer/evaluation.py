@@ -86,7 +86,8 @@ def speed(fwd, params, images, *, repeats: int = 5, warmup: int = 1) -> dict[str
 
 
 def cost(model: VisionTransformer) -> dict[str, Any]:
-  """GMACs per image (analytic, `flops.macs`) and the method with its keep counts."""
-  red = model.reduction
-  return {"gmacs": flops.macs(model) / 1e9, "method": red.method,
-          "keep_counts": list(red.keep_counts), "tome_r": max(red.tome_r) if red.tome_r else 0}
+  """GMACs per image (analytic, `flops.macs`), the method and its plan's numbers
+  (`Method.summary`: keep counts of staged methods, the largest per-block merge of merging
+  ones)."""
+  return {"gmacs": flops.macs(model) / 1e9, "keep_counts": [], "tome_r": 0,
+          **model.plan().summary()}

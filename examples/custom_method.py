@@ -1,0 +1,99 @@
+"""A reduction method defined outside tps_jax, registered, and run in `Model` (docs/extending.md).
+
+"norm_keep" keeps, after one block's attention, the tokens of largest L2 norm and drops the
+rest. The method is the class below; nothing in tps_jax changes. Run it:
+
+  python3 examples/custom_method.py
+
+It builds a DeiT (cls token) and a big_vision GAP model with the method, runs them jitted,
+and prints their tokens and MACs beside the dense models'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from tps_jax import flops, methods  # noqa: E402
+from tps_jax.methods import stages  # noqa: E402
+from tps_jax.models.vit import Model  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class NormKeepOptions:
+  at: int  # the block whose attention output is scored
+  keep: int  # reducible tokens kept
+
+
+@methods.register("norm_keep", replace=True)
+class NormKeep(methods.Method):
+  """Keeps the `keep_ratio` of tokens with the largest norm after block `at`'s attention."""
+  Options = NormKeepOptions
+  drops = True  # the other tokens are thrown away
+  stage_kind = "inside"
+
+  def options(self, spec, geo):
+    methods.check_keys(self.name, spec, ("at", "keep_ratio"))
+    at, ratio = int(spec.get("at", geo.depth // 2)), float(spec.get("keep_ratio", 0.5))
+    if not 0 <= at < geo.depth or not 0 < ratio <= 1:
+      raise ValueError(f"norm_keep needs a block in [0, {geo.depth}) and a ratio in (0, 1].")
+    return NormKeepOptions(at, max(1, round(ratio * geo.num_patches)))
+
+  def tokens(self, o, geo):  # (attention, MLP, left) per block, the prefix excluded
+    n, k = geo.num_patches, o.keep
+    return tuple((n, n, n) if i < o.at else (n, k, k) if i == o.at else (k, k, k)
+                 for i in range(geo.depth))
+
+  def acts_at(self, o, i):
+    return i == o.at
+
+  def block(self, o, i, block, state, ctx):
+    y, _ = block.attend(state.x)
+    scores = jnp.linalg.norm(y[:, ctx.prefix:].astype(jnp.float32), axis=-1)
+    st = ctx.checkpoint(lambda y, s, pos, size: stages.prune_by_scores(
+        y, s, pos, o.keep, method="drop", num_patches=ctx.num_patches, prefix=ctx.prefix,
+        size=size))(y, scores, state.positions, state.size)
+    return state.after_stage(st, ctx).replace(x=block.feed(st.x))
+
+  def extra_macs(self, o, geo, dims):
+    return {"reduction": geo.num_patches * dims.width}  # the norms
+
+  def stage_blocks(self, o):
+    return (o.at,)
+
+  def example(self, geo):
+    return {"method": self.name, "keep_ratio": 0.5}
+
+  def identity(self, geo):
+    return {"method": self.name, "keep_ratio": 1.0}
+
+
+def run(name: str, model) -> dict:
+  images = jax.random.normal(jax.random.key(0), (2, model.image_size, model.image_size, 3))
+  params = jax.jit(model.init)(jax.random.key(1), images)
+  logits, out = jax.jit(model.apply)(params, images)
+  row = {"model": name, "method": model.reduction.method, "tokens": out["encoded"].shape[1],
+         "gmacs": flops.macs(model) / 1e9, "finite": bool(jnp.isfinite(logits).all())}
+  print(f"{row['model']:<22} {row['method']:<10} {row['tokens']:>6} {row['gmacs']:>7.3f}")
+  return row
+
+
+def main() -> list[dict]:
+  spec = {"method": "norm_keep", "at": 4, "keep_ratio": 0.5}
+  print(f"{'model':<22} {'method':<10} {'tokens':>6} {'GMACs':>7}")
+  rows = []
+  for name, kw in (("DeiT-Ti/16", dict(variant="Ti/16")),
+                   ("big_vision Ti/16 GAP", dict(variant="Ti/16", layout="big_vision",
+                                                 pool_type="gap"))):
+    for reduction in (None, spec):
+      rows.append(run(name, Model(10, reduction=reduction, **kw)))
+  return rows
+
+
+if __name__ == "__main__":
+  main()
