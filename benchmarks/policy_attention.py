@@ -3,7 +3,7 @@
 At DeiT-S shapes (N = 197 tokens, 6 heads of 64, a policy keeping about 70%) times
 the jitted gradient of sum(w * attention(q, k, v, policy)) with respect to q, k,
 v and the policy, compile excluded, for each form of `ops.POLICY_FORMS`:
-  exact      the SPEC's float32 N x N weights, then weights @ v
+  exact      docs/method.md's float32 N x N weights, then weights @ v
   deferred   normalisation after the matmul (same values and gradients)
   log_bias   jax.nn.dot_product_attention with a log-policy bias (cuDNN on GPU);
              no 1e-6 smoothing and no policy gradient for dropped tokens

@@ -5,7 +5,7 @@
   python -m benchmarks.train_step --max_batch   # also the largest batch that fits
 
 Each row is the trainer's own step (`loop.make_train_step`: device augmentation
-of uint8 batches, mixing, forward, SPEC-4 losses, AdamW) for one (method,
+of uint8 batches, mixing, forward, the fine-tuning losses (docs/method.md, section 9), AdamW) for one (method,
 teacher, remat, policy_form), run in its own subprocess so the device's peak
 memory (`memory_stats`) is that row's. dTPS / DynamicViT run the masked path
 with policy attention, as the authors train them. MFU counts training FLOPs as

@@ -6,8 +6,8 @@
 
 The model: 28x28 grey images, patch 4 (49 tokens), width 96, depth 8, 3 heads;
 stages before/in blocks 2, 4, 6. Without `init` it trains from scratch (the
-dense teacher); with `init` it fine-tunes from that checkpoint with SPEC
-section 4's losses, the same checkpoint serving as the frozen teacher. With
+dense teacher); with `init` it fine-tunes from that checkpoint with the fine-tuning
+losses (docs/method.md, section 9), the same checkpoint serving as the frozen teacher. With
 `warm_start` it continues training a dense model from a checkpoint for
 another cosine cycle (8 epochs at lr 1e-3 by default), with no teacher: the
 committed teacher is 12 epochs from scratch followed by two such cycles (lr

@@ -1,4 +1,4 @@
-"""ImageNet-1k recipes: DeiT-Ti/S/B dense (DeiT) and TPS fine-tuning (SPEC section 4).
+"""ImageNet-1k recipes: DeiT-Ti/S/B dense (DeiT) and TPS fine-tuning (docs/method.md, section 9).
 
   python train.py --config configs/imagenet.py:variant=S,data_dir=/data/tfds --workdir runs/deit_s
   python train.py --config configs/imagenet.py:variant=S,method=dtps,keep=0.7,\

@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import tps_jax
 from tps_jax.data import fashion_mnist
@@ -53,7 +52,6 @@ def reconstruct(images: jax.Array, keep: int, method: str, patch: int) -> jax.Ar
   scores = jax.nn.softmax(tps_jax.cosine_similarity(cls, x)[:, 0] * 8.0, axis=-1)  # (B, N)
   keep_idx, prune_idx = tps_jax.topk_split(scores, keep)
   kept, pruned = tps_jax.gather_tokens(x, keep_idx), tps_jax.gather_tokens(x, prune_idx)
-  owner = jnp.zeros((b, n), jnp.int32)  # which reduced token draws each patch
 
   def place(tokens_for_kept, tokens_for_pruned):
     out = jnp.zeros_like(x)

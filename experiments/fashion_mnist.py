@@ -144,7 +144,7 @@ def _write_finetune(args, teacher_path: pathlib.Path, runs, *, complete: bool) -
   seeds = sorted({r["seed"] for r in runs})
   study.write_json(out / "fmnist_finetune.json", {
       "what": f"fine-tuned {args.steps} steps of batch {cfg.input.batch_size} from the teacher "
-              "with SPEC section 4's losses, the same schedule for every method; whole test set",
+              "with docs/method.md section 9's losses, the same schedule for every method; whole test set",
       "complete": complete, "teacher": study.relative(args.teacher), "dense": dense,
       "rows": rows, "runs": runs})
   study.plot_curves(rows, out / "fmnist_finetune.png", dense=dense, y_key="top1_mean",

@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,8 @@ GOLDENS = pathlib.Path(__file__).resolve().parent / "goldens" / "big_vision"
 CONFIGS = ("tok_learn", "gap_learn", "map_learn", "zero_sincos", "none_learn", "gap_sincos_rep",
            "map_scan_rep", "tok_scan", "gap_scan")
 RTOL = 1e-4  # of the largest magnitude, float32
+_flat = lambda tree: flax.traverse_util.flatten_dict(dict(tree), sep="/")
+_tree = lambda flat: flax.traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def _golden(name):
@@ -36,7 +39,7 @@ def _golden(name):
 def _case(name):
   g = _golden(name)
   cfg = json.loads(str(g["config"]))
-  params = bv._unflatten({k[len("param:"):]: v for k, v in g.items() if k.startswith("param:")})
+  params = _tree({k[len("param:"):]: v for k, v in g.items() if k.startswith("param:")})
   outs = {k[len("out:"):]: v for k, v in g.items() if k.startswith("out:")}
   return cfg, params, g["image"], outs
 
@@ -58,8 +61,8 @@ def test_equals_big_vision(name):
   model = bv.Model(**cfg)
   # The parameter tree is big_vision's, name for name and shape for shape.
   init = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.asarray(image))["params"])
-  assert {k: v.shape for k, v in bv._flatten(init).items()} == \
-      {k: np.shape(v) for k, v in bv._flatten(params).items()}
+  assert {k: v.shape for k, v in _flat(init).items()} == \
+      {k: np.shape(v) for k, v in _flat(params).items()}
   logits, out = _apply(model, params, image)
   assert set(ref) <= set(out), f"big_vision's outputs {sorted(ref)} vs ours {sorted(out)}"
   for key, value in ref.items():
@@ -82,7 +85,7 @@ def test_load_converts_between_scan_and_python_loop(tmp_path, src, dst):
   """A scan checkpoint loads into a python-loop model and back (big_vision's load)."""
   _, params, image, ref = _case(src)
   path = tmp_path / "ckpt.npz"
-  np.savez(path, **bv._flatten(params))
+  np.savez(path, **_flat(params))
   cfg = json.loads(str(_golden(dst)["config"]))
   model = bv.Model(**cfg)
   init = jax.jit(model.init)(jax.random.key(1), jnp.asarray(image))["params"]
@@ -94,9 +97,9 @@ def test_load_converts_between_scan_and_python_loop(tmp_path, src, dst):
 
 def test_fix_old_checkpoints_as_big_vision():
   g = _golden("fix_old")
-  old = bv._unflatten({k[4:]: v for k, v in g.items() if k.startswith("old:")})
+  old = _tree({k[4:]: v for k, v in g.items() if k.startswith("old:")})
   want = {k[6:]: v for k, v in g.items() if k.startswith("fixed:")}
-  got = bv._flatten(bv.fix_old_checkpoints(old))
+  got = _flat(bv.fix_old_checkpoints(old))
   assert sorted(got) == sorted(want)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6, err_msg=k)
@@ -111,7 +114,7 @@ def test_resample_posemb_as_big_vision():
 def test_load_resamples_merges_and_names_mismatches(tmp_path):
   cfg, params, image, _ = _case("gap_learn")
   path = tmp_path / "ckpt.npz"
-  np.savez(path, **{f"params/{k}": v for k, v in bv._flatten(params).items()})
+  np.savez(path, **{f"params/{k}": v for k, v in _flat(params).items()})
   big = np.zeros((2, 24, 24, 3), np.float32)  # a 6 x 6 grid: the table is resampled
   model = bv.Model(**cfg)
   init = jax.jit(model.init)(jax.random.key(1), big)["params"]
@@ -136,7 +139,7 @@ def test_subtree_checkpoint_path(tmp_path):
   """"file.npz:img" takes the image tower of a two-tower (SigLIP-style) checkpoint."""
   cfg, params, image, ref = _case("map_learn")
   path = tmp_path / "two_towers.npz"
-  np.savez(path, **{f"img/{k}": v for k, v in bv._flatten(params).items()},
+  np.savez(path, **{f"img/{k}": v for k, v in _flat(params).items()},
            **{"txt/embedding": np.zeros(3)})
   model = bv.Model(**cfg)
   init = jax.jit(model.init)(jax.random.key(1), jnp.asarray(image))["params"]

@@ -122,15 +122,15 @@ def test_big_vision_npz_with_augreg_names(golden_sd, tmp_path):
     renamed[k] = v
   path = tmp_path / "augreg.npz"
   np.savez(path, **renamed)
-  loaded = checkpoints.from_big_vision_npz(str(path), dense)
+  loaded = checkpoints.from_big_vision(str(path), dense)
   ref, _ = jit_apply(dense, {"params": params}, _x(g))
   out, _ = jit_apply(dense, {"params": loaded}, _x(g))
   np.testing.assert_allclose(out, ref, atol=1e-6)
   # And into the DeiT layout, and into a dTPS model with fresh score heads.
   deit = _model("dtps")
-  tps_params = checkpoints.from_big_vision_npz(str(path), deit, fresh=("score_heads",))
+  tps_params = checkpoints.from_big_vision(str(path), deit, fresh=("score_heads",))
   assert tps_params["pos_embedding"].shape == (1, 65, 96)
   dense_deit = _model("none")
   out, _ = jit_apply(dense_deit,
-                     {"params": checkpoints.from_big_vision_npz(str(path), dense_deit)}, _x(g))
+                     {"params": checkpoints.from_big_vision(str(path), dense_deit)}, _x(g))
   np.testing.assert_allclose(out, ref, atol=1e-5)

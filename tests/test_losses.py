@@ -1,4 +1,4 @@
-"""SPEC section 4 losses: values against direct formulas, and the token-distillation targets."""
+"""docs/method.md, section 9 losses: values against direct formulas, and the token-distillation targets."""
 
 import chex
 import jax

@@ -112,7 +112,7 @@ class TestRemat:
 
   def test_fused_policy_attention_under_remat_has_the_exact_gradients(self):
     # The fused form's custom VJP keeps a closure as a residual; remat must recompute it, and
-    # the gradients (the score head's through the policy included) must stay the SPEC's.
+    # the gradients (the score head's through the policy included) must stay docs/method.md's.
     grads = {}
     for form, remat in (("exact", False), ("fused", True)):
       loss, params = self._loss_and_params("dtps", remat, policy_form=form)

@@ -107,7 +107,7 @@ class PolicySoftmaxTest(chex.TestCase):
 
 class PolicyAttentionTest(chex.TestCase):
   """The forms of ops.policy_attention: exact, deferred (and fused, to its 1e-6 smoothing) are
-  the SPEC; log_bias is close but cuts a gradient."""
+  docs/method.md; log_bias is close but cuts a gradient."""
 
   @staticmethod
   def _inputs(seed=7, b=2, n=9, h=3, d=4):
@@ -170,7 +170,7 @@ class PolicyAttentionTest(chex.TestCase):
   def test_fused_policy_gradient_stays_exact_when_a_dropped_key_dominates(self, gap, dtype):
     # Issue 24 item 9: trained ViTs have high-norm tokens whose logits exceed every kept key's.
     # Dividing by the kept keys' log-sum-exp multiplies the policy gradient by exp(gap) there
-    # (2.5e4x the exact form's at a gap of 15, NaN at 60); the SPEC's eps bounds it.
+    # (2.5e4x the exact form's at a gap of 15, NaN at 60); docs/method.md's eps bounds it.
     q, k, v, pi = self._inputs(seed=23)
     pi[:, 1:] = 1.0
     pi[:, 3] = 0.0  # key 3 is dropped in both images

@@ -10,7 +10,8 @@ import pytest
 
 from experiments import fashion_mnist as cli
 from experiments import study
-from tps_jax import data, run_checkpoints, visualize
+from tps_jax import data, visualize
+from tps_jax.checkpoints import runs as run_checkpoints
 from tps_jax.data import fashion_mnist as fm
 from tps_jax.models.vit import Model
 from conftest import jit_init

@@ -19,7 +19,8 @@ import pytest
 
 from configs import common, fashion_mnist, imagenet
 from conftest import ROOT
-from tps_jax import checkpoints as foreign, data, flops, run_checkpoints
+from tps_jax import checkpoints as foreign, data, flops
+from tps_jax.checkpoints import runs as run_checkpoints
 from tps_jax.data import fashion_mnist as fm
 from tps_jax.models.vit import build_model
 from tps_jax.trainer import loop, sharding, state as state_lib

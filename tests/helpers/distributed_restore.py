@@ -21,7 +21,8 @@ import numpy as np  # pylint: disable=wrong-import-position
 def main():
   port, count, index, workdir, flaky = sys.argv[1:6]
   jax.distributed.initialize(f"localhost:{port}", int(count), int(index))
-  from tps_jax import checkpoints, run_checkpoints  # pylint: disable=g-import-not-at-top
+  from tps_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from tps_jax.checkpoints import runs as run_checkpoints  # pylint: disable=g-import-not-at-top
   from tps_jax.trainer import state as state_lib  # pylint: disable=g-import-not-at-top
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))

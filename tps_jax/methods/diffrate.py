@@ -9,15 +9,13 @@ import dataclasses
 import functools
 import math
 
-import jax.numpy as jnp
 
 from tps_jax import ops
 from tps_jax.methods import stages
-from tps_jax.methods.base import check_keys, size_bias
+from tps_jax.methods.base import Method, check_keys, size_bias
 from tps_jax.methods.registry import register
 from tps_jax.methods.staged import (attend_for, attention_scores, check_temperature,
                                     default_locations, resolve_score)
-from tps_jax.methods.base import Method
 
 # The authors' searched DeiT-S 2.7 GFLOPs schedule (OpenGVLab/DiffRate@91ae3e3,
 # compression_rate.json; their counts include cls), 2.72 GMACs by our count.

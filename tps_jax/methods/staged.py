@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax.numpy as jnp
 
@@ -88,7 +88,7 @@ class StagedOptions:
     keep_counts: reducible tokens kept after each stage.
     keep_ratios: the ratio each stage aims at (the keep-ratio loss's rho_s): rho ** (s + 1)
       for a scalar keep_ratio, the list as given, or keep_counts / num_patches.
-    temperature: of the squeeze similarity (docs/method.md, eq. 4).
+    temperature: of the squeeze similarity (docs/method.md, section 1).
     score: the attention score of an attention stage ("cls", "received", "mean_query").
   """
   locations: tuple[int, ...] = DEFAULT_LOCATIONS

@@ -1,5 +1,5 @@
 """Token Pruning & Squeezing (Wei et al., CVPR 2023): each pruned token is squeezed into its
-most similar kept token (its host) by a similarity-weighted average (docs/method.md, eq. 3-5).
+most similar kept token (its host) by a similarity-weighted average (docs/method.md, section 1).
 
 - dTPS scores the tokens with a learned head between blocks (DynamicViT's);
 - eTPS scores them with the stage block's attention (EViT's).

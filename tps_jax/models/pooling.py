@@ -34,7 +34,7 @@ def weighted_mean(x: jax.Array, weight: jax.Array | None) -> jax.Array:
 def weighted_softmax(logits: jax.Array, weight: jax.Array | None, eps: float = 0.0) -> jax.Array:
   """softmax(logits + log weight) over the last axis, as w exp(a) / sum w exp(a): tokens of
   weight 0 get none, and the weight (a straight-through policy) keeps its gradient, dropped
-  tokens included. `eps` > 0 smooths as the SPEC's policy attention does,
+  tokens included. `eps` > 0 smooths as docs/method.md's policy attention does,
   (w exp(a) + eps / N) / (sum w exp(a) + eps), so a row whose tokens were all dropped in
   training stays finite (inference passes 0: exact).
 

@@ -13,7 +13,7 @@ from tps_jax.ops.dtypes import upcast
 
 
 class ScoreHead(nn.Module):
-  """Keep / drop log-probabilities of each patch token (SPEC section 2).
+  """Keep / drop log-probabilities of each patch token (docs/method.md, section 2).
 
   `h = GELU(Dense_C(LN(x)))`; local half of `h` per token, global half averaged
   over live tokens; then Dense C/2 -> GELU -> Dense C/4 -> GELU -> Dense 2 ->

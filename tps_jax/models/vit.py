@@ -200,7 +200,7 @@ class Encoder(nn.Module):
   def __call__(self, x, *, train: bool = False):
     red, ctx = self.reduction, self._context(train)
     method, opts = red.impl, red.options
-    b, n0, p = x.shape[0], self.num_patches, self.prefix
+    b, n0 = x.shape[0], self.num_patches
     reducible = n0 - ctx.first
     state = TokenState(
         x=x, positions=jnp.broadcast_to(jnp.arange(ctx.first, n0, dtype=jnp.int32),

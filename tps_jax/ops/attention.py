@@ -1,6 +1,6 @@
 """Attention-side operators: policy attention (dTPS training) and class-attention scores (eTPS).
 
-SPEC section 2.
+docs/method.md, section 2.
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ def policy_softmax(logits: jax.Array, policy, eps: float = POLICY_EPS) -> jax.Ar
 
 
 # The forms `policy_attention` offers:
-#   exact      the SPEC written out: float32 (B, H, N, N) weights, then weights @ v.
+#   exact      docs/method.md section 2 written out: float32 (B, H, N, N) weights, then weights @ v.
 #   deferred   the same algebra with the normalisation after the matmul (flash attention's
 #              order): exp(a - max) * P goes to the matmul unnormalised and the (B, H, N, d)
 #              output is divided by the row sums. Exact up to rounding; one N x N pass fewer.
 #   fused      the forward pass in one fused attention kernel (cuDNN's flash attention on a
-#              GPU) with log P as an additive bias, and the SPEC's gradients: q, k, v from the
+#              GPU) with log P as an additive bias, and docs/method.md's gradients: q, k, v from the
 #              kernel's backward pass, the policy's recomputed in float32 from the logits with
-#              the SPEC's row maximum and eps, so it equals the exact form's however far a
+#              docs/method.md's row maximum and eps, so it equals the exact form's however far a
 #              dropped key's logit rises (a custom VJP, below). Its forward pass leaves out
 #              only the 1e-6 smoothing.
 #   log_bias   the same forward pass with the policy gradient cut where it is 0: a dropped
@@ -119,12 +119,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 def policy_attention(q: jax.Array, k: jax.Array, v: jax.Array, policy, *,
                      form: str = "exact", eps: float = POLICY_EPS,
                      implementation: str = "xla") -> jax.Array:
-  """Self-attention in which tokens the policy dropped are invisible (SPEC 2, training).
+  """Self-attention in which tokens the policy dropped are invisible (docs/method.md, section 2).
 
   Args:
     q, k, v: (B, N, H, d) queries (already scaled), keys, values.
     policy: (B, N) or (B, N, 1) 0/1 live mask, a straight-through float mask in training.
-    form: one of POLICY_FORMS (see above); "exact" and "deferred" give the SPEC's values
+    form: one of POLICY_FORMS (see above); "exact" and "deferred" give docs/method.md's values
       and gradients, "fused" the same up to the smoothing, "log_bias" an approximation.
     eps: the authors' smoothing (exact and deferred only).
     implementation: fused and log_bias only, "xla" or "cudnn" (see `dot_product_attention`).
@@ -192,8 +192,8 @@ def _fused_policy_fwd(q, k, v, pi, implementation, n):
 def _fused_policy_bwd(implementation, n, res, dy):
   """q, k, v: the kernel's backward pass (P fixed). The policy: the exact form's gradient,
   recomputed in float32 from the logits over the first `n` (real) tokens. With e = exp(a - m),
-  m the row maximum over every key (dropped ones too, as in the SPEC), S = sum_j e_ij P_ij and
-  the SPEC's eps, the exact form's weights are attn = (e P + eps / n) / (S + eps), so
+  m the row maximum over every key (dropped ones too, as in docs/method.md), S = sum_j e_ij P_ij and
+  docs/method.md's eps, the exact form's weights are attn = (e P + eps / n) / (S + eps), so
   dL/dP_ij = e_ij / (S_i + eps) * (dy_i.v_j - dy_i.y_i) with y the smoothed output
   (S y_fused + eps / n sum_j v_j) / (S + eps). Each factor e / (S + eps) is at most 1 / eps,
   however far a dropped key's logit rises above the kept ones (the log-sum-exp of the kept

@@ -1,4 +1,4 @@
-"""EViT fusion: the pruned tokens become one extra token (SPEC section 3)."""
+"""EViT fusion: the pruned tokens become one extra token (docs/method.md, section 3)."""
 
 from __future__ import annotations
 

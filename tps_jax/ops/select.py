@@ -1,6 +1,6 @@
 """Who is reserved: static keep counts, top-k split of scores, token gather.
 
-Keep counts are Python ints fixed at trace time (SPEC section 2), so every
+Keep counts are Python ints fixed at trace time (docs/method.md, section 2), so every
 split has a static shape.
 """
 

@@ -1,6 +1,6 @@
 """Token squeezing: fuse each pruned token into its most similar reserved token.
 
-SPEC section 1. A pruned token `i` picks its host `j` as the reserved token of
+docs/method.md, section 1. A pruned token `i` picks its host `j` as the reserved token of
 highest cosine similarity (unidirectional nearest neighbour); each host becomes
 the similarity-weighted average of itself (weight `e`) and its guests (weights
 `exp(c[i, j])`). Host matching is a masked one-hot: argmax -> one_hot -> einsum,
@@ -118,7 +118,7 @@ def squeeze_with_hosts(reserved: jax.Array, pruned: jax.Array,
 
 
 def squeeze(reserved: jax.Array, pruned: jax.Array, temperature: float = 1.0) -> jax.Array:
-  """Squeezes pruned tokens into their hosts (inference form, SPEC section 1).
+  """Squeezes pruned tokens into their hosts (inference form, docs/method.md, section 1).
 
   Args:
     reserved: (B, Nr, C) tokens that stay.
@@ -167,7 +167,7 @@ def squeeze_masked_with_hosts(x: jax.Array, keep, pruned,
 
 
 def squeeze_masked(x: jax.Array, keep, pruned, temperature: float = 1.0) -> jax.Array:
-  """Squeezes with fixed shapes, for training with learned decisions (SPEC section 1).
+  """Squeezes with fixed shapes, for training with learned decisions (docs/method.md, section 1).
 
   Args:
     x: (B, N, C) all tokens.

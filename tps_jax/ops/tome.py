@@ -1,4 +1,4 @@
-"""ToMe bipartite soft matching with size tracking (Bolya et al. 2023; SPEC section 3).
+"""ToMe bipartite soft matching with size tracking (Bolya et al. 2023; docs/method.md, section 3).
 
 Tokens alternate into sets A (even positions) and B (odd positions). Each A
 token finds its most similar B token (cosine of `metric`, e.g. keys averaged

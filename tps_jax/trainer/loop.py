@@ -25,7 +25,8 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from tps_jax import atomic, checkpoints, data, run_checkpoints
+from tps_jax import atomic, checkpoints, data
+from tps_jax.checkpoints import runs as run_checkpoints
 from tps_jax.models.vit import VisionTransformer, build_model
 from tps_jax.trainer import (evaluation, losses, metrics as metrics_lib, optim, sharding,
                              state as state_lib)

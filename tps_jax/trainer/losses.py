@@ -1,4 +1,4 @@
-"""The fine-tuning objective of SPEC section 4, as small pure functions.
+"""The fine-tuning objective of docs/method.md, section 9, as small pure functions.
 
   L = CE(soft targets) + keep_weight * keep-ratio loss
       + distill_weight * (KL(teacher || student) + token MSE)

@@ -133,7 +133,6 @@ def search_forward(model: VisionTransformer, params, arch, images):
   macs_n = jnp.asarray(t, jnp.float32)
   macs = 0.0
   kept_log = []
-  rows = jnp.arange(b)[:, None]
   for i in range(model.depth):
     part = _block_parts(model, params["Transformer"][f"encoderblock_{i}"])
     h = part["ln0"](x)

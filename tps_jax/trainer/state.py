@@ -9,7 +9,7 @@ takes the target shardings, so a run resumes onto a different mesh.
 
 Orbax does not checksum array data: flipped bytes restore as wrong numbers.
 So once a step is finalised, process 0 writes a SHA-256 of each of its files
-into `STEP/tps_jax_sha256.json` (`run_checkpoints.write_checksums`) from a
+into `STEP/tps_jax_sha256.json` (`checkpoints.runs.write_checksums`) from a
 background thread that watches for the finalised step, so no host waits for
 the hashing. A restore checks them first. A corrupt step (bad checksum,
 unreadable metadata) is told apart from a mismatch (the step's arrays have
@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from tps_jax import checkpoints as foreign
-from tps_jax import run_checkpoints
+from tps_jax.checkpoints import runs as run_checkpoints
 
 # The codes process 0 broadcasts after verifying a step: 0 intact, else what each raises.
 _VERDICTS = {1: (foreign.CheckpointCorruptError, "corrupt"),

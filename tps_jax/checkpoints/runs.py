@@ -1,7 +1,7 @@
 """Our own run checkpoints on disk: per-step checksums, a run's steps, its newest intact params.
 
-  params = run_checkpoints.read_params(workdir)   # flat {"a/b/c": array}, newest intact step
-  run_checkpoints.save_params_npz(params, workdir / "params.npz")
+  params = runs.read_params(workdir)   # flat {"a/b/c": array}, newest intact step
+  runs.save_params_npz(params, workdir / "params.npz")
 
 A tps_jax workdir holds `checkpoints/STEP/default` (Orbax, written by
 `trainer.state.Checkpoints`) and, in each step, `tps_jax_sha256.json`: the
@@ -14,7 +14,7 @@ params of a workdir takes its newest intact step, as the trainer's restore does,
 and says which steps it passed over.
 
 Loading other projects' checkpoints (timm / DeiT / TPS state dicts, big_vision
-.npz) is `tps_jax.checkpoints`; the trainer's Orbax manager is
+.npz) is the rest of `tps_jax.checkpoints`; the trainer's Orbax manager is
 `trainer.state`. Paths go through `etils.epath`, so a `gs://` workdir works as
 it does for Orbax.
 """
@@ -31,7 +31,8 @@ from etils import epath
 import flax
 import numpy as np
 
-from tps_jax.checkpoints import CheckpointCorruptError, CheckpointMismatchError, to_flat
+from tps_jax.checkpoints.assemble import to_flat
+from tps_jax.checkpoints.errors import CheckpointCorruptError, CheckpointMismatchError
 
 CHECKSUMS = "tps_jax_sha256.json"  # in each Orbax step directory the trainer writes
 ITEM = "default"  # trainer.state.Checkpoints' item name inside a step
