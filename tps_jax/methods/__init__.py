@@ -2,7 +2,12 @@
 
 `tps_jax.methods.names()` lists them; `get(name)` returns one; `register(name)` adds one
 (docs/extending.md). The encoder, FLOPs, training, tests and benchmarks read them from here.
+Every module of this package is imported, so a method's file is all it takes to add one to
+the package: the papers' methods first, in this order, then any other module by name.
 """
+
+import importlib
+import pkgutil
 
 from tps_jax.methods.base import (Block, Context, Dims, Geometry, Method, Reduction, TokenState,
                                   attention_macs, check_keys, mlp_macs, readout_kept,
@@ -18,6 +23,9 @@ from tps_jax.methods import tome  # noqa: F401
 from tps_jax.methods import pitome  # noqa: F401
 from tps_jax.methods import mctf  # noqa: F401
 from tps_jax.methods import diffrate  # noqa: F401
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+  importlib.import_module(f"{__name__}.{_module}")
 
 
 def learned() -> tuple[str, ...]:
