@@ -21,25 +21,25 @@ class ToMeOptions:
   r: tuple[int, ...] = ()
 
 
-def schedule(spec, geo: Geometry) -> tuple[int, ...]:
+def schedule(spec, geo: Geometry, name: str = "tome") -> tuple[int, ...]:
   """`r` (an int for every block, or for `locations`; or a per-block list), checked against
   ToMe's limit (at most half the tokens merge, cls never)."""
   r, locations, depth = spec.get("r", 0), spec.get("locations"), geo.depth
   if isinstance(r, (list, tuple)):
     if len(r) != depth:
-      raise ValueError(f"tome r lists {len(r)} values for a model of depth {depth}.")
+      raise ValueError(f"{name} r lists {len(r)} values for a model of depth {depth}.")
     out = [int(x) for x in r]
   else:
     blocks = range(depth) if locations is None else [int(l) for l in locations]
     bad = [l for l in blocks if not 0 <= l < depth]
     if bad:
-      raise ValueError(f"tome locations {bad} are outside the model's blocks [0, {depth - 1}].")
+      raise ValueError(f"{name} locations {bad} are outside the model's blocks [0, {depth - 1}].")
     out = [int(r) if i in blocks else 0 for i in range(depth)]
   n = geo.num_patches + geo.prefix
   for i, ri in enumerate(out):
     most = ops.max_merge(n, class_token=geo.prefix > 0)
     if not 0 <= ri <= most:
-      raise ValueError(f"tome r={ri} at block {i} does not fit: {n} tokens there allow "
+      raise ValueError(f"{name} r={ri} at block {i} does not fit: {n} tokens there allow "
                        f"at most {most} merges (schedule {out}).")
     n -= ri
   return tuple(out)

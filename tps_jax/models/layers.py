@@ -143,7 +143,8 @@ class MultiHeadDotProductAttention(nn.Module):
     """x (B, N, D) -> (output (B, N, D), AttentionOut).
 
     Args:
-      policy: (B, N) 0/1, attention to 0 tokens masked (the masked training form), or None.
+      policy: (B, N) 0/1, attention to 0 tokens masked (the masked training form), or None;
+        with `matrix` also a straight-through float mask, beside a bias (DiffRate's search).
       bias: (B, 1|H, 1|N, N) added to the logits, or None.
       extras: also return the cls row, the head-mean keys and the mean query's row.
       matrix: form the whole attention matrix (whatever the implementation) and also return
@@ -187,13 +188,13 @@ class MultiHeadDotProductAttention(nn.Module):
         logits = logits + jnp.broadcast_to(bias, logits.shape[:1] + bias.shape[1:])[:, :, 0]
       return jax.nn.softmax(logits, axis=-1)
 
-    if extras:
+    if extras and policy is None:
       mean_query = row_softmax(jnp.mean(q, axis=1))
 
-    if policy is not None:
-      if extras or matrix or bias is not None:
+    if policy is not None and not matrix:
+      if extras or bias is not None:
         raise ValueError("attention under a policy takes no bias and returns no cls attention "
-                         "(dTPS training needs neither).")
+                         "unless it forms the whole matrix (matrix=True).")
       y = ops.policy_attention(q * jnp.asarray(scale, q.dtype), k, v, policy,
                                form=self.policy_form, implementation=fused or "xla")
     elif fused and not matrix:
@@ -208,7 +209,8 @@ class MultiHeadDotProductAttention(nn.Module):
                           heads_first(k))
       if bias is not None:
         logits = logits + bias
-      attn = jax.nn.softmax(upcast(logits), axis=-1).astype(logits.dtype)
+      attn = (jax.nn.softmax(upcast(logits), axis=-1) if policy is None
+              else ops.policy_softmax(upcast(logits), policy)).astype(logits.dtype)
       y = jnp.einsum("bhqk,bhkd->bhqd", attn, heads_first(v)).transpose(0, 2, 1, 3)
       if extras:
         cls_attn = upcast(attn[:, :, 0])
@@ -285,11 +287,12 @@ class Encoder1DBlock(nn.Module):
     """
     return self._attend(x, bias=bias, extras=True)
 
-  def attend_matrix(self, x, bias=None) -> tuple[jax.Array, AttentionOut]:
+  def attend_matrix(self, x, bias=None, policy=None) -> tuple[jax.Array, AttentionOut]:
     """`attend` that forms the whole attention matrix, whatever the implementation, and also
     returns each token's attention received (its column means) and the matrix itself
-    (B, H, N, N)."""
-    return self._attend(x, bias=bias, extras=True, matrix=True)
+    (B, H, N, N); under a `policy` (B, N) (no mean-query row then) its softmax ignores the
+    dropped keys (ops.policy_softmax)."""
+    return self._attend(x, bias=bias, policy=policy, extras=True, matrix=True)
 
   def attention_probs(self, x, bias=None) -> jax.Array:
     """The softmax attention of LN(x) alone: (B, N, D) -> (B, H, N, N) float32 (MCTF's

@@ -24,6 +24,7 @@ locations and keep counts of any staged method (eTPS, top-k, EViT, dTPS).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable
 
 import flax.linen as nn
@@ -97,23 +98,11 @@ class _Captured(Exception):
   pass
 
 
-def _block_parts(model: VisionTransformer, block_params):
-  """Pure functions of one block from its parameters: ln0, qkv, out, ln1, mlp."""
-  ln = nn.LayerNorm(epsilon=model.layer_norm_eps)
-  dense = lambda p, x: x @ p["kernel"] + p["bias"]
-  att = block_params["MultiHeadDotProductAttention_0"]
-  proj = lambda name, x: jnp.einsum("btd,dhk->bthk", x, att[name]["kernel"]) + att[name]["bias"]
-
-  def mlp(x):
-    m = block_params["MlpBlock_0"]
-    return dense(m["Dense_1"], layers.gelu(dense(m["Dense_0"], x), model.gelu))
-
-  return dict(
-      ln0=lambda x: ln.apply({"params": block_params["LayerNorm_0"]}, x),
-      ln1=lambda x: ln.apply({"params": block_params["LayerNorm_1"]}, x),
-      q=lambda x: proj("query", x), k=lambda x: proj("key", x), v=lambda x: proj("value", x),
-      out=lambda y: jnp.einsum("bthk,hkd->btd", y, att["out"]["kernel"]) + att["out"]["bias"],
-      mlp=mlp)
+def _block(model: VisionTransformer) -> layers.Encoder1DBlock:
+  """The model's own block (inference, einsum attention: the search needs the whole matrix)."""
+  return layers.Encoder1DBlock(mlp_dim=model.mlp_dim, num_heads=model.num_heads,
+                               dtype=model.dtype, layer_norm_eps=model.layer_norm_eps,
+                               attention="einsum", gelu=model.gelu)
 
 
 def search_forward(model: VisionTransformer, params, arch, images):
@@ -133,15 +122,12 @@ def search_forward(model: VisionTransformer, params, arch, images):
   macs_n = jnp.asarray(t, jnp.float32)
   macs = 0.0
   kept_log = []
+  block = _block(model)
   for i in range(model.depth):
-    part = _block_parts(model, params["Transformer"][f"encoderblock_{i}"])
-    h = part["ln0"](x)
-    q, k, v = part["q"](h), part["k"](h), part["v"](h)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d // model.num_heads) ** -0.5
-    logits = logits + jnp.log(size)[:, None, None, :]
-    attn = ops.policy_softmax(logits, mask)
-    x = x + part["out"](jnp.einsum("bhqk,bkhd->bqhd", attn, v))
-    cls_attn = jnp.mean(attn[:, :, 0, 1:], axis=1)
+    run = functools.partial(block.apply, {"params": params["Transformer"][f"encoderblock_{i}"]})
+    # the block's first half under the mask, with the size bias (the authors' attention)
+    x, info = run(x, ops.proportional_attention_bias(size), mask, method="attend_matrix")
+    cls_attn = jnp.mean(info.probs[:, :, 0, 1:], axis=1)
     order = jnp.concatenate([jnp.zeros((b, 1), jnp.int32),
                              1 + jnp.argsort(-jax.lax.stop_gradient(cls_attn), axis=1,
                                              stable=True).astype(jnp.int32)], axis=1)
@@ -179,7 +165,7 @@ def search_forward(model: VisionTransformer, params, arch, images):
     macs_n = _ste_min(macs_n, prune_kept, merge_kept)
     macs = macs + 2 * macs_n * d * model.mlp_dim
     kept_log.append(jnp.stack([prune_kept, merge_kept]))
-    x = x + part["mlp"](part["ln1"](x))
+    x = run(x, method="feed")
   tr = params["Transformer"]
   x = nn.LayerNorm(epsilon=model.layer_norm_eps).apply({"params": tr["encoder_norm"]}, x)[:, 0]
   if model.rep_size:
