@@ -39,7 +39,7 @@ from tps_jax.methods import staged  # noqa: E402
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 # The default sweep: keep ratios or r. PiToMe (a per-block ratio in [0.5, 1]) and DiffRate (a
 # searched schedule: `search`) run by their own commands (docs/results.md).
-OFFSHELF_METHODS = ("etps", "evit", "topk", "tome", "mctf")
+OFFSHELF_METHODS = ("etps", "evit", "topk", "tome", "mctf", "tofu")
 TOME_RS = (1, 2, 3, 4, 5)
 # Each TPS variant and its pruning baseline (the method's `baseline`): dtps / dynamicvit, etps / evit.
 FINETUNE_PAIRS = tuple((m, registry.get(m).baseline) for m in registry.names()

@@ -46,6 +46,7 @@ STYLE = {
     "tome": dict(color="tab:gray", marker="D", label="ToMe (merge)"),
     "pitome": dict(color="tab:brown", marker="P", label="PiToMe (merge)"),
     "mctf": dict(color="tab:olive", marker="X", label="MCTF (fuse)"),
+    "tofu": dict(color="tab:pink", marker="h", label="ToFu (prune, then MLERP)"),
     "diffrate": dict(color="tab:cyan", marker="*", label="DiffRate (searched schedule)"),
 }
 
@@ -125,7 +126,7 @@ def offshelf_sweep(config, params, *, locations: Sequence[int], methods: Sequenc
   """Training-free methods on the same parameters: one point per (method, keep) or ToMe r,
   plus the dense model first."""
   points = []
-  by_r = ("tome", "mctf")  # swept over r, the tokens merged per block
+  by_r = ("tome", "mctf", "tofu")  # swept over r, the tokens merged per block
   todo = [("none", None)] + [(m, k) for m in methods if m not in by_r for k in keeps]
   todo += [(m, r) for m in by_r if m in methods for r in tome_rs]
   for method, arg in todo:
