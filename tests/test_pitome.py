@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tps_jax import ops
 from tps_jax.ops import pitome
 
 GOLDENS = pathlib.Path(__file__).parent / "goldens" / "pitome"
@@ -22,7 +23,7 @@ def _ours(g, **kw):
   matching = "bsm" if int(g["bsm"]) else "pitome"
   kw = {"margin": float(g["margin"]), "matching": matching, **kw}
   new_index = jax.jit(lambda m: pitome.pitome_match(m, r, **kw))(jnp.asarray(g["metric"][:, 1:]))
-  x, size = pitome.merge_by_index(jnp.asarray(g["x"][:, 1:]), jnp.asarray(g["size"][:, 1:, 0]),
+  x, size = ops.merge_by_index(jnp.asarray(g["x"][:, 1:]), jnp.asarray(g["size"][:, 1:, 0]),
                                   new_index, t - r)
   x = np.concatenate([g["x"][:, :1], np.asarray(x)], axis=1)
   size = np.concatenate([g["size"][:, :1, 0], np.asarray(size)], axis=1)

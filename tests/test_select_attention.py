@@ -289,3 +289,12 @@ class EvitTest(chex.TestCase):
     np.testing.assert_allclose(np.asarray(out, np.float32),
                                tps_jax.evit_fuse(y.astype(jnp.float32), np.full((2, 5), 0.1)),
                                atol=2e-2)
+
+
+def test_the_package_exports_every_operator():
+  from tps_jax import ops  # pylint: disable=g-import-not-at-top
+  public = {n for n in vars(ops) if not n.startswith("_") and not isinstance(
+      getattr(ops, n), type(ops))}
+  public -= {"annotations"}
+  assert set(tps_jax.__all__) == public, set(tps_jax.__all__) ^ public
+  assert all(getattr(tps_jax, n) is getattr(ops, n) for n in tps_jax.__all__)

@@ -6,11 +6,14 @@ light module (`tps_jax.host`, which must run before JAX starts) does not import 
 
 __version__ = "0.1.0"
 
-__all__ = ("HostMatch", "ToMeMatch", "bipartite_soft_matching", "class_attention_scores",
-           "cosine_similarity", "evit_fuse", "fuse", "gather_tokens", "gumbel_softmax_hard",
-           "indices_to_mask", "keep_counts", "match_hosts", "match_hosts_masked", "max_merge",
-           "merge_sum", "merge_wavg", "policy_attention", "policy_softmax",
-           "proportional_attention_bias", "squeeze", "squeeze_masked",
+__all__ = ("HostMatch", "MergePlan", "POLICY_FORMS", "ToMeMatch", "bipartite_soft_matching",
+           "class_attention_scores", "cosine_similarity", "diffrate_merge",
+           "dot_product_attention", "energy_scores", "evit_fuse", "fuse", "gather_tokens",
+           "gumbel_softmax_hard", "indices_to_mask", "keep_counts", "match_hosts",
+           "match_hosts_masked", "max_merge", "mctf_match", "mctf_merge", "mctf_scores",
+           "merge_by_index", "merge_plan", "merge_rows", "merge_sum", "merge_wavg",
+           "normalize", "pitome_match", "planned_merge", "policy_attention", "policy_softmax",
+           "pooling_weights", "proportional_attention_bias", "squeeze", "squeeze_masked",
            "squeeze_masked_with_hosts", "squeeze_with_hosts", "topk_split")
 
 

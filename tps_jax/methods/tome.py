@@ -37,7 +37,7 @@ def schedule(spec, geo: Geometry, name: str = "tome") -> tuple[int, ...]:
     out = [int(r) if i in blocks else 0 for i in range(depth)]
   n = geo.num_patches + geo.prefix
   for i, ri in enumerate(out):
-    most = ops.max_merge(n, class_token=geo.prefix > 0)
+    most = ops.max_merge(n, geo.prefix)
     if not 0 <= ri <= most:
       raise ValueError(f"{name} r={ri} at block {i} does not fit: {n} tokens there allow "
                        f"at most {most} merges (schedule {out}).")

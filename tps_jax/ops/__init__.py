@@ -8,10 +8,11 @@ from tps_jax.ops.select import gather_tokens, indices_to_mask, keep_counts, topk
 from tps_jax.ops.squeezing import (HostMatch, cosine_similarity, fuse, match_hosts,
                                  match_hosts_masked, squeeze, squeeze_masked,
                                  squeeze_masked_with_hosts, squeeze_with_hosts)
-from tps_jax.ops.tome import (ToMeMatch, bipartite_soft_matching, max_merge, merge_sum,
-                              merge_wavg, proportional_attention_bias)
-from tps_jax.ops.pitome import (MergePlan, energy_scores, merge_by_index, merge_plan,
-                                pitome_match, planned_merge)
+from tps_jax.ops.merge import (MergePlan, max_merge, merge_by_index, merge_plan, normalize,
+                               planned_merge)
+from tps_jax.ops.tome import (ToMeMatch, bipartite_soft_matching, merge_sum, merge_wavg,
+                              proportional_attention_bias)
+from tps_jax.ops.pitome import energy_scores, pitome_match
 from tps_jax.ops.mctf import (mctf_match, mctf_merge, mctf_scores, merge_rows,
                               pooling_weights)
 from tps_jax.ops.diffrate import diffrate_merge

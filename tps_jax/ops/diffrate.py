@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from tps_jax.ops import validate
 from tps_jax.ops.dtypes import upcast
+from tps_jax.ops.merge import normalize
 
 
 def diffrate_merge(kept: jax.Array, src: jax.Array, kept_size: jax.Array, src_size: jax.Array,
@@ -33,8 +34,7 @@ def diffrate_merge(kept: jax.Array, src: jax.Array, kept_size: jax.Array, src_si
   if k <= protected:
     raise ValueError(f"diffrate_merge needs a kept token besides the {protected} protected, "
                      f"got K={k}.")
-  norm = lambda t: t / jnp.linalg.norm(t, axis=-1, keepdims=True)
-  a, h = (norm(upcast(jax.lax.stop_gradient(t))) for t in (src, kept))
+  a, h = (normalize(upcast(jax.lax.stop_gradient(t))) for t in (src, kept))
   sim = jnp.einsum("buc,bkc->buk", a, h)
   if protected:
     sim = sim.at[:, :, :protected].set(-jnp.inf)

@@ -29,14 +29,9 @@ import jax.numpy as jnp
 
 from tps_jax.ops import validate
 from tps_jax.ops.dtypes import upcast
-from tps_jax.ops.pitome import MergePlan, merge_plan, planned_merge
+from tps_jax.ops.merge import MergePlan, max_merge, merge_plan, normalize, planned_merge
 
 POOLINGS = ("attn", "size", "mean")  # the authors' pooling_type 1, 0, 3
-
-
-def max_merge(num_tokens: int, protected: int = 1) -> int:
-  """The largest `r` one MCTF step merges from `num_tokens` tokens (the authors' cap)."""
-  return (num_tokens - protected) // 2
 
 
 def _pair_weight(v: jax.Array, tau: float) -> jax.Array:
@@ -56,7 +51,7 @@ def mctf_scores(metric: jax.Array, attn: jax.Array | None, size: jax.Array | Non
   """
   b, t, _ = validate.check_rank("metric", metric, 3, "(B, T, C)")
   m = upcast(jax.lax.stop_gradient(metric))
-  m = m / jnp.linalg.norm(m, axis=-1, keepdims=True)
+  m = normalize(m)
   a_tok, b_tok = m[:, ::2], m[:, 1::2]
   t1, t2 = a_tok.shape[1], b_tok.shape[1]
   scores = jnp.ones((b, t1, t2), jnp.float32)

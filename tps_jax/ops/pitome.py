@@ -20,19 +20,18 @@ blocks the first, the rest the second):
 
 The result is `new_index` (B, T): each token's place in the output, in the
 authors' order ([the A tokens that stay, or the protected ones, then B]). A
-size-weighted merge by that index (`merge_by_index`) is the authors'
+size-weighted merge by that index (`ops.merge.merge_by_index`) is the authors'
 `merge_wavg`. `r` and the output length are Python ints: one trace.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from tps_jax.ops import validate
 from tps_jax.ops.dtypes import upcast
+from tps_jax.ops.merge import normalize
 
 MATCHINGS = ("bsm", "pitome")
 
@@ -40,7 +39,7 @@ MATCHINGS = ("bsm", "pitome")
 def energy_scores(metric: jax.Array, margin: float, alpha: float = 1.0):
   """(B, T, C) -> cosine similarities (B, T, T) and energies (B, T), float32."""
   m = upcast(metric)
-  m = m / jnp.linalg.norm(m, axis=-1, keepdims=True)
+  m = normalize(m)
   sim = jnp.einsum("btc,bsc->bts", m, m)
   return sim, jnp.mean(jax.nn.elu(sim - margin, alpha), axis=-1)
 
@@ -100,58 +99,3 @@ def pitome_match(metric: jax.Array, r: int, *, margin: float, matching: str = "p
   new_index = new_index.at[rows, kept].set(jnp.arange(k, dtype=jnp.int32)[None])
   new_index = new_index.at[rows, b_idx].set(k + jnp.arange(b_idx.shape[1], dtype=jnp.int32)[None])
   return new_index.at[rows, merged_a].set(k + dst)
-
-
-class MergePlan(NamedTuple):
-  """A merge laid out for gathers: output o starts from token base[:, o]; the r other tokens
-  src (B, r) add into outputs dst (B, r). base (B, T'), src and dst int32."""
-  base: jax.Array
-  src: jax.Array
-  dst: jax.Array
-
-
-def merge_plan(new_index: jax.Array, num_out: int) -> MergePlan:
-  """The MergePlan of `new_index` (B, T) in [0, num_out), every output receiving a token: each
-  output's first token is its base, the T - num_out others merge into theirs."""
-  b, t = new_index.shape
-  rows = jnp.arange(b)[:, None]
-  ar = jnp.arange(t, dtype=jnp.int32)
-  base = jnp.full((b, num_out), t, jnp.int32).at[rows, new_index].min(
-      jnp.broadcast_to(ar, (b, t)))
-  is_base = jnp.zeros((b, t), bool).at[rows, base].set(True)
-  _, src = jax.lax.top_k(jnp.where(is_base, -1, t - ar), t - num_out)
-  src = src.astype(jnp.int32)
-  return MergePlan(base, src, jnp.take_along_axis(new_index, src, axis=1))
-
-
-def planned_merge(x: jax.Array, weights: jax.Array, plan: MergePlan
-                  ) -> tuple[jax.Array, jax.Array]:
-  """Weighted average of the tokens each output gathers: x (B, T, C), weights (B, T) > 0 ->
-  (x (B, T', C) float32, the weight totals (B, T') float32). Gathers for the T' bases and a
-  (r, T') one-hot product for the r merged tokens: r / T of a (T, T') product's work."""
-  take = lambda a, i: jnp.take_along_axis(a, i.reshape(i.shape + (1,) * (a.ndim - 2)), axis=1)
-  w = upcast(weights)
-  onehot = jax.nn.one_hot(plan.dst, plan.base.shape[1], dtype=jnp.float32)  # (B, r, T')
-  w_src = take(w, plan.src)
-  total = take(w, plan.base) + jnp.einsum("bro,br->bo", onehot, w_src)
-  num = (take(w, plan.base)[..., None] * upcast(take(x, plan.base))
-         + jnp.einsum("bro,brc->boc", onehot * w_src[..., None], upcast(take(x, plan.src))))
-  return num / total[..., None], total
-
-
-def merge_by_index(x: jax.Array, size: jax.Array | None, new_index: jax.Array,
-                   num_out: int) -> tuple[jax.Array, jax.Array]:
-  """Size-weighted average of the tokens that share an output position.
-
-  x (B, N, C), size (B, N) or None (all 1), new_index (B, N) in [0, num_out) ->
-  (x (B, num_out, C) in x's dtype, size (B, num_out) float32); total size is kept.
-  Gathers and a (r, num_out) one-hot product (merge_plan), not a scatter of the tokens.
-  Every output position must receive a token.
-  """
-  b, n, _ = validate.check_rank("x", x, 3, "(B, N, C)")
-  if tuple(new_index.shape) != (b, n):
-    raise ValueError(f"new_index must have shape (B, N)={(b, n)} to match x, got "
-                     f"{new_index.shape}.")
-  size = jnp.ones((b, n), jnp.float32) if size is None else upcast(size)
-  merged, total = planned_merge(x, size, merge_plan(new_index, num_out))
-  return merged.astype(x.dtype), total

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from tps_jax.ops.squeezing import cosine_similarity
 from tps_jax.ops import validate
+from tps_jax.ops.merge import max_merge
 from tps_jax.ops.dtypes import upcast
 
 
@@ -31,25 +32,20 @@ class ToMeMatch(NamedTuple):
   dst: jax.Array
 
 
-def max_merge(num_tokens: int, class_token: bool = True) -> int:
-  """The largest `r` one matching can merge away from `num_tokens` tokens."""
-  return (num_tokens - int(class_token)) // 2
-
-
 def bipartite_soft_matching(metric: jax.Array, r: int, *,
                             class_token: bool = True) -> ToMeMatch:
   """Matches `r` A tokens to B tokens.
 
   Args:
     metric: (B, N, Ck) features to compare (no gradient flows through them).
-    r: tokens to merge away, a Python int in [0, max_merge(N, class_token)].
+    r: tokens to merge away, a Python int in [0, max_merge(N, class_token)] (ops.merge).
     class_token: token 0 is cls and is never merged.
 
   Returns:
     A ToMeMatch; apply it with `merge_wavg` / `merge_sum`.
   """
   b, n, _ = validate.check_rank("metric", metric, 3, "(B, N, Ck)")
-  r = validate.check_count("r", r, 0, max_merge(n, class_token),
+  r = validate.check_count("r", r, 0, max_merge(n, int(class_token)),
                            f"ToMe on {n} tokens (class_token={class_token})")
   metric = jax.lax.stop_gradient(metric)
   scores = cosine_similarity(metric[:, ::2], metric[:, 1::2])  # (B, Na, Nb)
