@@ -51,6 +51,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from tps_jax import host  # pylint: disable=g-import-not-at-top
+  from tps_jax import cli, host  # pylint: disable=g-import-not-at-top
   host.reexec_with_tcmalloc()  # XLA's per-step buffers on the CPU: 1.4x (tps_jax/host.py)
-  app.run(main)
+  cli.run_absl(main)

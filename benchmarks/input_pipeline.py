@@ -135,7 +135,7 @@ def _boundary_rows(cached: int, rows: int = 512, threads: int = 16) -> dict:
           "rows_per_s": rows / seconds}
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--batches", type=int, default=40)
@@ -145,7 +145,7 @@ def main():
   parser.add_argument("--only", default="", help="run only the device cases naming this")
   parser.add_argument("--boundary", action="store_true",
                       help="only the epoch-boundary case (the shuffled order's cache)")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.boundary:
     rows = [_boundary_rows(cached) for cached in (1, 3)]
     common.print_table(rows, list(rows[0]))
@@ -198,4 +198,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  from tps_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

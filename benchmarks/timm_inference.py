@@ -86,4 +86,5 @@ def _profile(torch, fwd, xs, path: str, calls: int = 3) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from tps_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

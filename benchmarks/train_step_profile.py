@@ -74,4 +74,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from tps_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

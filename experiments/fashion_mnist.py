@@ -619,4 +619,5 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
   from tps_jax import host  # pylint: disable=g-import-not-at-top
   host.reexec_with_tcmalloc()  # XLA's per-step buffers on the CPU: 1.4x (tps_jax/host.py)
-  main()
+  from tps_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

@@ -166,6 +166,28 @@ def test_unknown_field_and_variants():
   assert bv.Model(10, variant="mu/16", dtype_mm="bfloat16").dtype == jnp.bfloat16
 
 
+def test_a_tower_built_with_name_as_big_vision_builds_it():
+  """big_vision's two_towers / one_tower / paligemma build `Model(**cfg, name="img")` inside
+  their own module: the tower's parameters sit under "img" and equal the bare model's."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  cfg = dict(SMALL, reduction=dict(method="etps", keep_ratio=1.0, locations=(1,)))
+
+  class TwoTowers(nn.Module):  # the shape of big_vision's: the tower made in a compact call
+    @nn.compact
+    def __call__(self, image):
+      zimg, out = bv.Model(**cfg, name="img")(image)
+      return zimg, out
+
+  outer = TwoTowers()
+  params = jax.jit(outer.init)(jax.random.key(0), IMAGE)["params"]
+  assert set(params) == {"img"}
+  tower = bv.Model(**cfg)
+  z, _ = _apply(outer, params, IMAGE)
+  ref, _ = _apply(tower, params["img"], IMAGE)
+  np.testing.assert_allclose(z, ref, rtol=1e-6, atol=1e-6)
+  assert bv.Model(**cfg, name="img").name == "img"
+
+
 def test_imports_without_the_training_stack():
   """`pip install .` (jax, flax, numpy) is enough for tps_jax.big_vision."""
   code = ("import sys; import tps_jax.big_vision; "

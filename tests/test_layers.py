@@ -101,8 +101,7 @@ def test_xla_and_einsum_attention_agree():
   np.testing.assert_allclose(outs["einsum"][1].cls_attn, outs["xla"][1].cls_attn, atol=1e-5)
   with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
     MultiHeadDotProductAttention(num_heads=3, implementation="flash").init(jax.random.key(0), x)
-  # Issue 24 item 12: "fused" named both this and a policy form; the old name says the new one.
-  with pytest.raises(ValueError, match="'fused' is now called 'xla'"):
+  with pytest.raises(ValueError, match="unknown attention implementation 'fused'"):
     MultiHeadDotProductAttention(num_heads=3, implementation="fused").init(jax.random.key(0), x)
 
 

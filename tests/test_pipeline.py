@@ -159,6 +159,14 @@ def test_an_undecodable_image_is_replaced_named_and_counted_within_a_budget(capl
                                        r"than its budget of 2 .*img\d+.png"):
     labels(_FlakySource(2000, bad={3, 500, 1500}))
   labels(_FlakySource(2000, bad={3, 500, 1500}), bad_budget=0.002)  # a larger budget holds
+  # 0.1% of 96 images rounds down to none: a budget tolerates at least one image ...
+  def epoch(**kw):
+    it = data.train_batches(_FlakySource(96, bad={5}), "train", tiny, local_batch=32, seed=1,
+                            shard=(0, 1), **kw)
+    return np.concatenate([next(it)["label"] for _ in range(3)])
+  assert sorted(epoch().tolist()) == sorted([i for i in range(96) if i != 5] + [6])
+  with pytest.raises(ValueError, match="budget of 0"):  # ... unless it is 0
+    epoch(bad_budget=0.0)
   rows = list(data.eval_batches(source, "test", tiny, local_batch=300, shard=(0, 1)))
   mask = np.concatenate([r["mask"] for r in rows])
   kept = np.concatenate([r["label"] for r in rows])[mask]

@@ -46,6 +46,7 @@ DEFAULTS = dict(patch_size=(16, 16), width=768, depth=12, mlp_dim=None, num_head
                 dtype_mm="float32")
 OURS = ("reduction", "policy_form", "attention", "gelu", "image_size", "channels", "drop_path",
         "remat", "layer_norm_eps", "gumbel_noise")
+FLAX = ("name", "parent")  # every flax Module takes them: big_vision builds towers with name=
 
 
 def decode_variant(variant: str | None) -> dict[str, Any]:
@@ -58,8 +59,19 @@ def decode_variant(variant: str | None) -> dict[str, Any]:
 
 def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa: N802
           **kw) -> vit.VisionTransformer:
-  """big_vision's `vit.Model(num_classes, *, variant, **kw)`, reducible (`reduction=`)."""
-  unknown = sorted(set(kw) - set(DEFAULTS) - set(OURS))
+  """big_vision's `vit.Model(num_classes, *, variant, **kw)`, reducible (`reduction=`).
+
+  Args:
+    num_classes: the head's outputs; None or 0 for no head (an image tower).
+    variant: "mu" ... "So400m", "H", "g", "G", "e", optionally with "/patch" ("B/16").
+    **kw: big_vision's ViT fields (DEFAULTS), ours (OURS: `reduction` first), and flax's
+      Module keywords `name` and `parent` (big_vision's two_towers, one_tower and paligemma
+      build their towers as `Model(**cfg, name="img")`).
+  Returns:
+    A `tps_jax.models.vit.VisionTransformer` in big_vision's layout; `apply` returns
+    `(logits, out)` with big_vision's `out` keys. Raises ValueError naming unknown fields.
+  """
+  unknown = sorted(set(kw) - set(DEFAULTS) - set(OURS) - set(FLAX))
   if unknown:
     raise ValueError(f"unknown ViT fields {unknown}; big_vision's are {sorted(DEFAULTS)}, "
                      f"tps_jax adds {sorted(OURS)}.")

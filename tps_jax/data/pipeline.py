@@ -20,7 +20,7 @@ in training its example is replaced by the next decodable one of the shard (a
 deterministic neighbour, so a resumed run sees the same batches), in evaluation
 it is masked out; each is named in the log once and counted, and the pipeline
 fails only when a split's count passes `bad_budget` (0.1% of the split by
-default; 0 of a split under 1000 examples).
+default, and at least one image unless the budget is 0).
 
 The host decodes, crops, resizes and flips (`preprocess`) in `threads` threads
 (PIL releases the GIL) or, with `workers` > 0, in grain worker processes; the
@@ -53,13 +53,14 @@ _NEIGHBOURS = 64  # at most this many undecodable images in a row are stepped ov
 
 class BadImages:
   """Counts a split's undecodable images (in this process): names each in the log once and
-  raises once there are more than `budget` x the split's size."""
+  raises once there are more than `budget` x the split's size (at least one, for a budget
+  above 0: 0.1% of a small split would otherwise round down to none)."""
 
   def __init__(self, split: str, total: int, budget: float = BAD_BUDGET):
     if not 0 <= budget <= 1:
       raise ValueError(f"bad image budget must be a fraction in [0, 1], got {budget}.")
     self.split, self.total, self.budget = split, total, budget
-    self.limit = int(budget * total)
+    self.limit = max(1, int(budget * total)) if budget > 0 else 0
     self.seen: set[int] = set()
     self._lock = threading.Lock()
 

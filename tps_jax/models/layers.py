@@ -98,7 +98,6 @@ class AttentionOut(NamedTuple):
 
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
-RENAMED = {"fused": "xla"}  # an old name -> its name now (not the policy form "fused")
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -122,10 +121,6 @@ class MultiHeadDotProductAttention(nn.Module):
 
   def _fused(self, head_dim: int) -> str | None:
     """The `ops.dot_product_attention` implementation to use, or None for einsums."""
-    if self.implementation in RENAMED:
-      raise ValueError(f"attention implementation {self.implementation!r} is now called "
-                       f"{RENAMED[self.implementation]!r} (\"fused\" is a policy_form, "
-                       f"ops.POLICY_FORMS); expected one of {IMPLEMENTATIONS}.")
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(f"unknown attention implementation {self.implementation!r}; "
                        f"expected one of {IMPLEMENTATIONS}.")

@@ -1,0 +1,64 @@
+"""Command-line programs name bad input in one line (`error: ...`, exit 2); the traceback only
+when asked for (--traceback or TPS_TRACEBACK=1)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from tps_jax import cli
+
+FMNIST = "configs/fashion_mnist.py"
+CASES = [
+    ([f"{FMNIST}:method=dtps,keep=1.5"], "keep_ratio must be in (0, 1], got 1.5."),
+    ([f"{FMNIST}:method=prune"], "unknown reduction method 'prune'"),
+    ([f"{FMNIST}:method=dtps,init=/no/such/teacher.npz"], "/no/such/teacher.npz does not exist"),
+    ([FMNIST, "--config.input.dataset=folder", "--config.input.data_dir=/no/such/images"],
+     "/no/such/images"),
+]
+
+
+def _train(config, *extra, env=None):
+  cmd = [sys.executable, "train.py", "--config", *config[:1], "--workdir", "/tmp/tps_cli_run",
+         *config[1:], *extra]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+
+
+@pytest.mark.parametrize("config,expected", CASES, ids=["keep", "method", "init", "data_dir"])
+def test_train_names_bad_input_in_one_line(config, expected):
+  out = _train(config)
+  lines = [l for l in out.stderr.splitlines() if l.strip() and not l.startswith(("W", "I"))]
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+
+
+def test_the_traceback_when_asked_for():
+  out = _train(CASES[0][0], "--traceback")
+  assert out.returncode != 0 and "Traceback (most recent call last)" in out.stderr
+
+
+def test_argparse_programs_and_the_message_of_wrapped_errors(capsys):
+  def main(argv):
+    import argparse  # pylint: disable=g-import-not-at-top
+    p = argparse.ArgumentParser(prog="prog")
+    p.add_argument("--n", type=int)
+    p.parse_args(argv)
+    raise FileNotFoundError("checkpoint x.npz does not exist.")
+
+  with pytest.raises(SystemExit) as stop:
+    cli.run(main, ["--n", "two"])
+  assert stop.value.code == 2
+  assert capsys.readouterr().err == "error: prog: argument --n: invalid int value: 'two'\n"
+  with pytest.raises(SystemExit):
+    cli.run(main, ["--n", "2"])
+  assert capsys.readouterr().err == "error: checkpoint x.npz does not exist.\n"
+  with pytest.raises(FileNotFoundError):
+    cli.run(main, ["--n", "2", "--traceback"])
+  wrapped = ValueError("Error whilst parsing config file:\n\nTraceback (most recent call "
+                       "last):\n  File x\nValueError: keep_ratio must be in (0, 1].")
+  assert cli.message(wrapped) == "keep_ratio must be in (0, 1]."
+  with pytest.raises(RuntimeError):  # not bad input: raised as it is
+    cli.run(lambda argv: (_ for _ in ()).throw(RuntimeError("a bug")), [])
