@@ -77,6 +77,20 @@ def _stub_torchvision():
   sys.meta_path.insert(0, Finder())
 
 
+def seeded_deit(vision_transformer, depth: int):
+  """timm's VisionTransformer as a small seeded DeiT (64 px, patch 8, width 48, 3 heads, 5
+  classes) with a non-trivial head and norms (timm zero-inits the head), in eval mode."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = vision_transformer(img_size=64, patch_size=8, embed_dim=48, depth=depth, num_heads=3,
+                             mlp_ratio=4.0, qkv_bias=True, num_classes=5)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.startswith("head") or "norm" in name or name in ("cls_token", "pos_embed"):
+        p.copy_(0.3 * torch.randn_like(p) + (1.0 if name.endswith("norm.weight") else 0.0))
+  return model.eval()
+
+
 def _load(name: str, path: pathlib.Path, package: bool = False):
   spec = importlib.util.spec_from_file_location(
       name, path, submodule_search_locations=[] if package else None)
@@ -104,14 +118,7 @@ def model_golden(pitome_root: pathlib.Path, timm_root: pathlib.Path) -> None:
   _load("pitome_src.merge", algo / "merge.py")
   _load("pitome_src.patch.timm", algo / "patch" / "timm.py")
   deit = _load("pitome_src.patch.deit", algo / "patch" / "deit.py")
-  torch.manual_seed(0)
-  model = VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=4, num_heads=3,
-                            mlp_ratio=4.0, qkv_bias=True, num_classes=5)
-  with torch.no_grad():  # a non-trivial head and norms (timm zero-inits the head)
-    for name, p in model.named_parameters():
-      if name.startswith("head") or "norm" in name or name in ("cls_token", "pos_embed"):
-        p.copy_(0.3 * torch.randn_like(p) + (1.0 if name.endswith("norm.weight") else 0.0))
-  model.eval()
+  model = seeded_deit(VisionTransformer, depth=4)
   deit.apply_patch(model)
   images = np.random.default_rng(7).normal(size=(4, 64, 64, 3)).astype(np.float32)
   out = {f"sd:{k}": v.detach().numpy() for k, v in model.state_dict().items()}

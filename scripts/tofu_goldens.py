@@ -75,14 +75,8 @@ def main():
   np.savez(OUT / "ops.npz", **ops)
 
   from timm.models.vision_transformer import VisionTransformer  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(0)
-  model = VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=6, num_heads=3,
-                            mlp_ratio=4.0, qkv_bias=True, num_classes=5)
-  with torch.no_grad():  # a non-trivial head and norms (timm zero-inits the head)
-    for name, w in model.named_parameters():
-      if name.startswith("head") or "norm" in name or name in ("cls_token", "pos_embed"):
-        w.copy_(0.3 * torch.randn_like(w) + (1.0 if name.endswith("norm.weight") else 0.0))
-  model.eval()
+  from scripts.pitome_goldens import seeded_deit  # pylint: disable=g-import-not-at-top
+  model = seeded_deit(VisionTransformer, depth=6)
   tofu.tofu_apply_patch(model)
   images = np.random.default_rng(7).normal(size=(4, 64, 64, 3)).astype(np.float32)
   out = {f"sd:{k}": v.detach().numpy() for k, v in model.state_dict().items()}
