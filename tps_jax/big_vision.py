@@ -84,8 +84,14 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
 
 
 def register(name: str = "tps_vit") -> None:
-  """Makes `importlib.import_module("big_vision.models.<name>")` return this module, so a
-  big_vision config's `model_name = "<name>"` builds (and `load`s) tps_jax's ViT."""
+  """Makes `importlib.import_module("big_vision.models.<name>")` return this module.
+
+  Args:
+    name: the model name big_vision configs then use (`model_name = "tps_vit"`, or
+      `image_model = "tps_vit"` in two_towers).
+  Returns:
+    None; raises ValueError for a name that is not an identifier.
+  """
   if not re.fullmatch(r"\w+", name):
     raise ValueError(f"model name {name!r} must be a Python identifier.")
   module = sys.modules[__name__]

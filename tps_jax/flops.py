@@ -72,7 +72,13 @@ def _image_shape(model: VisionTransformer) -> tuple[int, int, int, int]:
 
 
 def macs(model: VisionTransformer) -> int:
-  """Total multiply-accumulates of one image at inference."""
+  """Total multiply-accumulates of one image at inference.
+
+  Args:
+    model: a VisionTransformer built with an image_size (any method).
+  Returns:
+    The MACs as an int (`breakdown` gives them by part).
+  """
   return sum(breakdown(model).values())
 
 

@@ -166,11 +166,20 @@ def load_tree(init_file: str | os.PathLike) -> dict:
 
 
 def load(init_params, init_file, model_cfg, dont_load=()):  # pylint: disable=invalid-name
-  """big_vision's `vit.load`: a checkpoint (path, "path:subtree", or a params tree) into the
-  model of `model_cfg`, fixing old checkpoints, converting between python-loop and scan
-  layouts, merging with `init_params` under `dont_load` and resampling the position
-  embedding to the model's grid. Score heads of a learned reduction are new: name them in
-  `dont_load` (".*score_head.*") to keep their initial values."""
+  """big_vision's `vit.load`.
+
+  Args:
+    init_params: the model's initial params (its tree: what the result is shaped as), or None
+      to take the checkpoint as it is.
+    init_file: a path, "path:subtree" (SigLIP's "file.npz:img"), or a params tree.
+    model_cfg: the model's config (its `scan` decides the layout of the blocks).
+    dont_load: regexes of names kept at init. Score heads of a learned reduction are new:
+      name them here (".*score_head.*").
+  Returns:
+    The params tree, old checkpoints fixed, converted between python-loop and scan layouts,
+    merged with `init_params` and the position embedding resampled to the model's grid.
+    Raises ValueError listing the names on one side only.
+  """
   restored = (load_tree(init_file) if isinstance(init_file, (str, os.PathLike))
               else _tree(_flat(init_file)))
   restored = fix_old_checkpoints(restored)

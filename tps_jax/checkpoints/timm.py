@@ -95,7 +95,18 @@ def _map_block(out, prefix, rest, w, d, h, hd, name, unexpected):
 def from_torch_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike,
                           model: VisionTransformer, *, fresh: Iterable[str] = (),
                           rng: jax.Array | None = None) -> dict:
-  """A timm / DeiT / authors'-TPS state dict (mapping or file) -> params for `model`."""
+  """A timm / DeiT / authors'-TPS state dict -> params for `model`.
+
+  Args:
+    state_dict: a mapping of "a.b.c" names to arrays (torch tensors too), or a `.pth`,
+      `.npz` or `.safetensors` file of one.
+    model: the VisionTransformer to load into (gelu "exact", as timm's).
+    fresh: parts to initialise anew ("head", "score_heads").
+    rng: the seed of the fresh parts.
+  Returns:
+    The params tree. Raises CheckpointMismatchError naming missing, unexpected and
+    misshapen keys.
+  """
   if getattr(model, "gelu", "exact") != "exact":
     raise ValueError(f"timm / DeiT checkpoints use the exact (erf) GELU, but this model has "
                      f"gelu={model.gelu!r}; build it with gelu='exact' (their logits differ by "

@@ -397,13 +397,22 @@ class VisionTransformer(nn.Module):
 def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa: N802
           reduction: Any = None, image_size: Any = 224, layout: str = "deit",
           **kw) -> VisionTransformer:
-  """Builds a ViT; `variant` ("Ti/16", "S/16", "B/16", "L/16", "So400m/14", ...) fills sizes.
+  """Builds a ViT (big_vision's `Model(num_classes, *, variant, **kw)`).
 
-  Any of width, depth, mlp_dim, num_heads, patch_size given in `kw` overrides the
-  variant. `reduction` is a Reduction, a method name or a dict (see
-  `tps_jax.methods`). `image_size=None` takes the size from each input (the
-  reduction is then resolved per input grid). Raises ValueError on a config that cannot
-  work.
+  Args:
+    num_classes: the head's outputs; None or 0 for none (`out["pre_logits"]` is the output).
+    variant: "Ti/16", "S/16", "B/16", "L/16", "So400m/14", ...: fills width, depth, mlp_dim,
+      num_heads and patch_size; any of them in `kw` overrides it.
+    reduction: None (dense), a method name, a spec mapping {"method": name, ...} (that
+      method's keys: `tps_jax.methods.get(name).options`) or a `methods.Reduction`.
+    image_size: int or (H, W); None takes the size from each input (the reduction is then
+      resolved per input grid).
+    layout: "deit" (cls has a position embedding) or "big_vision".
+    **kw: the VisionTransformer fields (pool_type, posemb, gelu, scan, remat, dtype, ...) and
+      flax's `name` / `parent`.
+  Returns:
+    The VisionTransformer; `model.apply({"params": p}, images_nhwc, train=...)` returns
+    `(logits, out)`. Raises ValueError naming what cannot work, at construction.
   """
   cfg = {**decode_variant(variant), **kw}
   missing = [k for k in ("width", "depth", "num_heads", "patch_size") if k not in cfg]
