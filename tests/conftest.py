@@ -44,8 +44,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The project's shared folder sits beside the checkout (../shared); TPS_SHARED overrides.
-SHARED = pathlib.Path(os.environ.get("TPS_SHARED", ROOT.parent / "shared"))
+# The TPS authors' outputs on seeded inputs (their PyTorch code): tests/goldens/tps/.
+TPS_GOLDENS = ROOT / "tests" / "goldens" / "tps"
 
 
 # The modules whose tests take longest (training runs, subprocesses, the main job) go first, so
@@ -71,10 +71,10 @@ def jit_apply(model, variables, *args, **kw):
 
 
 def golden(name: str) -> dict:
-  """Loads `shared/golden/<name>.npz`; a missing file fails loudly, never skips."""
-  path = SHARED / "golden" / f"{name}.npz"
+  """Loads `tests/goldens/tps/<name>.npz`; a missing file fails loudly, never skips."""
+  path = TPS_GOLDENS / f"{name}.npz"
   if not path.exists():
-    pytest.fail(f"golden file {path} is missing: set TPS_SHARED to the shared/ folder.")
+    pytest.fail(f"golden file {path} is missing.")
   with np.load(path, allow_pickle=False) as data:
     return {k: data[k] for k in data.files}
 
