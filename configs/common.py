@@ -81,7 +81,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.reduction = ml_collections.FieldReference(None, field_type=dict)
   c.model.drop_path = 0.0
   c.model.remat = False
-  c.model.attention = "auto"  # auto | einsum | fused | cudnn
+  c.model.attention = "auto"  # auto | einsum | xla | cudnn
   c.model.policy_form = "exact"  # dtps/dynamicvit training attention: ops.POLICY_FORMS
 
   c.input = ml_collections.ConfigDict()

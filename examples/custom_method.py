@@ -30,7 +30,7 @@ class NormKeepOptions:
   keep: int  # reducible tokens kept
 
 
-@methods.register("norm_keep", replace=True)
+@methods.register("norm_keep")
 class NormKeep(methods.Method):
   """Keeps the `keep_ratio` of tokens with the largest norm after block `at`'s attention."""
   Options = NormKeepOptions

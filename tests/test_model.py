@@ -121,6 +121,21 @@ class TestRemat:
 
 
 
+def test_scanned_learned_stage_blocks_stay_rematerialised():
+  """With scan, a learned method's stage block runs as one step of the scan (rematerialised
+  with remat_policy): only the embedding and head matmuls are outside it."""
+  model = Model(5, reduction=dict(method="dtps", keep_ratio=0.8, locations=(0, 1)), scan=True,
+                **{**SMALL, "depth": 2})
+  x = images()
+  rngs = {"params": jax.random.key(0), "gumbel": jax.random.key(1)}
+  params = jax.eval_shape(lambda: model.init(rngs, x, train=True))["params"]
+  loss = lambda p: jnp.sum(model.apply({"params": p}, x, train=True, rngs=rngs)[0] ** 2)
+  top = [e.primitive.name for e in jax.make_jaxpr(loss)(params).jaxpr.eqns]
+  # embedding and head, the 2 score heads' 4 Dense layers, each masked squeeze's 2 products:
+  # no block matmul outside the scan (run outside it, each block's 8 would add 16)
+  assert top.count("dot_general") == 2 + 2 * 4 + 2 * 2
+
+
 @pytest.mark.parametrize("method", ["dtps", "dynamicvit"])
 def test_learned_training_path(method):
   model = small(method, keep_ratio=0.6)

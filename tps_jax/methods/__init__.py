@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 
 from tps_jax.methods.base import (Block, Context, Dims, Geometry, Method, Reduction, TokenState,
-                                  attention_macs, check_keys, mlp_macs, readout_kept,
+                                  attention_macs, check_keys, freeze, mlp_macs, readout_kept,
                                   score_head_macs, size_bias)
 from tps_jax.methods.registry import get, names, register
 # The built-ins register themselves on import, in this order.

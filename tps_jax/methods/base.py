@@ -137,7 +137,8 @@ class TokenState:
       return None
     return jnp.pad(self.live, ((0, 0), (ctx.prefix, 0)), constant_values=1.0)
 
-  def _follow(self, new_index):
+  def follow(self, new_index) -> jax.Array | None:
+    """`owner` through a stage's or merge's `new_index` (None when patches are not followed)."""
     if self.owner is None:
       return None
     return stages.follow(self.owner, new_index)
@@ -145,7 +146,7 @@ class TokenState:
   def after_stage(self, st: stages.StageOut, ctx: Context) -> "TokenState":
     """The state after a pruning stage (gather form): its tokens, and its record."""
     return self.replace(x=st.x, positions=st.positions, size=st.size,
-                        owner=self._follow(st.new_index),
+                        owner=self.follow(st.new_index),
                         decisions=self.decisions + (readout_kept(st.decision, ctx),),
                         hosts=self.hosts + (st.hosts,),
                         keep_indices=self.keep_indices + (st.positions,))
@@ -156,7 +157,7 @@ class TokenState:
     only when patches are not followed, `owner` None)."""
     if self.owner is not None and new_index is None:
       raise ValueError("a merge that is followed (owner tracked) needs its new_index.")
-    return self.replace(x=x, size=size, owner=self._follow(new_index), merged=True)
+    return self.replace(x=x, size=size, owner=self.follow(new_index), merged=True)
 
 
 def readout_kept(decision: jax.Array, ctx: Context) -> jax.Array:
@@ -209,6 +210,15 @@ class Block:
     return self._apply(self.index, "feed", x)
 
 
+def freeze(spec):
+  """A spec as a hashable value (lists -> tuples, mappings -> sorted pairs)."""
+  if isinstance(spec, Mapping):
+    return tuple(sorted((k, freeze(v)) for k, v in spec.items()))
+  if isinstance(spec, list):
+    return tuple(freeze(v) for v in spec)
+  return spec
+
+
 def check_keys(name: str, spec: Mapping[str, Any], allowed) -> None:
   """Names the keys of `spec` that method `name` does not take."""
   unknown = sorted(set(spec) - set(allowed) - {"method"})
@@ -225,11 +235,16 @@ class Method:
     name: set by `register`.
     Options: a frozen dataclass of the method's settings (hashable: the model is static).
     learned: the method has parameters of its own to train (a score head); training-free
-      methods run on a dense model's parameters as they are.
+      methods run on a dense model's parameters as they are. A learned method trains in the
+      masked form: `ctx.masked` is True in training, the state carries `live`, the sequence
+      keeps its length (the encoder's token check is then skipped) and the blocks it does not
+      act at attend under `state.policy(ctx)`.
     tracks_sizes: the method needs each token's size (patches it stands for) in the state.
     stage_kind: how its stages are drawn and named ("before" or "inside" a block), or None
       for a method that records no stages.
     reduces: False only for the dense model's "none".
+    merges: tokens may stand for several patches with no single position (token distillation
+      then has no teacher token to compare each with: `out["token_sizes"]` says so).
     baseline: the method it is compared against as its pruning counterpart, or None.
     drops: some patches are thrown away (their tokens dropped, not merged into another), so
       the final tokens stand for fewer than all patches.
@@ -242,15 +257,17 @@ class Method:
   reduces: ClassVar[bool] = True
   baseline: ClassVar[str | None] = None
   drops: ClassVar[bool] = False
+  merges: ClassVar[bool] = False
 
   def options(self, spec: Mapping[str, Any], geo: Geometry):
     """The spec's keys (without "method") -> a validated `Options`. Raise ValueError naming
     the problem for anything that cannot run on a model of this geometry."""
     raise NotImplementedError
 
-  def revalidate(self, options, geo: Geometry):
-    """An `Options` built before, checked against `geo` (a plan passed back to a model)."""
-    return self.options(dataclasses.asdict(options), geo)
+  def revalidate(self, options, geo: Geometry, spec: Mapping[str, Any]):
+    """A plan built before (its `options`, from `spec`) checked against `geo`, when a
+    Reduction is passed back to a model. By default the spec is checked again."""
+    return self.options(spec, geo)
 
   def tokens(self, options, geo: Geometry) -> tuple[tuple[int, int, int], ...]:
     """Per block, the reducible tokens (prefix excluded) its attention runs on, its MLP runs
@@ -295,8 +312,10 @@ class Method:
 
   def spec(self, *, keep_ratio: float = 0.7, locations=(3, 6, 9), r: int = 0) -> dict:
     """The spec of a recipe's common knobs (configs take `keep`, `locations`, `r`); each
-    method takes those that apply to it."""
-    raise NotImplementedError
+    method takes those that apply to it. Without an override the method takes none: give its
+    spec as a mapping (`config.model.reduction`)."""
+    raise ValueError(f"method {self.name!r} takes none of the recipes' knobs (keep, locations, "
+                     f"r): set config.model.reduction to its spec (see its example()).")
 
   def example(self, geo: Geometry) -> dict:
     """A spec at the paper's operating point, scaled to `geo` (tests, benchmarks, studies)."""
@@ -316,10 +335,12 @@ class Reduction:
     method: the registered name.
     options: the method's `Options`.
     geometry: the model it was checked against.
+    spec: the spec's keys (without "method") it was built from, frozen.
   """
   method: str = "none"
   options: Any = None
   geometry: Geometry = Geometry(0, 0)
+  spec: tuple = ()  # the spec's keys it was built from, frozen (`freeze`)
 
   @property
   def impl(self) -> Method:
@@ -367,7 +388,9 @@ class Reduction:
                    prefix > 0 if has_cls is None else bool(has_cls))
     from tps_jax.methods import registry  # pylint: disable=g-import-not-at-top
     if isinstance(spec, Reduction):
-      return cls(spec.method, registry.get(spec.method).revalidate(spec.options, geo), geo)
+      method = registry.get(spec.method)
+      return cls(spec.method, method.revalidate(spec.options, geo, dict(spec.spec)), geo,
+                 spec.spec)
     if spec is None:
       spec = {"method": "none"}
     elif isinstance(spec, str):
@@ -375,4 +398,4 @@ class Reduction:
     spec = dict(spec)
     name = spec.pop("method", "none")
     method = registry.get(name)
-    return cls(name, method.options(spec, geo), geo)
+    return cls(name, method.options(spec, geo), geo, freeze(spec))

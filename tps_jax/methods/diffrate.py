@@ -14,8 +14,8 @@ from tps_jax import ops
 from tps_jax.methods import stages
 from tps_jax.methods.base import Method, check_keys, size_bias
 from tps_jax.methods.registry import register
-from tps_jax.methods.staged import (attend_for, attention_scores, check_temperature,
-                                    default_locations, resolve_score)
+from tps_jax.methods.staged import (attend_for, attention_scores, default_locations,
+                                    resolve_score)
 
 # The authors' searched DeiT-S 2.7 GFLOPs schedule (OpenGVLab/DiffRate@91ae3e3,
 # compression_rate.json; their counts include cls), 2.72 GMACs by our count.
@@ -30,13 +30,11 @@ class DiffRateOptions:
     locations: the blocks where tokens are pruned or merged (counts below the tokens left).
     prune_counts: patch tokens kept by pruning at each location.
     keep_counts: patch tokens left after merging at each location.
-    temperature: unused by the merge; kept for the spec's symmetry with the staged methods.
     score: the attention score ("cls", "received", "mean_query").
   """
   locations: tuple[int, ...] = ()
   prune_counts: tuple[int, ...] = ()
   keep_counts: tuple[int, ...] = ()
-  temperature: float = 1.0
   score: str = "cls"
 
 
@@ -61,8 +59,7 @@ class DiffRate(Method):
   def options(self, spec, geo):
     """Per-block `prune_kept` and `merge_kept` lists of patch tokens (cls excluded; the
     authors count it); counts above the tokens left change nothing."""
-    check_keys(self.name, spec, ("prune_kept", "merge_kept", "temperature", "score"))
-    temperature = check_temperature(spec)
+    check_keys(self.name, spec, ("prune_kept", "merge_kept", "score"))
     score = resolve_score(spec.get("score", "auto"), geo.has_cls)
     lists = {}
     for key in ("prune_kept", "merge_kept"):
@@ -83,10 +80,9 @@ class DiffRate(Method):
       if b < n:
         locations.append(i); prune_counts.append(a); keep_counts.append(b)
         n = b
-    return DiffRateOptions(tuple(locations), tuple(prune_counts), tuple(keep_counts),
-                           temperature, score)
+    return DiffRateOptions(tuple(locations), tuple(prune_counts), tuple(keep_counts), score)
 
-  def revalidate(self, o, geo):
+  def revalidate(self, o, geo, spec):
     n = len(o.locations)
     if len(o.prune_counts) != n or len(o.keep_counts) != n:
       raise ValueError(f"this diffrate plan has {n} locations, {len(o.prune_counts)} prune "
@@ -97,8 +93,7 @@ class DiffRate(Method):
     if o.prune_counts and max(o.prune_counts) > geo.num_patches:
       raise ValueError(f"this diffrate plan keeps {max(o.prune_counts)} patches, the model "
                        f"has {geo.num_patches}.")
-    return self.options({**schedule(o, geo.depth, geo.num_patches),
-                         "temperature": o.temperature, "score": o.score}, geo)
+    return self.options({**schedule(o, geo.depth, geo.num_patches), "score": o.score}, geo)
 
   def acts_at(self, o, i):
     return i in o.locations

@@ -3,18 +3,17 @@ MCTF): a per-block count `r`, sizes tracked, and the token counts that follow.""
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from tps_jax.methods.base import Method
 
 
 class PerBlockMerge(Method):
   """Options carry `r`: tokens merged in each block (length depth, zeros where none)."""
   tracks_sizes = True
-  merges_after: ClassVar[bool] = False  # the merge follows the block's MLP (else its attention)
+  merges = True
 
   def _after(self, o) -> bool:
-    return self.merges_after
+    """Whether the merge follows the block's MLP (else its attention)."""
+    return False
 
   def acts_at(self, o, i):
     return bool(o.r[i])
@@ -30,7 +29,7 @@ class PerBlockMerge(Method):
   def summary(self, o):
     return {"tome_r": max(o.r) if o.r else 0, "merges": list(o.r)}
 
-  def revalidate(self, o, geo):
+  def revalidate(self, o, geo, spec):
     if len(o.r) != geo.depth:
       raise ValueError(f"this {self.name} plan was made for depth {len(o.r)}, the model has "
                        f"{geo.depth} blocks.")

@@ -56,11 +56,11 @@ class PiToMe(PerBlockMerge):
       t -= ri
     return PiToMeOptions(tuple(r), margins, bsm_blocks, float(ratio))
 
-  def revalidate(self, o, geo):
+  def revalidate(self, o, geo, spec):
     if len(o.margins) != geo.depth:
       raise ValueError(f"this pitome plan was made for depth {len(o.margins)}, the model has "
                        f"{geo.depth} blocks.")
-    return super().revalidate(o, geo)
+    return super().revalidate(o, geo, spec)
 
   def block(self, o, i, block, state, ctx):
     y, info = block.attend(state.x)  # the authors' DeiT patch: no proportional attention

@@ -98,14 +98,14 @@ class StagedOptions:
   score: str = "cls"
 
 
-def staged_options(name: str, spec, geo: Geometry) -> StagedOptions:
+def staged_options(name: str, spec, geo: Geometry, scores: bool = True) -> StagedOptions:
   """Locations and one of keep_ratio (scalar: cumulative, rho ** (s + 1); or one per stage)
-  or keep_counts, checked against the model."""
+  or keep_counts, checked against the model; `score` checked only where it `scores`."""
   check_keys(name, spec, ("locations", "keep_ratio", "keep_counts", "keep_ratios",
                           "temperature", "score"))
   n = geo.num_patches
   temperature = check_temperature(spec)
-  score = resolve_score(spec.get("score", "auto"), geo.has_cls)
+  score = resolve_score(spec.get("score", "auto"), geo.has_cls) if scores else "auto"
   locations = check_locations(name, spec.get("locations", default_locations(geo.depth)),
                               geo.depth)
   if "keep_counts" in spec and "keep_ratio" in spec:
@@ -180,6 +180,9 @@ class LearnedStage(Staged):
   learned = True
   stage_kind = "before"
 
+  def options(self, spec, geo):  # the score head scores: no attention score to check
+    return staged_options(self.name, spec, geo, scores=False)
+
   def tokens(self, o, geo):
     out, n, at = [], geo.num_patches, dict(zip(o.locations, o.keep_counts))
     for i in range(geo.depth):
@@ -203,7 +206,7 @@ class LearnedStage(Staged):
                       constant_values=-1)
       state = state.replace(
           x=x, size=size, live=keep,
-          owner=None if state.owner is None else stages.follow(state.owner, new_index),
+          owner=state.follow(new_index),
           decisions=state.decisions + (readout_kept(jnp.pad(keep, ((0, 0), (first, 0))), ctx),),
           hosts=state.hosts + (hosts,))
     else:

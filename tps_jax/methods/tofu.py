@@ -81,7 +81,7 @@ class ToFuOptions:
 @register("tofu")
 class ToFu(PerBlockMerge):
   Options = ToFuOptions
-  tracks_sizes = False  # OpenToMe's ToFu has no proportional attention
+  tracks_sizes = False  # OpenToMe's ToFu has no proportional attention (and no sizes)
   drops = True  # the early blocks prune
 
   def options(self, spec, geo):
@@ -95,9 +95,6 @@ class ToFu(PerBlockMerge):
     return ToFuOptions(schedule({k: spec[k] for k in ("r", "locations") if k in spec}, geo,
                                 self.name),
                        prune_blocks, norm_of)
-
-  def revalidate(self, o, geo):
-    return self.options(dataclasses.asdict(o), geo)
 
   def block(self, o, i, block, state, ctx):
     y, info = block.attend(state.x)

@@ -53,7 +53,7 @@ class ToMe(PerBlockMerge):
     check_keys(self.name, spec, ("r", "locations"))
     return ToMeOptions(schedule(spec, geo))
 
-  def revalidate(self, o, geo):
+  def revalidate(self, o, geo, spec):
     return ToMeOptions(schedule({"r": o.r}, geo))
 
   def plain_bias(self, o, state):

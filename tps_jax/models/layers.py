@@ -299,7 +299,7 @@ class Encoder1DBlock(nn.Module):
     """First half on merged tokens with the attention of the tokens before the merge:
     x (B, N', D), probs (B, H, N, N), value_index (B, N) in [0, N'), the merge's plan (base,
     src, dst) and pooling weights (B, N) -> (B, N', D) (see MultiHeadDotProductAttention's
-    `given_probs`)."""
+    `given`)."""
     y, _ = self.MultiHeadDotProductAttention_0(
         self.LayerNorm_0(x), given=(probs, value_index, ops.MergePlan(base, src, dst), weights))
     return x + self._branch(y, None)

@@ -24,7 +24,7 @@ One model runs DeiT / timm, big_vision / AugReg / SigLIP checkpoints alike:
 Tokens a stage may reduce: every patch token, except token 0 of a pool-"0" model, which
 is its readout and is kept, like cls (`num_prefix` protected tokens lead the sequence).
 
-Training vs inference: with `train=True`, dtps / dynamicvit keep all tokens
+Training vs inference: with `train=True`, learned methods (dtps, dynamicvit) keep all tokens
 and mark decisions with straight-through Gumbel samples (rng stream "gumbel";
 `gumbel_noise=False` turns the noise off), attention masking dropped tokens by
 policy. Every other path, and every method at `train=False`, gathers the kept
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from tps_jax import ops
-from tps_jax.methods import Block, Context, Reduction, TokenState
+from tps_jax.methods import Block, Context, Reduction, TokenState, freeze
 from tps_jax.models import pooling, posemb
 from tps_jax.models.layers import (BLOCK_FUNCTIONS, GELUS, IMPLEMENTATIONS, Encoder1DBlock,
                                    PatchEmbedding)
@@ -79,15 +79,6 @@ def decode_variant(variant: str | None) -> dict[str, Any]:
 
 def _pair(v) -> tuple[int, int]:
   return (int(v), int(v)) if isinstance(v, (int, float)) else tuple(int(a) for a in v)
-
-
-def _freeze(spec):
-  """A reduction spec as a hashable value (lists -> tuples, mappings -> sorted pairs)."""
-  if isinstance(spec, Mapping):
-    return tuple(sorted((k, _freeze(v)) for k, v in spec.items()))
-  if isinstance(spec, list):
-    return tuple(_freeze(v) for v in spec)
-  return spec
 
 
 def resolve_reduction(spec, *, depth: int, num_patches: int, prefix: int,
@@ -166,6 +157,8 @@ class Encoder(nn.Module):
     block = Encoder1DBlock(**kw, deterministic=not train, parent=None)
 
     def apply(i, function, *args, **kwargs):
+      if function == "__call__":  # a whole block: one step of the scan, rematerialised
+        return run(i, i + 1, *args, kwargs.get("policy"), kwargs.get("bias"))
       params = jax.tree.map(lambda t: t[i], stack)
       one = Encoder1DBlock(**kw, drop_path=rates[i], deterministic=not train, parent=None)
       return one.apply({"params": params}, *args, method=function, rngs=rngs_for(i), **kwargs)
@@ -235,8 +228,9 @@ class Encoder(nn.Module):
         # (B, P + N'): live tokens of the final sequence (all ones on the gather path).
         "live_mask": live if live is not None else jnp.ones(x.shape[:2], jnp.float32),
     }
-    if method.tracks_sizes:  # merged tokens: no single position (token distillation skips)
-      out["token_sizes"] = state.size
+    if method.merges:  # merged tokens: no single position (token distillation skips)
+      out["token_sizes"] = (state.size if state.size is not None
+                            else jnp.ones(x.shape[:2], jnp.float32))
     if state.size is not None:
       out["sizes"] = state.size * out["live_mask"]  # (B, P + N') patches each token stands for
     if state.owner is not None:
@@ -448,7 +442,7 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
                        "Reduction resolved for one token count.")
     _check_spec(reduction, depth=cfg["depth"], prefix=prefix, has_cls=pool == "tok")
     return VisionTransformer(num_classes=num_classes, image_size=None, layout=layout,
-                             reduction=_freeze(reduction), **cfg)
+                             reduction=freeze(reduction), **cfg)
   size = _pair(image_size)
   if size[0] % patch[0] or size[1] % patch[1]:
     raise ValueError(f"image_size {image_size} is not a multiple of patch_size "
