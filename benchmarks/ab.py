@@ -5,12 +5,14 @@ tree and their ratio; writes JSON to benchmarks/results/.
 
   git worktree add /tmp/base <commit>
   python -m benchmarks.ab --base /tmp/base [--methods none dtps etps tome] [--rounds 3]
+  python -m benchmarks.ab --base /tmp/base --census   # the optimised programs' shapes instead
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -31,6 +33,15 @@ def rows_of(tree: pathlib.Path, args, out: pathlib.Path) -> dict:
           if r.get("impl") == "tps_jax"}
 
 
+def census_of(tree: pathlib.Path) -> list[dict]:
+  """This tree's `benchmarks.hlo_census` run on `tree`'s code."""
+  code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
+          "import hlo_census; hlo_census.main([])")  # an older tree may lack this script
+  out = subprocess.run([sys.executable, "-c", code], cwd=tree, check=True, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(tree)}).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--base", required=True, help="the other checkout's root")
@@ -41,8 +52,19 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--census", action="store_true",
+                      help="compare the optimised programs' instruction counts, not the speed")
   args = parser.parse_args(argv)
   trees = {"base": pathlib.Path(args.base).resolve(), "this": ROOT}
+  if args.census:
+    base, this = (census_of(t) for t in trees.values())
+    rows = [{"method": b["method"], **{f"{k}_base": b[k] for k in b if k != "method"},
+             "same": b == t} for b, t in zip(base, this)]
+    common.write_json("hlo_census", {"args": vars(args), "base": base, "this": this,
+                                     "rows": rows}, args.out)
+    common.print_table(rows, ["method", "instructions_base", "fusions_base", "dots_base",
+                              "gathers_base", "scatters_base", "macs_base", "same"])
+    return
   seen = {t: {m: [] for m in args.methods} for t in trees}
   with tempfile.TemporaryDirectory() as tmp:
     for k in range(args.rounds):
