@@ -188,29 +188,34 @@ def test_a_tower_built_with_name_as_big_vision_builds_it():
   assert bv.Model(**cfg, name="img").name == "img"
 
 
-def test_siglip_two_towers_builds_our_tower_as_its_own():
-  """big_vision's two_towers (SigLIP) with image_model="tps_vit" (goldens from
-  scripts/two_towers_goldens.py): inside it our tower gave its own vit tower's embeddings at
-  keep 1.0 and fewer tokens when reducing; its `load` reached ours (dTPS score heads kept at
-  init by dont_load). Here our tower, built as two_towers builds it, recomputes them."""
-  g = _golden("two_towers")
+@pytest.mark.parametrize("name", ["two_towers", "one_tower"])
+def test_big_vision_two_and_one_tower_build_our_tower_as_their_own(name):
+  """big_vision's SigLIP two_towers and CLIPPO one_tower with image_model="tps_vit" (goldens
+  from scripts/towers_goldens.py): inside them our tower gave their vit tower's embeddings at
+  keep 1.0 (CLIPPO's text-as-image too) and fewer tokens when reducing; their `load` reached
+  ours (dTPS score heads kept at init by dont_load). Here our tower, built as they build it,
+  recomputes the embeddings."""
+  g = _golden(name)
   cfg = json.loads(str(g["config"]))
   params = _tree({k[len("param:"):]: v for k, v in g.items() if k.startswith("param:")})
+  inputs = {"zimg": g["input:0"], "ztxt": g.get("input:1")}
 
-  def zimg(**extra):  # two_towers' image half: the tower (name="img"), then normalised
+  def embed(key, **extra):  # the model's image half: the tower (name="img"), normalised
     tower = bv.Model(num_classes=16, **cfg, **extra, name="img")
-    z, out = _apply(tower, params["img"], g["image"])
+    z, out = _apply(tower, params["img"], inputs[key])
     return np.asarray(z) / (np.linalg.norm(z, axis=1, keepdims=True) + 1e-8), out
 
-  np.testing.assert_allclose(zimg()[0], g["zimg:vit"], atol=1e-6)  # big_vision's vit tower
-  np.testing.assert_allclose(g["zimg:tps_keep1"], g["zimg:vit"], atol=1e-6)  # ours, inside it
-  z, out = zimg(reduction=dict(method="etps", keep_ratio=0.5, locations=(1,)))
-  np.testing.assert_allclose(z, g["zimg:tps_etps"], atol=1e-6)
-  assert out["encoded"].shape[1] == int(g["tokens:tps_etps"]) == 8  # 16 patches, keep 0.5
-  assert not np.allclose(g["zimg:tps_etps"], g["zimg:vit"], atol=1e-3)
+  etps = dict(reduction=dict(method="etps", keep_ratio=0.5, locations=(1,)))
+  for key in [k for k in ("zimg", "ztxt") if f"{k}:vit" in g]:
+    np.testing.assert_allclose(embed(key)[0], g[f"{key}:vit"], atol=1e-6)  # their vit tower
+    np.testing.assert_allclose(g[f"{key}:tps_keep1"], g[f"{key}:vit"], atol=1e-6)  # ours, inside
+    z, out = embed(key, **etps)
+    np.testing.assert_allclose(z, g[f"{key}:tps_etps"], atol=1e-6)
+    assert out["encoded"].shape[1] == int(g["tokens:tps_etps"]) == 8  # 16 patches, keep 0.5
+    assert not np.allclose(g[f"{key}:tps_etps"], g[f"{key}:vit"], atol=1e-3)
   loaded = {k[len("loaded:"):]: v for k, v in g.items() if k.startswith("loaded:")}
   for k, v in _flat(params["img"]).items():
-    np.testing.assert_array_equal(loaded[k], v)  # the checkpoint, through two_towers.load
+    np.testing.assert_array_equal(loaded[k], v)  # the checkpoint, through their `load`
   heads = [k for k in loaded if "score_head" in k]
   assert heads and all(np.array_equal(loaded[k], g[f"init:{k}"]) for k in heads)
 

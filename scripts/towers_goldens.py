@@ -1,0 +1,114 @@
+"""Writes tests/goldens/big_vision/{two_towers,one_tower}.npz: big_vision's own SigLIP two-tower
+model (`big_vision/models/proj/image_text/two_towers.py`) and CLIPPO one-tower model
+(`proj/clippo/one_tower.py`) building their image tower from big_vision's `vit` and, after
+`tps_jax.big_vision.register()`, from `tps_vit` (ours), on seeded parameters.
+
+Provenance: google-research/big_vision at commit 0127fb6b337ee2a27bf4e54dea79cff176527356,
+run with this checkout's tps_jax on CPU, float32.
+
+  git clone https://github.com/google-research/big_vision /tmp/bv_repo   # or any checkout
+  python scripts/towers_goldens.py --big_vision /tmp/bv_repo
+
+The file holds the image tower's config (`config`, JSON), the image, the parameters
+(`param:<a/b/c>`, the two-tower tree: `img/...` and `t`), and big_vision's outputs:
+`zimg:vit` (its own tower), `zimg:tps_keep1` (ours at keep 1.0 inside its model),
+`zimg:tps_etps` and `tokens:tps_etps` (ours reducing at keep 0.5), and `loaded:<a/b/c>`, what
+`two_towers.load` returns for our tower from an `.npz` of the image tower with the score heads
+of a dTPS tower left at init by `dont_load`. `one_tower.npz` holds the same for CLIPPO, whose
+one tower embeds both the image and the text rendered as an image (`text`): `zimg:*`,
+`ztxt:*`. No big_vision code is committed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from scripts.big_vision_goldens import flat, import_big_vision  # noqa: E402
+
+GOLDENS = ROOT / "tests" / "goldens" / "big_vision"
+IMAGE = (2, 16, 16, 3)
+TOWER = dict(variant=None, patch_size=(4, 4), width=32, depth=3, mlp_dim=64, num_heads=2,
+             pool_type="map")
+OUT_DIM = 16
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--big_vision", required=True, type=pathlib.Path,
+                 help="a checkout of google-research/big_vision")
+  args = p.parse_args()
+  import_big_vision(args.big_vision.resolve())
+  import big_vision.models.proj.image_text.two_towers as two_towers  # pylint: disable=g-import-not-at-top
+  import big_vision.models.proj.clippo.one_tower as one_tower  # pylint: disable=g-import-not-at-top
+  from tps_jax import big_vision as tps_vit  # pylint: disable=g-import-not-at-top
+  tps_vit.register()
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.normal(size=IMAGE).astype(np.float32))
+  text = jnp.asarray(rng.normal(size=IMAGE).astype(np.float32))  # CLIPPO's rendered text
+  cfg = {k: v for k, v in TOWER.items() if v is not None}
+  for lib, name, inputs in ((two_towers, "two_towers", (image,)),
+                            (one_tower, "one_tower", (image, text))):
+    write(lib, GOLDENS / f"{name}.npz", cfg, inputs)
+
+
+def write(lib, out_path: pathlib.Path, cfg: dict, inputs: tuple) -> None:
+  """One big_vision model's goldens with its vit tower and ours."""
+  def model(image_model, **extra):
+    return lib.Model(image={**cfg, **extra}, image_model=image_model, out_dim=OUT_DIM)
+
+  params = model("vit").init(jax.random.key(0), *inputs)["params"]
+  rng = np.random.default_rng(1)  # head_zeroinit leaves a zero head: seeded values instead
+  params = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32)
+                        if a.ndim > 1 and not a.any() else np.asarray(a), params)
+  arrays = {f"param:{k}": v for k, v in flat(params).items()}
+  run = lambda m: jax.jit(lambda p, *x: m.apply({"params": p}, *x))(params, *inputs)
+
+  def record(key, m):
+    zimg, ztxt, out = run(m)
+    arrays[f"zimg:{key}"] = np.asarray(zimg)
+    if ztxt is not None:
+      arrays[f"ztxt:{key}"] = np.asarray(ztxt)
+    return out
+
+  record("vit", model("vit"))
+  record("tps_keep1", model("tps_vit", reduction=dict(method="etps", keep_ratio=1.0,
+                                                     locations=(1,))))
+  out = record("tps_etps", model("tps_vit", reduction=dict(method="etps", keep_ratio=0.5,
+                                                           locations=(1,))))
+  arrays["tokens:tps_etps"] = np.asarray(out["img/encoded"].shape[1])
+  # `load` reaches our `load` for the image tower: a dTPS tower's new score heads stay at init
+  # under dont_load.
+  reduction = dict(method="dtps", keep_ratio=0.5, locations=(1,))
+  dtps = model("tps_vit", reduction=reduction)
+  init = jax.jit(dtps.init)(jax.random.key(2), *inputs)["params"]
+  with tempfile.TemporaryDirectory() as tmp:
+    path = pathlib.Path(tmp) / "img.npz"
+    np.savez(path, **flat(params["img"]))
+    loaded = lib.load(init, {"img": str(path)},
+                      _Config(image={**cfg, "reduction": reduction}, image_model="tps_vit"),
+                      img_load_kw=dict(dont_load=[".*score_head.*"]))
+  arrays.update({f"loaded:{k}": v for k, v in flat(loaded["img"]).items()})
+  arrays.update({f"init:{k}": v for k, v in flat(init["img"]).items() if "score_head" in k})
+  np.savez(out_path, config=np.asarray(json.dumps(cfg)),
+           **{f"input:{i}": np.asarray(x) for i, x in enumerate(inputs)}, **arrays)
+  print(f"wrote {out_path}: "
+        f"{sorted(k for k in arrays if not k.startswith(('param:', 'loaded:', 'init:')))}")
+
+
+class _Config(dict):
+  """big_vision passes ml_collections ConfigDicts: attribute access and `.get`."""
+  __getattr__ = dict.__getitem__
+
+
+if __name__ == "__main__":
+  main()
