@@ -57,7 +57,7 @@ class NormKeep(methods.Method):
     scores = jnp.linalg.norm(y[:, ctx.prefix:].astype(jnp.float32), axis=-1)
     st = ctx.checkpoint(lambda y, s, pos, size: stages.prune_by_scores(
         y, s, pos, o.keep, method="drop", num_patches=ctx.num_patches, prefix=ctx.prefix,
-        size=size))(y, scores, state.positions, state.size)
+        size=size, ordered=ctx.ordered))(y, scores, state.positions, state.size)
     return state.after_stage(st, ctx).replace(x=block.feed(st.x))
 
   def extra_macs(self, o, geo, dims):

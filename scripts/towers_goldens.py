@@ -16,7 +16,11 @@ The file holds the image tower's config (`config`, JSON), the image, the paramet
 `two_towers.load` returns for our tower from an `.npz` of the image tower with the score heads
 of a dTPS tower left at init by `dont_load`. `one_tower.npz` holds the same for CLIPPO, whose
 one tower embeds both the image and the text rendered as an image (`text`): `zimg:*`,
-`ztxt:*`. No big_vision code is committed here.
+`ztxt:*`. `paligemma.npz` holds PaliGemma (`proj/paligemma/paligemma.py`) with a small random
+Gemma (`gemma_tiny`: width 32, depth 2, 2 heads, vocab 64; patched into `ppp/gemma.get_config`)
+and a pool-"none" image tower whose every token is the LLM's prefix: `text` (int32 tokens),
+`logits:*` (text logits), `prefix:*` (image tokens in the prefix) for vit, ours at keep 1.0
+and ours with eTPS at keep 0.5. No big_vision code is committed here.
 """
 
 from __future__ import annotations
@@ -59,6 +63,46 @@ def main():
   for lib, name, inputs in ((two_towers, "two_towers", (image,)),
                             (one_tower, "one_tower", (image, text))):
     write(lib, GOLDENS / f"{name}.npz", cfg, inputs)
+  paligemma(image)
+
+
+def paligemma(image) -> None:
+  """PaliGemma with a tiny Gemma: the image tower's tokens are the LLM's prefix."""
+  from big_vision.models.ppp import gemma  # pylint: disable=g-import-not-at-top
+  import big_vision.models.proj.paligemma.paligemma as pg  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  real = gemma.get_config
+  gemma.get_config = lambda variant: (ml_collections.ConfigDict(dict(
+      variant=variant, width=32, depth=2, mlp_dim=64, num_heads=2, num_kv_heads=1,
+      head_dim=16, norm_eps=1e-6, vocab_size=64, scan=True, remat_policy="nothing_saveable"))
+      if variant == "gemma_tiny" else real(variant))
+  tower = dict(patch_size=(4, 4), width=32, depth=3, mlp_dim=64, num_heads=2, pool_type="none")
+  llm = dict(variant="gemma_tiny", cache_dtype=None)
+  text = jnp.asarray(np.random.default_rng(5).integers(0, 64, (2, 6)), jnp.int32)
+  mask_ar = jnp.asarray([[0, 0, 0, 1, 1, 1]] * 2, jnp.int32)  # a prefix, then causal
+
+  def model(img_model, **extra):
+    return pg.Model(img_model=img_model, img={**tower, **extra}, llm=llm)
+
+  params = model("vit").init(jax.random.key(0), image, text, mask_ar)["params"]
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32)
+                        if a.ndim > 1 and not a.any() else np.asarray(a), params)
+  arrays = {f"param:{k}": v for k, v in flat(params).items()}
+  for key, m in (("vit", model("vit")),
+                 ("tps_keep1", model("tps_vit", reduction=dict(method="etps", keep_ratio=1.0,
+                                                               locations=(1,)))),
+                 ("tps_etps", model("tps_vit", reduction=dict(method="etps", keep_ratio=0.5,
+                                                              locations=(1,))))):
+    logits, out = jax.jit(lambda p, *x, m=m: m.apply({"params": p}, *x))(params, image, text,
+                                                                         mask_ar)
+    arrays[f"logits:{key}"] = np.asarray(logits)
+    arrays[f"prefix:{key}"] = np.asarray(out["img/zimg"].shape[1])
+    arrays[f"zimg:{key}"] = np.asarray(out["img/zimg"])
+  out_path = GOLDENS / "paligemma.npz"
+  np.savez(out_path, config=np.asarray(json.dumps(tower)), image=np.asarray(image),
+           text=np.asarray(text), mask_ar=np.asarray(mask_ar), **arrays)
+  print(f"wrote {out_path}: prefix {[int(arrays[f'prefix:{k}']) for k in ('vit', 'tps_keep1', 'tps_etps')]}")
 
 
 def write(lib, out_path: pathlib.Path, cfg: dict, inputs: tuple) -> None:

@@ -220,6 +220,31 @@ def test_big_vision_two_and_one_tower_build_our_tower_as_their_own(name):
   assert heads and all(np.array_equal(loaded[k], g[f"init:{k}"]) for k in heads)
 
 
+def test_paligemma_prefix_holds_fewer_image_tokens_and_its_llm_runs_on_them():
+  """big_vision's PaliGemma with a tiny random Gemma and img_model="tps_vit" (goldens from
+  scripts/towers_goldens.py): every token of the pool-"none" tower is the LLM's prefix. At
+  keep 1.0 our tower gave its vit tower's prefix and text logits (stages keep the sequence's
+  order when the sequence is the output); eTPS at keep 0.5 halves the prefix and the LLM ran
+  on it. Here our tower recomputes the prefixes."""
+  g = _golden("paligemma")
+  cfg = json.loads(str(g["config"]))
+  params = _tree({k[len("param:"):]: v for k, v in g.items() if k.startswith("param:")})
+  llm_width = params["llm"]["embedder"]["input_embedding"].shape[1]
+
+  def prefix(**extra):
+    tower = bv.Model(num_classes=llm_width, **cfg, **extra, name="img")
+    return np.asarray(_apply(tower, params["img"], g["image"])[0])
+
+  np.testing.assert_allclose(prefix(), g["zimg:vit"], atol=1e-5)
+  np.testing.assert_array_equal(g["zimg:tps_keep1"], g["zimg:vit"])  # the same order
+  np.testing.assert_allclose(g["logits:tps_keep1"], g["logits:vit"], atol=1e-6)
+  half = prefix(reduction=dict(method="etps", keep_ratio=0.5, locations=(1,)))
+  np.testing.assert_allclose(half, g["zimg:tps_etps"], atol=1e-5)
+  assert half.shape[1] == int(g["prefix:tps_etps"]) == 8 < int(g["prefix:vit"]) == 16
+  assert g["logits:tps_etps"].shape == g["logits:vit"].shape  # the LLM ran on 8 image tokens
+  assert np.isfinite(g["logits:tps_etps"]).all()
+
+
 def test_imports_without_the_training_stack():
   """`pip install .` (jax, flax, numpy) is enough for tps_jax.big_vision."""
   code = ("import sys; import tps_jax.big_vision; "

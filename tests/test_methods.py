@@ -3,8 +3,9 @@
 goldens) live in its own file.
 
 - it compiles once under jit and leaves the tokens its `tokens()` declares;
-- its `identity` spec (keep 1.0, r = 0) gives the dense logits on cls, GAP, MAP, pool "0" and
-  scanned models, at inference and (training-free methods) in the training forward;
+- its `identity` spec (keep 1.0, r = 0) gives the dense logits on cls, GAP, MAP, pool "0",
+  pool "none" (every token, in order) and scanned models, at inference and (training-free
+  methods) in the training forward;
 - its `example` runs on cls-free models with fewer tokens at the end, which stand for every
   patch unless the method `drops` some;
 - its MACs equal the traced program's matrix products (and XLA's count within 3-20% more);
@@ -33,7 +34,9 @@ REDUCING = tuple(n for n in NAMES if methods.get(n).reduces)
 LAYOUTS = {"tok": dict(pool_type="tok"), "gap": dict(pool_type="gap", layout="big_vision"),
            "map": dict(pool_type="map", layout="big_vision", scan=True),
            "zero": dict(pool_type="0", layout="big_vision"),
-           "gap_scan": dict(pool_type="gap", layout="big_vision", scan=True)}
+           "gap_scan": dict(pool_type="gap", layout="big_vision", scan=True),
+           # every token is the output (a PaliGemma prefix): identity must keep their order
+           "none": dict(pool_type="none", layout="big_vision")}
 _DENSE = {}
 
 

@@ -88,6 +88,8 @@ class Context:
     module: `module(cls, **kw)` builds a submodule of the encoder (its parameters sit under
       "Transformer/<name>"), rematerialised when the model is.
     make_rng: the encoder's `make_rng` (streams "gumbel", "dropout").
+    ordered: the token sequence itself is the model's output (pool_type "none", e.g. a
+      PaliGemma prefix): a stage keeps its tokens in their order, not by score.
   """
   prefix: int
   first: int
@@ -100,6 +102,7 @@ class Context:
   checkpoint: Callable[[Callable], Callable]
   module: Callable[..., Any]
   make_rng: Callable[[str], jax.Array]
+  ordered: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -115,7 +115,7 @@ class DiffRate(Method):
                                          bias=ops.proportional_attention_bias(state.size))
     st = ctx.checkpoint(functools.partial(
         stages.prune_then_merge, prune_k=o.prune_counts[s], merge_k=o.keep_counts[s],
-        num_patches=ctx.num_patches, prefix=ctx.prefix))(
+        num_patches=ctx.num_patches, prefix=ctx.prefix, ordered=ctx.ordered))(
             y, attention_scores(info, o.score, ctx.prefix), state.positions, size=state.size)
     state = state.after_stage(st, ctx).replace(merged=True)
     return state.replace(x=block.feed(state.x))

@@ -213,7 +213,7 @@ class LearnedStage(Staged):
       logits = head(x[:, p:], jnp.ones(x.shape[:2], jnp.float32)[:, p:])
       st = ctx.checkpoint(functools.partial(
           stages.prune_by_scores, k=o.keep_counts[s], num_patches=ctx.num_patches,
-          method=self.prune, temperature=o.temperature, prefix=p))(
+          method=self.prune, temperature=o.temperature, prefix=p, ordered=ctx.ordered))(
               x, logits[..., 0], state.positions, size=state.size)
       state = state.after_stage(st, ctx)
     return state.replace(x=block.block(state.x, policy=state.policy(ctx)))
@@ -246,7 +246,8 @@ class AttentionStage(Staged):
     y, info = attend_for(block, o.score)(state.x)
     st = ctx.checkpoint(functools.partial(
         stages.prune_by_scores, k=o.keep_counts[o.locations.index(i)], method=self.prune,
-        num_patches=ctx.num_patches, temperature=o.temperature, prefix=ctx.prefix))(
+        num_patches=ctx.num_patches, temperature=o.temperature, prefix=ctx.prefix,
+        ordered=ctx.ordered))(
             y, attention_scores(info, o.score, ctx.prefix), state.positions, size=state.size)
     state = state.after_stage(st, ctx)
     return state.replace(x=block.feed(state.x))

@@ -60,7 +60,8 @@ def _add_to(size: jax.Array, idx: jax.Array, amount: jax.Array, n: int) -> jax.A
 
 def prune_by_scores(x: jax.Array, scores: jax.Array, positions: jax.Array, k: int, *,
                     method: str, num_patches: int, temperature: float = 1.0,
-                    prefix: int = 1, size: jax.Array | None = None) -> StageOut:
+                    prefix: int = 1, size: jax.Array | None = None,
+                    ordered: bool = False) -> StageOut:
   """Keeps the `k` best-scored tokens of x[:, prefix:] and squeezes / fuses / drops the rest.
 
   x (B, P + N, C), scores (B, N), positions (B, N) int32, size (B, P + N) or None.
@@ -70,6 +71,8 @@ def prune_by_scores(x: jax.Array, scores: jax.Array, positions: jax.Array, k: in
     raise ValueError(f"unknown stage method {method!r}; expected squeeze, fuse or drop.")
   b, n = scores.shape
   keep_idx, prune_idx = ops.topk_split(scores, k)
+  if ordered:  # the kept tokens in their sequence order (the sequence is the output)
+    keep_idx = jnp.sort(keep_idx, axis=1)
   head, tokens = x[:, :prefix], x[:, prefix:]
   kept = ops.gather_tokens(tokens, keep_idx)
   pruned = ops.gather_tokens(tokens, prune_idx)
@@ -112,7 +115,7 @@ def prune_by_scores(x: jax.Array, scores: jax.Array, positions: jax.Array, k: in
 
 def prune_then_merge(x: jax.Array, scores: jax.Array, positions: jax.Array, prune_k: int,
                      merge_k: int, *, num_patches: int, prefix: int = 1,
-                     size: jax.Array | None = None) -> StageOut:
+                     size: jax.Array | None = None, ordered: bool = False) -> StageOut:
   """DiffRate's stage: keeps the `prune_k` best-scored tokens of x[:, prefix:], then merges
   those beyond the best `merge_k` into their most similar kept token (ops.diffrate_merge).
 
@@ -122,6 +125,8 @@ def prune_then_merge(x: jax.Array, scores: jax.Array, positions: jax.Array, prun
   _, order = jax.lax.top_k(scores, prune_k)  # best first
   order = order.astype(jnp.int32)
   keep_idx, src_idx = order[:, :merge_k], order[:, merge_k:]
+  if ordered:  # the kept tokens in their sequence order (the sequence is the output)
+    keep_idx = jnp.sort(keep_idx, axis=1)
   head, tokens = x[:, :prefix], x[:, prefix:]
   size = jnp.ones(x.shape[:2], jnp.float32) if size is None else size
   head_size, tok_size = size[:, :prefix], size[:, prefix:]

@@ -118,6 +118,7 @@ class Encoder(nn.Module):
   remat_policy: str = "nothing_saveable"
   track_sizes: bool = False  # weigh pooling: patches each token stands for
   track_owner: bool = False  # follow each patch to its final token (2-D outputs)
+  ordered: bool = False  # the tokens are the output (pool "none"): stages keep their order
 
   def _blocks(self, x, train: bool):
     """(apply(i, function, *args), run(a, e, x, policy, bias)): one of block i's functions
@@ -187,7 +188,8 @@ class Encoder(nn.Module):
                    num_patches=self.num_patches, has_cls=self.has_cls, train=train,
                    masked=train and red.learned, dtype=self.dtype,
                    gumbel_noise=self.gumbel_noise, checkpoint=checkpoint,
-                   module=lambda cls, **kw: wrap(cls)(**kw), make_rng=self.make_rng)
+                   module=lambda cls, **kw: wrap(cls)(**kw), make_rng=self.make_rng,
+                   ordered=self.ordered)
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -351,7 +353,8 @@ class VisionTransformer(nn.Module):
                          gelu=self.gelu, dropout=self.dropout, scan=self.scan,
                          remat_policy=self.remat_policy,
                          track_sizes=self.pool_type in ("gap", "map"),
-                         track_owner=self.outputs_2d, name="Transformer")(x, train=train)
+                         track_owner=self.outputs_2d, ordered=self.pool_type == "none",
+                         name="Transformer")(x, train=train)
     out.update(enc_out)
     out["encoded"] = x
     weight = enc_out.get("sizes")
