@@ -1,5 +1,6 @@
 """Shared by the methods that merge a number of tokens in each of some blocks (ToMe, PiToMe,
-MCTF): a per-block count `r`, sizes tracked, and the token counts that follow."""
+MCTF, ToFu): a per-block count `r`, sizes tracked (unless a method says not), merged tokens
+flagged, and the token counts that follow."""
 
 from __future__ import annotations
 

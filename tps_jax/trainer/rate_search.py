@@ -182,8 +182,9 @@ def proxy_constant(model: VisionTransformer) -> float:
 
 
 def _dense(model: VisionTransformer) -> VisionTransformer:
-  return model.clone(reduction=methods.Reduction.create(None, depth=model.depth,
-                                                        num_patches=model.num_reducible))
+  return model.clone(reduction=methods.Reduction.create(
+      None, depth=model.depth, num_patches=model.num_reducible, prefix=model.num_prefix,
+      has_cls=model.has_cls))
 
 
 @dataclasses.dataclass
