@@ -3,6 +3,7 @@
   python -m experiments.fashion_mnist quick       # the README's main job (the committed models)
   python -m experiments.fashion_mnist teacher     # the dense teacher (about 2 h 50 min, 2 cores)
   python -m experiments.fashion_mnist offshelf    # training-free eTPS / EViT / top-k / ToMe
+  python -m experiments.fashion_mnist scores      # which cls-free score a stage should use
   python -m experiments.fashion_mnist curve       # how long the learned scorers need
   python -m experiments.fashion_mnist finetune    # dTPS vs DynamicViT, eTPS vs EViT, seeds
   python -m experiments.fashion_mnist pictures    # kept / pruned / host pictures per stage
@@ -107,6 +108,50 @@ def offshelf(args) -> None:
                           title=f"Fashion-MNIST{' (' + args.arg + ')' if args.arg else ''}, off "
                                 f"the shelf (no fine-tuning): top-1 vs MACs")
   print(f"wrote {out / (name + '.json')} and {png}")
+
+
+def score_table(runs: dict[str, list[dict]]) -> dict:
+  """{score: offshelf points} -> per (method, keep) the top-1 of each score, the best score and
+  its margin over the next; and the score with the best mean top-1 over every point."""
+  scores = list(runs)
+  keyed = {sc: {(p["method"], p["keep"]): p["top1"] for p in pts} for sc, pts in runs.items()}
+  rows = []
+  for method, keep in keyed[scores[0]]:
+    top1 = {sc: keyed[sc][(method, keep)] for sc in scores}
+    ranked = sorted(scores, key=top1.get, reverse=True)
+    rows.append({"method": method, "keep": keep, "top1": top1, "best": ranked[0],
+                 "margin": top1[ranked[0]] - top1[ranked[1]] if len(ranked) > 1 else 0.0})
+  mean = {sc: sum(keyed[sc].values()) / len(keyed[sc]) for sc in scores}
+  return {"rows": rows, "mean_top1": mean, "winner": max(scores, key=mean.get)}
+
+
+def scores(args) -> None:
+  """The training-free attention stages (etps, topk) under each cls-free score on one teacher,
+  and which score wins (`score="auto"` takes staged.MAP_SCORE on MAP models, else
+  staged.CLS_FREE_SCORE)."""
+  cfg = study.fashion_mnist_config(args.arg)
+  params = study.load_dense(cfg, args.teacher)
+  locations = study.stage_locations(args.arg)
+  runs, dense = {}, None
+  for score in args.scores:
+    print(f"score {score}:")
+    points = study.offshelf_sweep(cfg, params, locations=locations, methods=args.methods,
+                                  keeps=args.keeps, tome_rs=(), score=score)
+    dense, runs[score] = points[0], points[1:]
+  table = score_table(runs)
+  map_model = "pool=map" in args.arg
+  out = pathlib.Path(args.results) / f"{args.name}.json"
+  study.write_json(out, {
+      "what": "cls-free attention scores of the training-free stages, on the dense "
+              "Fashion-MNIST teacher, whole test set", "teacher": str(args.teacher),
+      "config_arg": args.arg, "locations": list(locations), "dense": dense, **table,
+      "auto_takes": staged.MAP_SCORE if map_model else staged.CLS_FREE_SCORE, "points": runs})
+  print(f"{'method':6s} {'keep':>4s}  " + "  ".join(f"{s:>10s}" for s in runs) + "  best")
+  for r in table["rows"]:
+    print(f"{r['method']:6s} {r['keep']:4.1f}  " +
+          "  ".join(f"{100 * r['top1'][s]:9.2f}%" for s in runs) +
+          f"  {r['best']} (+{100 * r['margin']:.2f})")
+  print(f"winner by mean top-1: {table['winner']}; wrote {out}")
 
 
 def finetune(args) -> None:
@@ -548,6 +593,12 @@ def main(argv=None) -> None:
   s.add_argument("--score", default="auto", help="etps / evit / topk attention score "
                                                  f"{staged.SCORES})")
   s.add_argument("--name", default="fmnist_offshelf", help="output JSON / PNG name")
+  s = sub.add_parser("scores", help="the attention stages under each cls-free score")
+  s.add_argument("--methods", type=_methods, default=("etps", "topk"))
+  s.add_argument("--keeps", type=_floats, default=(0.7, 0.5, 0.3))
+  s.add_argument("--scores", type=lambda v: tuple(v.split(",")),
+                 default=("received", "mean_query", "map_probe"))
+  s.add_argument("--name", default="fmnist_map_scores", help="output JSON name")
   s = sub.add_parser("finetune", help="fine-tuned comparisons over seeds")
   s.add_argument("--methods", type=_methods, default=FINETUNE_METHODS)
   s.add_argument("--keeps", type=_floats, default=(0.5, 0.3))
@@ -612,7 +663,8 @@ def main(argv=None) -> None:
   s.add_argument("--overwrite", action="store_true",
                  help="delete --out first even if this job did not write it")
   args = p.parse_args(argv)
-  {"teacher": teacher, "offshelf": offshelf, "finetune": finetune, "pictures": pictures,
+  {"teacher": teacher, "offshelf": offshelf, "scores": scores, "finetune": finetune,
+   "pictures": pictures,
    "quick": quick, "report": report, "curve": curve, "search": rate_search}[args.command](args)
 
 

@@ -353,6 +353,73 @@ def test_cls_score_needs_a_cls_token():
     bv.Model(**SMALL, reduction=dict(method="etps", score="norm"))
 
 
+def test_map_probe_needs_a_map_head():
+  with pytest.raises(ValueError, match="'map_probe' needs a MAP head"):
+    bv.Model(**SMALL, pool_type="gap",
+             reduction=dict(method="etps", keep_ratio=0.5, locations=(1,), score="map_probe"))
+  with pytest.raises(ValueError, match="'map_probe' needs a MAP head"):
+    bv.Model(**SMALL, pool_type="tok", reduction=dict(method="topk", score="map_probe"))
+
+
+def _layer_norm(x, p, eps=1e-6):
+  x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+  return x * np.asarray(p["scale"]) + np.asarray(p["bias"])
+
+
+def _softmax(a):
+  e = np.exp(a - a.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_map_probe_keeps_the_tokens_the_map_probe_attends_to(scan):
+  """score "map_probe": the MAP head's probe query (probe @ W_q + b_q of `MAPHead_0`)
+  against the stage block's keys; a top-k stage at block 1 keeps the tokens with the largest
+  head-mean softmax of it, computed here from the parameters alone."""
+  red = dict(method="topk", keep_ratio=0.5, locations=(1,), score="map_probe")
+  model = bv.Model(**SMALL, pool_type="map", reduction=red)
+  params = jax.jit(model.init)(jax.random.key(3), IMAGE)["params"]
+  dense = bv.Model(**SMALL, pool_type="map")
+  _, inter = dense.apply({"params": params}, IMAGE, capture_intermediates=True,
+                         mutable=["intermediates"])
+  x = np.asarray(inter["intermediates"]["Transformer"]["encoderblock_0"]["__call__"][0])
+  blk, head = params["Transformer"]["encoderblock_1"], params["MAPHead_0"]
+  attn = blk["MultiHeadDotProductAttention_0"]
+  k = np.einsum("bnd,dhk->bnhk", _layer_norm(x, blk["LayerNorm_0"]),
+                attn["key"]["kernel"]) + attn["key"]["bias"]
+  mha = head["MultiHeadDotProductAttention_0"]["query"]
+  q = np.einsum("d,dhk->hk", np.asarray(head["probe"])[0, 0], mha["kernel"]) + mha["bias"]
+  score = _softmax(np.einsum("hk,bnhk->bhn", q, k) / 4.0).mean(1)  # head dim 16
+  want = np.sort(np.argsort(-score, axis=1)[:, :8], axis=1)
+  if scan:
+    model = bv.Model(**SMALL, pool_type="map", reduction=red, scan=True)
+    params = bv.pyloop_to_scan(params)
+  _, out = _apply(model, params, IMAGE)
+  np.testing.assert_array_equal(np.sort(np.asarray(out["keep_indices"][0]), axis=1), want)
+  # the test tells the scores apart: the mean query's row keeps other tokens here
+  y = _layer_norm(x, blk["LayerNorm_0"])
+  mean_q = np.einsum("bnd,dhk->bhk", y, attn["query"]["kernel"]) / y.shape[1] + \
+      attn["query"]["bias"]
+  by_mean = _softmax(np.einsum("bhk,bnhk->bhn", mean_q, k) / 4.0).mean(1)
+  assert not np.array_equal(want, np.sort(np.argsort(-by_mean, axis=1)[:, :8], axis=1))
+
+
+@pytest.mark.parametrize("method", ["etps", "diffrate"])
+def test_map_probe_macs_count_what_runs(method):
+  from tps_jax import flops  # pylint: disable=g-import-not-at-top
+  from tps_jax.models.vit import Model  # pylint: disable=g-import-not-at-top
+  spec = ({"method": "etps", "keep_ratio": 0.5, "locations": (1,)} if method == "etps" else
+          {"method": "diffrate", "prune_kept": [16, 10, 6], "merge_kept": [16, 8, 6]})
+  macs = {}
+  for score in ("received", "map_probe"):
+    m = Model(**SMALL, image_size=16, layout="big_vision", pool_type="map",
+              reduction={**spec, "score": score})
+    params = jax.eval_shape(lambda m=m: m.init(jax.random.key(0), IMAGE[:1]))
+    assert flops.macs(m) == pytest.approx(flops.matmul_macs(m, params), rel=1e-3)
+    macs[score] = flops.macs(m)
+  assert macs["map_probe"] > macs["received"]  # the probe query's projection
+
+
 def test_cls_free_scores_are_the_attention_tokens_receive():
   """`received`: column means of the attention matrix; `mean_query`: the attention row of
   the mean query; both per head, against a direct computation from the block's weights."""

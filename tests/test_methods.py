@@ -51,7 +51,8 @@ def _geometry(model):
 def _spec(name, layout, kind):
   """The method's `example` or `identity` spec for the small model of `layout`."""
   probe = Model(5, **SMALL, **LAYOUTS[layout])
-  geo = methods.Geometry(probe.depth, probe.num_reducible, probe.num_prefix, probe.has_cls)
+  geo = methods.Geometry(probe.depth, probe.num_reducible, probe.num_prefix, probe.has_cls,
+                         probe.has_probe)
   return getattr(methods.get(name), kind)(geo)
 
 

@@ -164,6 +164,41 @@ def test_offshelf_sweep_writes_curves(tiny_teacher, tmp_path, capsys):
   assert "| 0.5 | 24, 12 |" in table and "| 2 |" in table, table  # keep counts; ToMe r
 
 
+def test_scores_compares_the_cls_free_scores(tiny_teacher, tmp_path, capsys):
+  cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny,devices=1", "--results", str(tmp_path),
+            "scores", "--scores", "received,mean_query", "--methods", "topk", "--keeps", "0.5",
+            "--name", "s"])
+  result = json.loads((tmp_path / "s.json").read_text())
+  (row,) = result["rows"]
+  assert (row["method"], row["keep"]) == ("topk", 0.5)
+  top1 = {sc: result["points"][sc][0]["top1"] for sc in ("received", "mean_query")}
+  assert row["top1"] == top1 and row["best"] == max(top1, key=top1.get)
+  assert row["margin"] == pytest.approx(abs(top1["received"] - top1["mean_query"]))
+  assert result["winner"] == row["best"]
+  assert "winner by mean top-1" in capsys.readouterr().out
+
+
+def test_score_table_ranks_by_mean():
+  pts = lambda *t: [{"method": "etps", "keep": k, "top1": v} for k, v in zip((0.7, 0.3), t)]
+  table = cli.score_table({"a": pts(0.9, 0.2), "b": pts(0.8, 0.5), "c": pts(0.1, 0.1)})
+  assert [(r["best"], round(r["margin"], 6)) for r in table["rows"]] == [("a", 0.1), ("b", 0.3)]
+  assert table["winner"] == "b" and table["mean_top1"]["b"] == pytest.approx(0.65)
+
+
+def test_map_models_score_by_the_committed_studys_winner():
+  """`score="auto"` on a MAP model takes what results/fmnist_map_scores.json measured best."""
+  from tps_jax.methods import staged  # pylint: disable=g-import-not-at-top
+  result = json.loads((study.RESULTS / "fmnist_map_scores.json").read_text())
+  assert set(result["points"]) == {"received", "mean_query", "map_probe"}
+  assert all(len(v) == 6 and all(p["examples"] == 10_000 for p in v)
+             for v in result["points"].values())
+  assert result["winner"] == result["auto_takes"] == staged.MAP_SCORE
+  assert staged.resolve_score("auto", has_cls=False, has_probe=True) == staged.MAP_SCORE
+  m = Model(10, width=32, depth=3, num_heads=2, patch_size=4, image_size=16, pool_type="map",
+            reduction=dict(method="etps", keep_ratio=0.5, locations=(1,)))
+  assert m.reduction.options.score == staged.MAP_SCORE
+
+
 def test_study_aggregates_seeds():
   runs = [{"method": "dtps", "keep": 0.5, "top1": t, "gmacs": 1.0, "images_per_s": 10.0}
           for t in (0.8, 0.9)] + [{"method": "evit", "keep": 0.7, "top1": 0.7, "gmacs": 2.0,

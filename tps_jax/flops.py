@@ -57,6 +57,8 @@ def breakdown(model: VisionTransformer) -> dict[str, int]:
     parts["blocks"] += method.block_macs(opts, i, n_attn, n_mlp, dims)
   for part, v in method.extra_macs(opts, red.geometry, dims).items():
     parts[part] += v
+  if red.uses_probe:  # the MAP head's probe query, projected once for the stages' score rows
+    parts["reduction"] += d * d
   if model.pool_type == "map":  # one probe query to the t final tokens, then its MLP
     t = tokens[-1][2]
     parts["pool"] = 2 * d * d + 2 * t * d * d + 2 * t * d + 2 * d * m

@@ -41,11 +41,13 @@ class Geometry:
     prefix: protected tokens leading the sequence (cls, or pool "0"'s readout token; 0 for
       GAP / MAP models).
     has_cls: whether token 0 is a cls token (attention from it can score the patches).
+    has_probe: whether the model pools with a MAP head, whose probe query can score them.
   """
   depth: int
   num_patches: int
   prefix: int = 1
   has_cls: bool = True
+  has_probe: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,8 @@ class Context:
     make_rng: the encoder's `make_rng` (streams "gumbel", "dropout").
     ordered: the token sequence itself is the model's output (pool_type "none", e.g. a
       PaliGemma prefix): a stage keeps its tokens in their order, not by score.
+    probe: (H, D/H) the MAP head's probe query per head, where the method asked for it
+      (`Method.uses_probe`), else None.
   """
   prefix: int
   first: int
@@ -103,6 +107,7 @@ class Context:
   module: Callable[..., Any]
   make_rng: Callable[[str], jax.Array]
   ordered: bool = False
+  probe: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,10 +183,11 @@ class Block:
 
   Each takes and returns (B, T, D) token arrays; T may change between `attend` and `feed`.
     block(x, policy=None, bias=None): the whole block, x + Attn(LN x), then + MLP(LN x).
-    attend(x, bias=None): the first residual half -> (x', AttentionOut) with the cls row
-      (`cls_attn`), the head-mean keys (`keys`) and the mean query's row (`mean_query`).
-    attend_matrix(x, bias=None): `attend` that forms the whole attention matrix and also
-      returns `received` (its column means) and `probs` (B, H, T, T).
+    attend(x, bias=None, probe=None): the first residual half -> (x', AttentionOut) with the
+      cls row (`cls_attn`), the head-mean keys (`keys`), the mean query's row (`mean_query`)
+      and, given a query per head `probe` (H, D/H) (`Context.probe`), its row (`probe`).
+    attend_matrix(x, bias=None, probe=None): `attend` that forms the whole attention matrix
+      and also returns `received` (its column means) and `probs` (B, H, T, T).
     attention_probs(x, bias=None): the softmax attention of LN(x) alone (B, H, T, T).
     attend_ahead(x, probs, value_index, plan, weights): the first half on merged tokens x
       (B, T', D) with the attention `probs` (B, H, T, T) of the tokens before the merge:
@@ -197,11 +203,11 @@ class Block:
   def block(self, x, policy=None, bias=None):
     return self._apply(self.index, "__call__", x, policy=policy, bias=bias)
 
-  def attend(self, x, bias=None):
-    return self._apply(self.index, "attend", x, bias=bias)
+  def attend(self, x, bias=None, probe=None):
+    return self._apply(self.index, "attend", x, bias=bias, probe=probe)
 
-  def attend_matrix(self, x, bias=None):
-    return self._apply(self.index, "attend_matrix", x, bias=bias)
+  def attend_matrix(self, x, bias=None, probe=None):
+    return self._apply(self.index, "attend_matrix", x, bias=bias, probe=probe)
 
   def attention_probs(self, x, bias=None):
     return self._apply(self.index, "attention_probs", x, bias=bias)
@@ -286,6 +292,11 @@ class Method:
     """Runs block i with the method's reduction and returns the new state."""
     raise NotImplementedError
 
+  def uses_probe(self, options) -> bool:
+    """Whether its blocks need the MAP head's probe query (`Context.probe`), which the model
+    then computes before the encoder."""
+    return False
+
   def plain_bias(self, options, state: TokenState) -> jax.Array | None:
     """The attention bias of the blocks it does not act at (e.g. ToMe's log size after a
     merge), or None."""
@@ -362,6 +373,10 @@ class Reduction:
   def stage_blocks(self) -> tuple[int, ...]:
     return self.impl.stage_blocks(self.options)
 
+  @property
+  def uses_probe(self) -> bool:
+    return self.impl.uses_probe(self.options)
+
   def tokens(self) -> tuple[tuple[int, int, int], ...]:
     """Per block, the tokens (the prefix included) its attention runs on, its MLP runs on, and
     it leaves, at inference (`Method.tokens`)."""
@@ -377,18 +392,20 @@ class Reduction:
 
   @classmethod
   def create(cls, spec: "Reduction | Mapping[str, Any] | str | None", *, depth: int,
-             num_patches: int, prefix: int = 1, has_cls: bool | None = None) -> "Reduction":
+             num_patches: int, prefix: int = 1, has_cls: bool | None = None,
+             has_probe: bool = False) -> "Reduction":
     """A validated plan for a ViT of `depth` blocks with `num_patches` reducible tokens.
 
     Args:
       spec: a Reduction (re-checked against this geometry), a method name, None (dense), or
         a mapping with "method" and that method's keys (`tps_jax.methods.get(name).options`).
-      depth, num_patches, prefix, has_cls: the `Geometry` (has_cls defaults to prefix > 0).
+      depth, num_patches, prefix, has_cls, has_probe: the `Geometry` (has_cls defaults to
+        prefix > 0).
     Returns:
       The Reduction. Raises ValueError naming what cannot work.
     """
     geo = Geometry(int(depth), int(num_patches), int(prefix),
-                   prefix > 0 if has_cls is None else bool(has_cls))
+                   prefix > 0 if has_cls is None else bool(has_cls), bool(has_probe))
     from tps_jax.methods import registry  # pylint: disable=g-import-not-at-top
     if isinstance(spec, Reduction):
       method = registry.get(spec.method)

@@ -30,7 +30,7 @@ class DiffRateOptions:
     locations: the blocks where tokens are pruned or merged (counts below the tokens left).
     prune_counts: patch tokens kept by pruning at each location.
     keep_counts: patch tokens left after merging at each location.
-    score: the attention score ("cls", "received", "mean_query").
+    score: the attention score ("cls", "received", "mean_query", "map_probe").
   """
   locations: tuple[int, ...] = ()
   prune_counts: tuple[int, ...] = ()
@@ -60,7 +60,7 @@ class DiffRate(Method):
     """Per-block `prune_kept` and `merge_kept` lists of patch tokens (cls excluded; the
     authors count it); counts above the tokens left change nothing."""
     check_keys(self.name, spec, ("prune_kept", "merge_kept", "score"))
-    score = resolve_score(spec.get("score", "auto"), geo.has_cls)
+    score = resolve_score(spec.get("score", "auto"), geo.has_cls, geo.has_probe)
     lists = {}
     for key in ("prune_kept", "merge_kept"):
       v = spec.get(key)
@@ -98,6 +98,9 @@ class DiffRate(Method):
   def acts_at(self, o, i):
     return i in o.locations
 
+  def uses_probe(self, o):
+    return o.score == "map_probe"
+
   def tokens(self, o, geo):
     out, n, at = [], geo.num_patches, dict(zip(o.locations, o.keep_counts))
     for i in range(geo.depth):
@@ -111,8 +114,8 @@ class DiffRate(Method):
 
   def block(self, o, i, block, state, ctx):
     s = o.locations.index(i)
-    y, info = attend_for(block, o.score)(state.x,
-                                         bias=ops.proportional_attention_bias(state.size))
+    y, info = attend_for(block, o.score, ctx)(
+        state.x, bias=ops.proportional_attention_bias(state.size))
     st = ctx.checkpoint(functools.partial(
         stages.prune_then_merge, prune_k=o.prune_counts[s], merge_k=o.keep_counts[s],
         num_patches=ctx.num_patches, prefix=ctx.prefix, ordered=ctx.ordered))(

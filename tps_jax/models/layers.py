@@ -89,12 +89,15 @@ class AttentionOut(NamedTuple):
   mean_query: (B, H, N) softmax attention from the mean query (the average token's
     view: a cls-free score at the cost of one row), float32, or None.
   probs: (B, H, N, N) the whole softmax attention, float32, or None (MCTF).
+  probe: (B, H, N) softmax attention from a given query per head (a MAP head's probe
+    query: the tokens the pooling looks for), float32, or None.
   """
   cls_attn: jax.Array | None
   keys: jax.Array | None
   received: jax.Array | None = None
   mean_query: jax.Array | None = None
   probs: jax.Array | None = None
+  probe: jax.Array | None = None
 
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
@@ -134,7 +137,8 @@ class MultiHeadDotProductAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, policy=None, bias=None, extras=False, matrix=False,
-               probs_only=False, given=None) -> tuple[jax.Array | None, AttentionOut]:
+               probs_only=False, given=None,
+               probe=None) -> tuple[jax.Array | None, AttentionOut]:
     """x (B, N, D) -> (output (B, N, D), AttentionOut).
 
     Args:
@@ -149,6 +153,9 @@ class MultiHeadDotProductAttention(nn.Module):
         (B, N', D): out(merge(probs @ v[value_index])), the merged attention matrix's output
         (queries averaged by the weights, keys summed by the MergePlan), without forming that
         matrix (MCTF's one step ahead).
+      probe: (H, D/H) one query per head (unscaled), or None: return its attention row
+        against this call's keys (`AttentionOut.probe`) instead of the mean query's; not
+        under a policy.
     """
     _, _, d = x.shape
     if d % self.num_heads:
@@ -183,8 +190,14 @@ class MultiHeadDotProductAttention(nn.Module):
         logits = logits + jnp.broadcast_to(bias, logits.shape[:1] + bias.shape[1:])[:, :, 0]
       return jax.nn.softmax(logits, axis=-1)
 
-    if extras and policy is None:
+    probe_attn = None
+    if extras and policy is None and probe is None:
       mean_query = row_softmax(jnp.mean(q, axis=1))
+    if probe is not None:  # in place of the mean query's row
+      if policy is not None:
+        raise ValueError("a probe query's attention row is not taken under a policy.")
+      probe_attn = row_softmax(jnp.broadcast_to(probe.astype(k.dtype),
+                                                (k.shape[0],) + probe.shape))
 
     if policy is not None and not matrix:
       if extras or bias is not None:
@@ -215,7 +228,7 @@ class MultiHeadDotProductAttention(nn.Module):
 
     out = out_dense()(y)
     keys = jnp.mean(k, axis=2) if extras else None
-    return out, AttentionOut(cls_attn, keys, received, mean_query, probs)
+    return out, AttentionOut(cls_attn, keys, received, mean_query, probs, probe_attn)
 
 
 def drop_path(module: nn.Module, y: jax.Array, rate, deterministic: bool) -> jax.Array:
@@ -273,21 +286,23 @@ class Encoder1DBlock(nn.Module):
     y = self.MlpBlock_0(self.LayerNorm_1(x))
     return x + self._branch(y, rate)
 
-  def attend(self, x, bias=None) -> tuple[jax.Array, AttentionOut]:
+  def attend(self, x, bias=None, probe=None) -> tuple[jax.Array, AttentionOut]:
     """First half: x (B, N, D) -> (B, N, D), plus the cls attention row, mean keys and the
     mean-query row.
 
     bias: additive logit bias (B, 1|H, 1|N, N) (ToMe's size bias) or None. The
     extras are always returned; under jit XLA drops those the caller ignores.
+    probe: (H, D/H) a query per head (a MAP head's probe) whose attention row to return too.
     """
-    return self._attend(x, bias=bias, extras=True)
+    return self._attend(x, bias=bias, extras=True, probe=probe)
 
-  def attend_matrix(self, x, bias=None, policy=None) -> tuple[jax.Array, AttentionOut]:
+  def attend_matrix(self, x, bias=None, policy=None,
+                    probe=None) -> tuple[jax.Array, AttentionOut]:
     """`attend` that forms the whole attention matrix, whatever the implementation, and also
     returns each token's attention received (its column means) and the matrix itself
     (B, H, N, N); under a `policy` (B, N) (no mean-query row then) its softmax ignores the
     dropped keys (ops.policy_softmax)."""
-    return self._attend(x, bias=bias, policy=policy, extras=True, matrix=True)
+    return self._attend(x, bias=bias, policy=policy, extras=True, matrix=True, probe=probe)
 
   def attention_probs(self, x, bias=None) -> jax.Array:
     """The softmax attention of LN(x) alone: (B, N, D) -> (B, H, N, N) float32 (MCTF's

@@ -58,22 +58,29 @@ class ProbeAttention(nn.Module):
   q_in (B, Q, D), kv_in (B, N, D), weight (B, N) or None -> (B, Q, D).
   """
   num_heads: int
+  width: int
   dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, q_in, kv_in, weight=None, eps: float = 0.0):
-    d = q_in.shape[-1]
-    hd = d // self.num_heads
+  def setup(self):
+    if self.width % self.num_heads:
+      raise ValueError(f"MAP head: width {self.width} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    hd = self.width // self.num_heads
     init = nn.initializers.xavier_uniform()
     dense = lambda name: nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype,
                                          kernel_init=init, name=name)
-    q = dense("query")(q_in) * jnp.asarray(hd ** -0.5, self.dtype)  # (B, Q, H, hd)
-    k, v = dense("key")(kv_in), dense("value")(kv_in)  # (B, N, H, hd)
+    self.query, self.key, self.value = dense("query"), dense("key"), dense("value")
+    self.out = nn.DenseGeneral(self.width, axis=(-2, -1), dtype=self.dtype, kernel_init=init,
+                               name="out")
+
+  def __call__(self, q_in, kv_in, weight=None, eps: float = 0.0):
+    hd = self.width // self.num_heads
+    q = self.query(q_in) * jnp.asarray(hd ** -0.5, self.dtype)  # (B, Q, H, hd)
+    k, v = self.key(kv_in), self.value(kv_in)  # (B, N, H, hd)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     attn = weighted_softmax(logits, None if weight is None else weight[:, None, None, :], eps)
     y = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(v.dtype), v)
-    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, kernel_init=init,
-                           name="out")(y)
+    return self.out(y)
 
 
 class MAPHead(nn.Module):
@@ -82,24 +89,38 @@ class MAPHead(nn.Module):
 
   Parameters as big_vision's: `probe` (1, 1, D), `MultiHeadDotProductAttention_0/{query,key,
   value,out}` laid out as flax's attention, `LayerNorm_0`, `MlpBlock_0/Dense_{0,1}`.
+  `probe_query()` is the probe's query per head (H, D/H), unscaled: what the pooling looks
+  for, which an attention stage may score tokens by before the last block (score
+  "map_probe", docs/method.md section 3).
   """
   num_heads: int
   mlp_dim: int
+  width: int
   dtype: Any = jnp.float32
   gelu: str = "tanh"  # big_vision's MlpBlock: flax's default GELU
   layer_norm_eps: float = 1e-6
 
-  @nn.compact
+  def setup(self):
+    self.probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, self.width))
+    self.MultiHeadDotProductAttention_0 = ProbeAttention(
+        self.num_heads, self.width, dtype=self.dtype, name="MultiHeadDotProductAttention_0")
+    self.LayerNorm_0 = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                                    name="LayerNorm_0")
+    self.MlpBlock_0 = MlpBlock(self.mlp_dim, dtype=self.dtype, gelu=self.gelu,
+                               name="MlpBlock_0")
+
+  def probe_query(self) -> jax.Array:
+    """(H, D/H) the probe's query projection (before the 1/sqrt(D/H) scale)."""
+    return self.MultiHeadDotProductAttention_0.query(self.probe.astype(self.dtype))[0, 0]
+
   def __call__(self, x: jax.Array, weight: jax.Array | None = None,
                eps: float = 0.0) -> jax.Array:
     """x (B, N, D), weight (B, N) or None; `eps`: `weighted_softmax`'s (training policies)."""
     b, _, d = x.shape
-    if d % self.num_heads:
-      raise ValueError(f"MAP head: width {d} is not divisible by num_heads={self.num_heads}.")
-    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d))
-    probe = jnp.broadcast_to(probe, (b, 1, d)).astype(x.dtype)
-    x = ProbeAttention(self.num_heads, dtype=self.dtype,
-                       name="MultiHeadDotProductAttention_0")(probe, x, weight, eps)  # (B, 1, D)
-    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
-    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, gelu=self.gelu, name="MlpBlock_0")(y)
+    if d != self.width:
+      raise ValueError(f"MAP head of width {self.width} got tokens of width {d}.")
+    probe = jnp.broadcast_to(self.probe, (b, 1, d)).astype(x.dtype)
+    x = self.MultiHeadDotProductAttention_0(probe, x, weight, eps)  # (B, 1, D)
+    y = self.LayerNorm_0(x)
+    x = x + self.MlpBlock_0(y)
     return x[:, 0]

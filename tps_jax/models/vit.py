@@ -82,13 +82,13 @@ def _pair(v) -> tuple[int, int]:
 
 
 def resolve_reduction(spec, *, depth: int, num_patches: int, prefix: int,
-                      has_cls: bool) -> Reduction:
+                      has_cls: bool, has_probe: bool = False) -> Reduction:
   """A Reduction for `num_patches` reducible tokens from a Reduction, a (frozen) spec, a
   method name or None."""
   if isinstance(spec, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in spec):
     spec = dict(spec)
   return Reduction.create(spec, depth=depth, num_patches=num_patches, prefix=prefix,
-                          has_cls=has_cls)
+                          has_cls=has_cls, has_probe=has_probe)
 
 
 class Encoder(nn.Module):
@@ -178,7 +178,7 @@ class Encoder(nn.Module):
       return jax.lax.scan(body, x, xs)[0]
     return apply, run
 
-  def _context(self, train: bool) -> Context:
+  def _context(self, train: bool, probe) -> Context:
     red = self.reduction
     if self.remat and not self.scan:  # scan always rematerialises (with remat_policy)
       checkpoint, wrap = jax.checkpoint, nn.remat
@@ -189,11 +189,13 @@ class Encoder(nn.Module):
                    masked=train and red.learned, dtype=self.dtype,
                    gumbel_noise=self.gumbel_noise, checkpoint=checkpoint,
                    module=lambda cls, **kw: wrap(cls)(**kw), make_rng=self.make_rng,
-                   ordered=self.ordered)
+                   ordered=self.ordered, probe=probe)
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False):
-    red, ctx = self.reduction, self._context(train)
+  def __call__(self, x, *, train: bool = False, probe=None):
+    """x (B, P + N0', D); probe: the MAP head's probe query (H, D/H) where the method uses
+    it (`Context.probe`), else None."""
+    red, ctx = self.reduction, self._context(train, probe)
     method, opts = red.impl, red.options
     b, n0 = x.shape[0], self.num_patches
     reducible = n0 - ctx.first
@@ -276,6 +278,11 @@ class VisionTransformer(nn.Module):
     return self.pool_type == "tok"
 
   @property
+  def has_probe(self) -> bool:
+    """It pools with a MAP head, whose probe query can score tokens (score "map_probe")."""
+    return self.pool_type == "map"
+
+  @property
   def num_prefix(self) -> int:
     """Protected tokens leading the sequence: cls, or pool "0"'s readout token 0."""
     return 1 if self.pool_type in ("tok", "0") else 0
@@ -304,7 +311,8 @@ class VisionTransformer(nn.Module):
     n0 = self.num_patches if num_patches is None else num_patches
     return resolve_reduction(self.reduction, depth=self.depth,
                              num_patches=n0 + int(self.has_cls) - self.num_prefix,
-                             prefix=self.num_prefix, has_cls=self.has_cls)
+                             prefix=self.num_prefix, has_cls=self.has_cls,
+                             has_probe=self.has_probe)
 
   @nn.compact
   def __call__(self, image, *, train: bool = False):
@@ -345,6 +353,10 @@ class VisionTransformer(nn.Module):
       x = x + pos
     x = nn.Dropout(rate=self.dropout)(x, not train)
 
+    map_head = (pooling.MAPHead(self.num_heads, self.mlp_dim, self.width, dtype=self.dtype,
+                                gelu=self.gelu, layer_norm_eps=self.layer_norm_eps,
+                                name="MAPHead_0") if self.pool_type == "map" else None)
+    probe = map_head.probe_query() if red.uses_probe else None
     x, enc_out = Encoder(self.depth, self.mlp_dim, self.num_heads, red, n0,
                          dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
                          gumbel_noise=self.gumbel_noise, attention=self.attention,
@@ -354,7 +366,7 @@ class VisionTransformer(nn.Module):
                          remat_policy=self.remat_policy,
                          track_sizes=self.pool_type in ("gap", "map"),
                          track_owner=self.outputs_2d, ordered=self.pool_type == "none",
-                         name="Transformer")(x, train=train)
+                         name="Transformer")(x, train=train, probe=probe)
     out.update(enc_out)
     out["encoded"] = x
     weight = enc_out.get("sizes")
@@ -363,11 +375,8 @@ class VisionTransformer(nn.Module):
     elif self.pool_type == "gap":
       x = out["head_input"] = pooling.weighted_mean(x, weight)
     elif self.pool_type == "map":
-      x = out["head_input"] = pooling.MAPHead(self.num_heads, self.mlp_dim, dtype=self.dtype,
-                                              gelu=self.gelu, layer_norm_eps=self.layer_norm_eps,
-                                              name="MAPHead_0")(
-                                                  x, weight, ops.attention.POLICY_EPS
-                                                  if train and red.learned else 0.0)
+      x = out["head_input"] = map_head(
+          x, weight, ops.attention.POLICY_EPS if train and red.learned else 0.0)
     x_2d = None
     if self.outputs_2d:  # each grid cell takes the value of the token its patch ended in
       owner = enc_out["patch_token"]
@@ -443,7 +452,8 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
     if isinstance(reduction, Reduction):
       raise ValueError("image_size=None takes a reduction spec (a dict or method name), not a "
                        "Reduction resolved for one token count.")
-    _check_spec(reduction, depth=cfg["depth"], prefix=prefix, has_cls=pool == "tok")
+    _check_spec(reduction, depth=cfg["depth"], prefix=prefix, has_cls=pool == "tok",
+                has_probe=pool == "map")
     return VisionTransformer(num_classes=num_classes, image_size=None, layout=layout,
                              reduction=freeze(reduction), **cfg)
   size = _pair(image_size)
@@ -453,18 +463,19 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
   num_patches = (size[0] // patch[0]) * (size[1] // patch[1])
   reducible = num_patches + int(pool == "tok") - prefix
   reduction = Reduction.create(reduction, depth=cfg["depth"], num_patches=reducible,
-                               prefix=prefix, has_cls=pool == "tok")
+                               prefix=prefix, has_cls=pool == "tok", has_probe=pool == "map")
   return VisionTransformer(num_classes=num_classes, image_size=image_size, layout=layout,
                            reduction=reduction, **cfg)
 
 
-def _check_spec(spec, *, depth: int, prefix: int, has_cls: bool) -> None:
+def _check_spec(spec, *, depth: int, prefix: int, has_cls: bool, has_probe: bool) -> None:
   """Names a bad method, key or location of a spec before any grid is known (checked on a
   large grid; keep_counts, which depend on the grid, at the first call)."""
   probe = dict(spec) if isinstance(spec, Mapping) else spec
   if isinstance(probe, dict):
     probe.pop("keep_counts", None)
-  Reduction.create(probe, depth=depth, num_patches=4096, prefix=prefix, has_cls=has_cls)
+  Reduction.create(probe, depth=depth, num_patches=4096, prefix=prefix, has_cls=has_cls,
+                   has_probe=has_probe)
 
 
 def build_model(model_cfg, num_classes: int | None, *, mixed_precision: bool = False,
