@@ -6,14 +6,19 @@ excluded, median of repeats) and prints images/s with the analytic GMACs and the
 speed-up over the dense model of the same row group. On a GPU, timm's DeiT under
 torch.compile (bf16, `benchmarks.timm_inference`) is timed first in a subprocess
 for each model and batch, before this process takes the GPU, as the reference
-row (`vs_timm`: against the faster of its two forms). The JSON is written after
-every row (`--append` keeps an earlier file's other rows), so a run cut short
-keeps what it measured. Writes JSON to benchmarks/results/.
+row (`vs_timm`: against the faster of its two forms); with `--big_vision DIR`, so is
+big_vision's own ViT (`benchmarks.big_vision_inference`, the JAX anchor). The JSON is
+written after every row (`--append` keeps an earlier file's other rows), so a run cut
+short keeps what it measured. Writes JSON to benchmarks/results/.
 
   python -m benchmarks.throughput [--models Ti/16 S/16] [--batches 32 1]
       [--dtypes float32 bfloat16] [--methods none dtps ...] [--repeats 5]
       [--no-timm] [--append] [--deadline_s S] [--out F] [--trace none dtps]
-      [--xla_option xla_gpu_enable_cudnn_layer_norm=true ...]
+      [--xla_option xla_gpu_enable_cudnn_layer_norm=true ...] [--param_dtype bfloat16]
+      [--model_kw gelu=tanh ...] [--big_vision DIR]
+
+A row made with --xla_option, --param_dtype or --model_kw names them (`VARIANT_FIELDS`), sits
+beside the plain row and never serves as the dense baseline.
 """
 
 from __future__ import annotations
@@ -40,14 +45,23 @@ DEIT = methods.Geometry(depth=12, num_patches=196)
 METHODS = {m: methods.get(m).example(DEIT) for m in methods.names()}
 
 
+# The fields of a row made differently from the plain one (part of its key).
+VARIANT_FIELDS = ("xla_options", "param_dtype", "model_kw")
+
+
 def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_size: int,
-        trace_dir: str | None = None, xla_options: dict | None = None):
+        trace_dir: str | None = None, xla_options: dict | None = None,
+        param_dtype: str | None = None, model_kw: dict | None = None):
   """One row; with `trace_dir`, also three traced calls summarised by kernel (`kernels`) and
   the optimised HLO (gzipped text, where the trace's fusion names are defined).
-  `xla_options`: XLA compiler options for this row's compile (named in the row)."""
+  `xla_options`: XLA compiler options for this row's compile (named in the row);
+  `param_dtype`: the parameters are cast to it before the compile; `model_kw`: more `Model`
+  fields (each named in the row)."""
   model = Model(1000, variant=variant, image_size=image_size, reduction=METHODS[method],
-                dtype=jnp.dtype(dtype))
+                dtype=jnp.dtype(dtype), **(model_kw or {}))
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+  if param_dtype:
+    params = jax.tree.map(lambda a: a.astype(param_dtype), params)
   # One compile serves the timing, the trace and the HLO dump.
   images = evaluation.random_images(model, batch)
   fwd = evaluation.forward(model).lower(params["params"], images).compile(
@@ -58,12 +72,17 @@ def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_s
          "ms_per_batch": 1e3 * batch / rate}
   if xla_options:
     row["xla_options"] = options_label(xla_options)
+  if param_dtype:
+    row["param_dtype"] = param_dtype
+  if model_kw:
+    row["model_kw"] = options_label(model_kw)
   if trace_dir:
     out = pathlib.Path(trace_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"{variant.replace('/', '')}_b{batch}_{method}" + (
         "_" + options_label(xla_options).replace("=", "-").replace(",", "_") if xla_options
-        else "")
+        else "") + (f"_params-{param_dtype}" if param_dtype else "") + (
+        "_" + options_label(model_kw).replace("=", "-").replace(",", "_") if model_kw else "")
     with gzip.open(out / f"hlo_{name}.txt.gz", "wt") as f:
       f.write(fwd.as_text())
     row["kernels"] = kernels.trace(lambda: fwd(params["params"], images),
@@ -78,11 +97,21 @@ def timm_rows(variant: str, batch: int, profile: str | None = None) -> list[dict
                                  "--batch", str(batch), *extra])
 
 
+def big_vision_rows(checkout: str, variant: str, batch: int, repeats: int, image_size: int,
+                    trace_dir: str | None = None) -> list[dict]:
+  """big_vision's own ViT rows (one per parameter dtype) from a subprocess; [] where it fails."""
+  extra = ["--trace_dir", trace_dir] if trace_dir else []
+  return common.subprocess_rows(["-m", "benchmarks.big_vision_inference", "--big_vision",
+                                 checkout, "--model", variant, "--batch", str(batch),
+                                 "--repeats", str(repeats), "--image-size", str(image_size),
+                                 *extra])
+
+
 def parse_option(text: str) -> tuple[str, bool | int | float | str]:
   """"name=value" -> (name, value): true / false a bool, a number a number, else the text."""
   name, sep, value = text.partition("=")
   if not sep or not name:
-    raise argparse.ArgumentTypeError(f"an XLA option is name=value, got {text!r}.")
+    raise argparse.ArgumentTypeError(f"an option is name=value, got {text!r}.")
   if value.lower() in ("true", "false"):
     return name, value.lower() == "true"
   for kind in (int, float):
@@ -101,17 +130,18 @@ def options_label(options: dict) -> str:
 
 def _key(r: dict) -> tuple:
   return (r.get("impl", "tps_jax"), r["model"], r["batch"], r["dtype"], r["method"],
-          r.get("xla_options", ""))
+          *(r.get(f, "") for f in VARIANT_FIELDS))
 
 
 def _compare(rows: list[dict]) -> None:
-  """Fills `speedup_vs_dense` (our dense, same group) and `vs_timm` (timm's fastest form)."""
+  """Fills `speedup_vs_dense` (our plain dense, same group) and `vs_timm` (timm's fastest
+  form)."""
   for r in rows:
     group = [t for t in rows if (t["model"], t["batch"], t["dtype"]) ==
              (r["model"], r["batch"], r["dtype"])]
     dense = [t["img_per_s"] for t in group if t.get("impl", "tps_jax") == "tps_jax"
-             and t["method"] == "none" and not t.get("xla_options")]
-    timm = [t["img_per_s"] for t in group if t.get("impl", "tps_jax") != "tps_jax"]
+             and t["method"] == "none" and not any(t.get(f) for f in VARIANT_FIELDS)]
+    timm = [t["img_per_s"] for t in group if t.get("impl", "tps_jax").startswith("timm")]
     r["speedup_vs_dense"] = r["img_per_s"] / dense[0] if dense else float("nan")
     r["vs_timm"] = r["img_per_s"] / max(timm) if timm else float("nan")
 
@@ -140,6 +170,16 @@ def main(argv=None):
                       help="an XLA compiler option for our rows (repeatable), e.g. "
                            "xla_gpu_enable_cudnn_layer_norm=true; such rows are kept apart "
                            "and never serve as the dense baseline")
+  parser.add_argument("--param_dtype", default=None, choices=["bfloat16", "float32"],
+                      help="cast our parameters to this dtype (rows kept apart, as "
+                           "--xla_option's)")
+  parser.add_argument("--model_kw", action="append", type=parse_option, default=[],
+                      metavar="NAME=VALUE",
+                      help="a Model field for our rows (repeatable), e.g. gelu=tanh (rows "
+                           "kept apart, as --xla_option's)")
+  parser.add_argument("--big_vision", default=None, metavar="DIR",
+                      help="a big_vision checkout: its own ViT as a reference row ("
+                           "benchmarks.big_vision_inference)")
   args = parser.parse_args(argv)
   start = time.perf_counter()
   out_path = pathlib.Path(args.out) if args.out else None
@@ -163,6 +203,13 @@ def main(argv=None):
         for r in timm_rows(variant, batch, args.trace_dir if args.trace else None):
           rows.append(r)
           print(f"  {r['impl']} {variant} b={batch}: {r['img_per_s']:.1f} img/s", flush=True)
+  if args.big_vision:
+    for variant in args.models:
+      for batch in args.batches:
+        for r in big_vision_rows(args.big_vision, variant, batch, args.repeats,
+                                 args.image_size, args.trace_dir if args.trace else None):
+          rows.append(r)
+          print(f"  {r['impl']} {variant} b={batch}: {r['img_per_s']:.1f} img/s", flush=True)
   for variant in args.models:
     for batch in args.batches:
       for dtype in args.dtypes:
@@ -171,18 +218,21 @@ def main(argv=None):
             print(f"  deadline: {variant} b={batch} {dtype} {method} and later not run")
             break
           row = run(variant, batch, dtype, method, args.repeats, args.image_size,
-                    args.trace_dir if method in args.trace else None, dict(args.xla_option))
+                    args.trace_dir if method in args.trace else None, dict(args.xla_option),
+                    args.param_dtype, dict(args.model_kw))
           rows.append(row)
           save()
-          print(f"  {variant} b={batch} {dtype} {method} {row.get('xla_options', '')}: "
+          made = " ".join(str(row[f]) for f in VARIANT_FIELDS if f in row)
+          print(f"  {variant} b={batch} {dtype} {method} {made}: "
                 f"{row['img_per_s']:.1f} img/s", flush=True)
           if "kernels" in row:
             print(f"    kernels (ms/call): {json.dumps(row['kernels'].get('by_kind_ms'))}",
                   flush=True)
   all_rows = save()
   print(f"\non {common.machine()['device_kind']} ({common.machine()['cpu_count']} cpus)")
-  common.print_table(all_rows, ["impl", "model", "batch", "dtype", "method", "xla_options",
-                                "gmacs", "img_per_s", "ms_per_batch", "speedup_vs_dense", "vs_timm"])
+  common.print_table(all_rows, ["impl", "model", "batch", "dtype", "method", *VARIANT_FIELDS,
+                                "gmacs", "img_per_s", "ms_per_batch", "speedup_vs_dense",
+                                "vs_timm"])
 
 
 if __name__ == "__main__":

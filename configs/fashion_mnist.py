@@ -14,9 +14,10 @@ committed teacher is 12 epochs from scratch followed by two such cycles (lr
 1e-3, then 5e-4; experiments/fashion_mnist.py TEACHER_PHASES).
 `tiny` shrinks everything for tests (evaluating on the first 2000 test images).
 `devices=N` runs on the first N devices (0, the default: all of them).
-`pool=gap` (or map) builds the model without a cls
-token (its teacher: results/fmnist_teacher_gap/); `score` picks the attention score of
-etps / evit / topk (tps_jax.methods.staged.SCORES).
+`patch=2` gives 196 tokens (the paper's DeiT count) and `stages=3-6-9` puts the stages at
+those blocks (the default: blocks 2, 4, 6, or fewer for a shallow model). `pool=gap` (or map)
+builds the model without a cls token (its teacher: results/fmnist_teacher_gap/); `score` picks
+the attention score of etps / evit / topk (tps_jax.methods.staged.SCORES).
 """
 
 from configs import common
@@ -24,16 +25,33 @@ from configs import common
 TRAIN_EXAMPLES = 60_000
 
 
+def stage_blocks(stages: str, depth: int) -> tuple[int, ...]:
+  """"3-6-9" -> (3, 6, 9): increasing blocks of the model, each a stage's block."""
+  try:
+    blocks = tuple(int(b) for b in stages.split("-"))
+  except ValueError:
+    raise ValueError(f"config argument stages={stages!r} is not blocks joined by '-', such as "
+                     f"3-6-9.") from None
+  if any(b < 0 or b >= depth for b in blocks) or list(blocks) != sorted(set(blocks)):
+    raise ValueError(f"config argument stages={stages!r}: the blocks must increase, each in "
+                     f"0..{depth - 1} (depth {depth}).")
+  return blocks
+
+
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="none", keep=0.7, init="", warm_start="", epochs=0.0,
                          steps=0, batch=128, lr=0.0, seed=0, width=96, depth=8, heads=3,
-                         tiny=False, tome_r=4, pool="tok", score="auto", devices=0)
+                         tiny=False, tome_r=4, pool="tok", score="auto", devices=0, patch=4,
+                         stages="")
   c = common.base()
   c.seed = arg.seed
   width, depth, heads = (16, 2, 2) if arg.tiny else (arg.width, arg.depth, arg.heads)
-  locations = (0, 1) if arg.tiny else tuple(range(2, depth - 1, 2))[:3]
+  locations = (0, 1) if arg.tiny else (stage_blocks(arg.stages, depth) if arg.stages
+                                       else tuple(range(2, depth - 1, 2))[:3])
+  if arg.patch < 1 or 28 % arg.patch:
+    raise ValueError(f"config argument patch={arg.patch} does not divide the 28-pixel images.")
   c.model = dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width,
-                 patch_size=4, image_size=28,
+                 patch_size=arg.patch, image_size=28,
                  layout="deit", channels=1, drop_path=0.0 if arg.tiny else 0.05, remat=False,
                  policy_form="exact",  # dtps/dynamicvit training attention, ops.POLICY_FORMS
                  pool_type=arg.pool,  # tok (cls), gap, map, 0, none

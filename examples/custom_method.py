@@ -83,15 +83,18 @@ def run(name: str, model) -> dict:
   return row
 
 
-def main() -> list[dict]:
-  spec = {"method": "norm_keep", "at": 4, "keep_ratio": 0.5}
+def main(image_size: int = 224, at: int = 4, **model_kw) -> list[dict]:
+  """The four rows, the method at block `at`; `image_size` and `model_kw` (such as depth):
+  smaller models for tests."""
+  spec = {"method": "norm_keep", "at": at, "keep_ratio": 0.5}
   print(f"{'model':<22} {'method':<10} {'tokens':>6} {'GMACs':>7}")
   rows = []
   for name, kw in (("DeiT-Ti/16", dict(variant="Ti/16")),
                    ("big_vision Ti/16 GAP", dict(variant="Ti/16", layout="big_vision",
                                                  pool_type="gap"))):
     for reduction in (None, spec):
-      rows.append(run(name, Model(10, reduction=reduction, **kw)))
+      rows.append(run(name, Model(10, reduction=reduction, image_size=image_size,
+                                  **kw, **model_kw)))
   return rows
 
 

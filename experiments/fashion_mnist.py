@@ -203,12 +203,17 @@ def _write_finetune(args, teacher_path: pathlib.Path, runs, *, complete: bool) -
 
 def _publish(args, runs) -> None:
   """Copies the seed-0 models at `--publish_keep` into results/fmnist_finetuned/ (the main
-  job's models): params, config and summary."""
+  job's models): params, config and summary. A run whose parameters are not here (carried
+  from another machine without them, scripts/carry_runs.sh) is named and skipped."""
   dest_root = pathlib.Path(args.results) / "fmnist_finetuned"
   for r in runs:
     if r["seed"] != 0 or r["keep"] != args.publish_keep:
       continue
     src = pathlib.Path(args.workdir) / r["workdir"]
+    if not (src / "params.npz").exists():
+      print(f"not published: {src} has no params.npz here (the machine that trained it "
+            f"publishes it)")
+      continue
     dest = dest_root / f"{r['method']}_{r['keep']}"
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("params.npz", "config.json", "summary.json"):

@@ -3,7 +3,8 @@
 # processes and files outside git end with it. `save` packs into carry/<run>.tar (committed):
 # a finished run's summary, config and metrics (enough for the study to count it and skip it),
 # an unfinished run's newest checkpoint step, metrics and config. `restore` unpacks them under
-# runs/ again, where rerunning the same command resumes at that step.
+# runs/ again, where rerunning the same command resumes at that step. With CARRY_PARAMS=1 a
+# finished run keeps its params.npz too (for a run that warm-starts from it).
 #
 #   bash scripts/carry_runs.sh save runs/curve/dtps_0.5_s0_2000 runs/fmnist_teacher_gap
 #   bash scripts/carry_runs.sh restore
@@ -18,6 +19,7 @@ case "$mode" in
       run=${run%/}
       if [ -f "$run/summary.json" ]; then  # finished
         files=("$run/summary.json" "$run/config.json")
+        [ "${CARRY_PARAMS:-0}" = 1 ] && [ -f "$run/params.npz" ] && files+=("$run/params.npz")
         latest=done
       else
         latest=$(ls "$run/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)

@@ -1,6 +1,7 @@
 """The README's demo and the op benchmark run, on real data and small shapes."""
 
 import json
+import pathlib
 import sys
 
 import jax
@@ -65,18 +66,78 @@ def test_inference_benchmark_rows_options_and_append(tmp_path, capsys):
   throughput.main(["--models", "Ti/16", "--batches", "2", "--dtypes", "float32",
                    "--image-size", "32", "--repeats", "1", "--no-timm", "--out", str(out),
                    "--methods", "none", "--append",
-                   "--xla_option", "xla_backend_optimization_level=0"])
+                   "--xla_option", "xla_backend_optimization_level=0",
+                   "--param_dtype", "bfloat16", "--model_kw", "gelu=tanh"])
   rows = json.loads(out.read_text())["rows"]
   assert [r.get("xla_options", "") for r in rows] == ["", "xla_backend_optimization_level=0"]
+  assert rows[1]["param_dtype"] == "bfloat16" and rows[1]["model_kw"] == "gelu=tanh"
   assert rows[0]["speedup_vs_dense"] == 1.0
   assert rows[1]["speedup_vs_dense"] == pytest.approx(rows[1]["img_per_s"] / 100.0)
   assert rows[1]["img_per_s"] > 0 and rows[1]["gmacs"] > 0
   assert "xla_options" in capsys.readouterr().out
 
 
+def test_inference_reference_rows_compare_to_timm_and_plain_dense_only():
+  from benchmarks import big_vision_inference, throughput
+  row = lambda impl, rate, **kw: {"impl": impl, "model": "S/16", "batch": 8,
+                                  "dtype": "bfloat16", "method": "none", "img_per_s": rate, **kw}
+  rows = [row("timm + torch.compile (autocast)", 200.0), row("big_vision (f32_params)", 400.0),
+          row("tps_jax", 150.0, param_dtype="bfloat16"), row("tps_jax", 120.0,
+                                                                model_kw="gelu=tanh"),
+          row("tps_jax", 100.0), row("tps_jax", 300.0, method="dtps")]
+  throughput._compare(rows)  # pylint: disable=protected-access
+  # big_vision is a JAX anchor, not timm; a row made differently is not the dense baseline.
+  assert [r["vs_timm"] for r in rows] == [1.0, 2.0, 0.75, 0.6, 0.5, 1.5]
+  assert [r["speedup_vs_dense"] for r in rows] == [2.0, 4.0, 1.5, 1.2, 1.0, 3.0]
+  assert len({throughput._key(r) for r in rows}) == 6  # pylint: disable=protected-access
+  with pytest.raises(FileNotFoundError, match="no big_vision checkout"):
+    big_vision_inference.import_vit(pathlib.Path("/nonexistent"))
+
+
+FAKE_BIG_VISION = """
+from big_vision import utils  # the stubbed module
+import flax.linen as nn
+import jax.numpy as jnp
+
+class _Model(nn.Module):
+  num_classes: int
+  dtype_mm: str = "float32"
+
+  @nn.compact
+  def __call__(self, image):
+    return nn.Dense(self.num_classes, dtype=self.dtype_mm)(jnp.mean(image, (1, 2))), {}
+
+def Model(num_classes=None, *, variant=None, **kw):
+  return _Model(num_classes, dtype_mm=kw["dtype_mm"])
+"""
+
+
+@pytest.fixture
+def no_big_vision_modules():
+  """Removes the `big_vision` modules an import of a checkout leaves, after the test."""
+  yield
+  for name in [m for m in sys.modules if m == "big_vision" or m.startswith("big_vision.")]:
+    del sys.modules[name]
+
+
+def test_big_vision_reference_rows_from_a_checkout(tmp_path, no_big_vision_modules):
+  from benchmarks import big_vision_inference
+  (tmp_path / "big_vision" / "models").mkdir(parents=True)
+  (tmp_path / "big_vision" / "models" / "vit.py").write_text(FAKE_BIG_VISION)
+  (tmp_path / "COMMIT").write_text("google-research/big_vision abc123 2025-05-19\n")
+  bv = big_vision_inference.import_vit(tmp_path)
+  rows = big_vision_inference.rows(bv, "S/16", batch=2, repeats=1, image_size=8)
+  assert [r["impl"] for r in rows] == ["big_vision (f32_params)", "big_vision (bf16_params)"]
+  assert all(r["img_per_s"] > 0 and r["params_m"] == 4000 / 1e6 for r in rows)  # 3 x 1000 + 1000
+  assert big_vision_inference.provenance(tmp_path)["big_vision"].endswith("abc123 2025-05-19")
+  with pytest.raises(ValueError, match="unknown forms"):
+    big_vision_inference.rows(bv, "S/16", batch=2, repeats=1, forms=("f16_params",))
+
+
 def test_custom_method_example_runs_on_a_deit_and_a_big_vision_gap_model(capsys):
-  rows = custom_method.main()
-  assert [r["tokens"] for r in rows] == [197, 99, 196, 98]  # half the patches kept at block 4
+  # Smaller than the script's 224 px, 12 blocks (which compile 2x longer): 36 patches, 6 blocks.
+  rows = custom_method.main(image_size=96, at=1, depth=6)
+  assert [r["tokens"] for r in rows] == [37, 19, 36, 18]  # half the patches kept at block 1
   assert all(r["finite"] for r in rows)
   assert rows[1]["gmacs"] < 0.7 * rows[0]["gmacs"] and rows[3]["gmacs"] < 0.7 * rows[2]["gmacs"]
   assert "norm_keep" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """The Fashion-MNIST study: token pictures, the committed teacher, and the main job end to end."""
 
+import argparse
 import json
 import shutil
 
@@ -227,3 +228,22 @@ def test_teacher_and_finetune_recipes():
   assert short.teacher.checkpoint == "t.npz" and short.optim.backbone_lr_scale == 0.01
   with pytest.raises(ValueError, match="not both"):
     recipe.get_config("init=a.npz,warm_start=b.npz")
+
+
+def test_publish_copies_the_seed0_models_and_names_those_trained_elsewhere(tmp_path, capsys):
+  # A run carried from the GPU machine without its parameters is named and skipped; the others
+  # are copied (params, config, summary) under the method and keep.
+  for name, with_params in (("dtps_0.7_s0", True), ("evit_0.7_s0", False), ("etps_0.7_s1", True)):
+    run = tmp_path / "runs" / name
+    run.mkdir(parents=True)
+    for f in ("config.json", "summary.json") + (("params.npz",) if with_params else ()):
+      (run / f).write_text(name)
+  args = argparse.Namespace(results=str(tmp_path / "results"), workdir=str(tmp_path / "runs"),
+                            publish_keep=0.7)
+  runs = [{"method": m, "keep": 0.7, "seed": s, "workdir": f"{m}_0.7_s{s}"}
+          for m, s in (("dtps", 0), ("evit", 0), ("etps", 1))]
+  cli._publish(args, runs)  # pylint: disable=protected-access
+  published = tmp_path / "results" / "fmnist_finetuned"
+  assert sorted(p.name for p in published.iterdir()) == ["dtps_0.7"]
+  assert (published / "dtps_0.7" / "params.npz").read_text() == "dtps_0.7_s0"
+  assert "not published" in capsys.readouterr().out

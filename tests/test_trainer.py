@@ -122,6 +122,15 @@ def test_config_and_checkpoint_errors(tmp_path):
   with pytest.raises(ValueError, match="tiny='ture' is not a boolean"):
     fashion_mnist.get_config("tiny=ture")
   assert fashion_mnist.get_config("tiny=no,steps=3").total_steps == 3
+  # The paper's geometry: 196 tokens (patch 2), stages at blocks 3, 6, 9 of 12.
+  paper = fashion_mnist.get_config("patch=2,depth=12,stages=3-6-9,method=etps")
+  assert paper.model.patch_size == 2 and tuple(paper.model.reduction["locations"]) == (3, 6, 9)
+  with pytest.raises(ValueError, match="stages='6-3': the blocks must increase, each in 0..7"):
+    fashion_mnist.get_config("stages=6-3")
+  with pytest.raises(ValueError, match="stages='3-x' is not blocks joined by '-'"):
+    fashion_mnist.get_config("stages=3-x")
+  with pytest.raises(ValueError, match="patch=3 does not divide the 28-pixel images"):
+    fashion_mnist.get_config("patch=3")
   with pytest.raises(ValueError, match="batch size must be a positive integer, got 0"):
     loop.Run(_config("tiny", **{"input.batch_size": 0}))
   # Evaluation runs the model as it trains (issue 24 item 12), float32 only when asked.

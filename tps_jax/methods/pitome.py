@@ -19,7 +19,8 @@ from tps_jax.methods.registry import register
 class PiToMeOptions:
   """Attributes:
     r: tokens merged in each block: floor(T - T * keep_ratio) of the T patch tokens there.
-    margins: the energy margin of each block (the authors': 0.75 - 0.75 * block / depth).
+    margins: the energy margin of each block (default 0.75 - 0.75 * block / depth, the
+      authors' newest DeiT patch; docs/method.md section 5).
     bsm_blocks: the first `bsm_blocks` blocks match bipartitely over all tokens (the authors':
       half the blocks, rounded up); the rest merge only high-energy tokens.
     keep_ratio: the authors' `ratio`, per block.

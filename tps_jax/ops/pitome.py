@@ -62,7 +62,7 @@ def pitome_match(metric: jax.Array, r: int, *, margin: float, matching: str = "p
     metric: (B, T, C) the reducible tokens' features (keys averaged over heads); no
       gradient flows through them.
     r: tokens merged away, a Python int: at most T // 2 for "pitome", (T + 1) // 2 for "bsm".
-    margin: the energy's margin (the authors' DeiT: 0.75 - 0.75 * block / depth).
+    margin: the energy's margin (the default schedule: docs/method.md section 5).
     matching: "bsm" or "pitome" (see above).
     alpha: the ELU's alpha.
 
