@@ -79,10 +79,11 @@ def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_s
   if trace_dir:
     out = pathlib.Path(trace_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{variant.replace('/', '')}_b{batch}_{method}" + (
-        "_" + options_label(xla_options).replace("=", "-").replace(",", "_") if xla_options
-        else "") + (f"_params-{param_dtype}" if param_dtype else "") + (
-        "_" + options_label(model_kw).replace("=", "-").replace(",", "_") if model_kw else "")
+    slug = lambda options: "_" + options_label(options).replace("=", "-").replace(",", "_")
+    name = (f"{variant.replace('/', '')}_b{batch}_{method}"
+            + (slug(xla_options) if xla_options else "")
+            + (slug({"params": param_dtype}) if param_dtype else "")
+            + (slug(model_kw) if model_kw else ""))
     with gzip.open(out / f"hlo_{name}.txt.gz", "wt") as f:
       f.write(fwd.as_text())
     row["kernels"] = kernels.trace(lambda: fwd(params["params"], images),
@@ -195,19 +196,19 @@ def main(argv=None):
     common.write_json("throughput", {"args": vars(args), "rows": all_rows}, args.out)
     return all_rows
 
-  # timm first, in subprocesses, before this process initialises the GPU (XLA takes 75% of it).
-  gpu = args.timm and shutil.which("nvidia-smi") is not None
-  if gpu:
-    for variant in args.models:
-      for batch in args.batches:
-        for r in timm_rows(variant, batch, args.trace_dir if args.trace else None):
-          rows.append(r)
-          print(f"  {r['impl']} {variant} b={batch}: {r['img_per_s']:.1f} img/s", flush=True)
+  # The reference rows first, each from a subprocess, before this process initialises the GPU
+  # (XLA takes 75% of it): timm + torch.compile (GPU only), big_vision's own ViT (where given).
+  references = []
+  if args.timm and shutil.which("nvidia-smi") is not None:
+    references.append(lambda v, b: timm_rows(v, b, args.trace_dir if args.trace else None))
   if args.big_vision:
-    for variant in args.models:
-      for batch in args.batches:
-        for r in big_vision_rows(args.big_vision, variant, batch, args.repeats,
-                                 args.image_size, args.trace_dir if args.trace else None):
+    references.append(lambda v, b: big_vision_rows(
+        args.big_vision, v, b, args.repeats, args.image_size,
+        args.trace_dir if args.trace else None))
+  for variant in args.models:
+    for batch in args.batches:
+      for source in references:
+        for r in source(variant, batch):
           rows.append(r)
           print(f"  {r['impl']} {variant} b={batch}: {r['img_per_s']:.1f} img/s", flush=True)
   for variant in args.models:
