@@ -50,15 +50,15 @@ class ToMeTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_total_size_preserved_and_cls_untouched(self):
-    x = tokens(3, 3, 197, 8)
+    x = tokens(3, 3, 65, 8)
     merge = self.variant(
-        lambda x, s: tps_jax.merge_wavg(x, s, tps_jax.bipartite_soft_matching(x, 16)))
-    y, size = merge(x, jnp.ones((3, 197)))
+        lambda x, s: tps_jax.merge_wavg(x, s, tps_jax.bipartite_soft_matching(x, 8)))
+    y, size = merge(x, jnp.ones((3, 65)))
     np.testing.assert_array_equal(y[:, 0], x[:, 0])
-    for _ in range(4):  # repeated merges keep the total too
-      y, size = merge(y, size)
-    chex.assert_shape(y, (3, 197 - 5 * 16, 8))
-    np.testing.assert_allclose(np.sum(size, -1), 197.0, rtol=1e-6)
+    # A second merge keeps the total too (op by op, each new shape compiles every op anew).
+    y, size = merge(y, size)
+    chex.assert_shape(y, (3, 65 - 2 * 8, 8))
+    np.testing.assert_allclose(np.sum(size, -1), 65.0, rtol=1e-6)
     np.testing.assert_array_equal(y[:, 0], x[:, 0])
 
   def test_max_merge_and_limits(self):
