@@ -9,9 +9,10 @@ activations), and times it as our rows are timed (`tps_jax.timing.time_call`, ji
 random images, compile excluded, median of the repeats). Two forms: its parameters as it
 initialises them (float32, but for `cls` and the position table, which it makes in the
 compute dtype) and every parameter cast to bf16. Each row records the checkout's commit (the
-`COMMIT` file scripts/gpu_wheels.sh writes beside it) and the jax / flax versions. Prints one `ROW {json}` line per form in throughput.py's
-schema (`impl` "big_vision (<form>)"); with `--trace_dir`, each row also carries its kernel
-breakdown (`benchmarks.kernels`) and the folder gets its trace and optimised HLO.
+`COMMIT` file scripts/gpu_wheels.sh writes beside it) and the jax / flax versions. Prints one
+`ROW {json}` line per form in throughput.py's schema (`impl` "big_vision (<form>)"); with
+`--trace_dir`, each row also carries its kernel breakdown (`benchmarks.kernels`) and the
+folder gets its trace and optimised HLO.
 
   python -m benchmarks.big_vision_inference --big_vision DIR [--model S/16] [--batch 256]
       [--trace_dir DIR]

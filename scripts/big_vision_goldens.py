@@ -7,11 +7,12 @@ Provenance of the committed files: google-research/big_vision at commit
   git clone https://github.com/google-research/big_vision /tmp/bv_repo   # or any checkout
   python scripts/big_vision_goldens.py --big_vision /tmp/bv_repo
 
-Only the model file runs: big_vision's `utils` (which needs TensorFlow) is replaced by an
-empty module, which `vit.Model` never calls. Each config's file holds the parameters
-(`param:<a/b/c>`), the input image (`image`) and big_vision's outputs (`out:<key>`), plus
-`config` (JSON). `fix_old.npz` holds an old-style checkpoint and big_vision's
-`fix_old_checkpoints` of it; `resample.npz` a position table and `resample_posemb`'s result.
+Only the model file runs (`benchmarks.big_vision_inference.import_vit`): big_vision's `utils`
+(which needs TensorFlow) is replaced by an empty module, which `vit.Model` never calls. Each
+config's file holds the parameters (`param:<a/b/c>`), the input image (`image`) and
+big_vision's outputs (`out:<key>`), plus `config` (JSON). `fix_old.npz` holds an old-style
+checkpoint and big_vision's `fix_old_checkpoints` of it; `resample.npz` a position table and
+`resample_posemb`'s result.
 No big_vision code is committed here.
 """
 
@@ -21,13 +22,14 @@ import argparse
 import json
 import pathlib
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks import big_vision_inference  # noqa: E402  (its import of big_vision's vit.py)
 OUT = ROOT / "tests" / "goldens" / "big_vision"
 IMAGE = (2, 16, 16, 3)  # a 4 x 4 grid of 4 px patches
 BASE = dict(num_classes=5, patch_size=(4, 4), width=32, depth=3, mlp_dim=64, num_heads=2)
@@ -45,16 +47,6 @@ CONFIGS = {
 }
 
 
-def import_big_vision(checkout: pathlib.Path):
-  package = types.ModuleType("big_vision")
-  package.__path__ = [str(checkout / "big_vision")]
-  sys.modules["big_vision"] = package
-  sys.modules["big_vision.utils"] = types.ModuleType("big_vision.utils")  # needs TensorFlow
-  package.utils = sys.modules["big_vision.utils"]
-  import big_vision.models.vit as bv_vit  # pylint: disable=g-import-not-at-top
-  return bv_vit
-
-
 def flat(tree, prefix=""):
   out = {}
   for k, v in tree.items():
@@ -70,7 +62,7 @@ def main():
   p.add_argument("--big_vision", required=True, type=pathlib.Path,
                  help="a checkout of google-research/big_vision")
   args = p.parse_args()
-  bv_vit = import_big_vision(args.big_vision.resolve())
+  bv_vit = big_vision_inference.import_vit(args.big_vision.resolve())
   OUT.mkdir(parents=True, exist_ok=True)
   image = np.random.default_rng(0).normal(size=IMAGE).astype(np.float32)
   for i, (name, extra) in enumerate(CONFIGS.items()):
