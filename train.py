@@ -10,7 +10,6 @@ set JAX_COORDINATOR_ADDRESS etc.; on TPU pods and SLURM --distributed alone
 lets JAX find them).
 """
 
-import json
 import os
 
 from absl import app, flags, logging
@@ -41,7 +40,8 @@ def main(argv):
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   from tps_jax.trainer import loop  # pylint: disable=g-import-not-at-top
   if FLAGS.evaluate:
-    print(json.dumps(loop.evaluate(FLAGS.config, FLAGS.evaluate), indent=2))
+    from tps_jax import atomic  # pylint: disable=g-import-not-at-top
+    print(atomic.to_json(loop.evaluate(FLAGS.config, FLAGS.evaluate), indent=2))
     return
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required for training.")

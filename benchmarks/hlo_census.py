@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 
 import jax
 import jax.numpy as jnp
+
+from tps_jax import atomic
 
 SPECS = {"none": None, "dtps": dict(method="dtps", keep_ratio=0.7, locations=(3, 6, 9)),
          "etps": dict(method="etps", keep_ratio=0.7, locations=(3, 6, 9)),
@@ -46,7 +47,7 @@ def main(argv=None):
   parser.add_argument("--out", default=None, help="JSON rows (stdout when absent)")
   args = parser.parse_args(argv)
   rows = census(args.model, args.batch)
-  text = json.dumps(rows)
+  text = atomic.to_json(rows)
   if args.out:
     with open(args.out, "w") as f:
       f.write(text)

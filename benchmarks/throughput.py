@@ -41,8 +41,14 @@ from tps_jax.trainer import evaluation
 # Every registered method at its paper's DeiT-S operating point (`Method.example`): keep 0.7
 # at blocks 3, 6, 9; ToMe r = 13; PiToMe keep 0.9 per block; MCTF the authors' r = 16 in
 # blocks 1-11; DiffRate the authors' searched 2.7 GFLOPs schedule.
+# A method is any name `tps_jax.methods.get` takes: registered, or a module path imported on
+# first use ("my_pkg.my_method", "path/to/mine.py").
 DEIT = methods.Geometry(depth=12, num_patches=196)
-METHODS = {m: methods.get(m).example(DEIT) for m in methods.names()}
+
+
+def example(method: str) -> dict:
+  """The method's spec at its paper's DeiT-S operating point."""
+  return methods.get(method).example(DEIT)
 
 
 # The fields of a row made differently from the plain one (part of its key).
@@ -57,7 +63,7 @@ def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_s
   `xla_options`: XLA compiler options for this row's compile (named in the row);
   `param_dtype`: the parameters are cast to it before the compile; `model_kw`: more `Model`
   fields (each named in the row)."""
-  model = Model(1000, variant=variant, image_size=image_size, reduction=METHODS[method],
+  model = Model(1000, variant=variant, image_size=image_size, reduction=example(method),
                 dtype=jnp.dtype(dtype), **(model_kw or {}))
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
   if param_dtype:
@@ -152,7 +158,9 @@ def main(argv=None):
   parser.add_argument("--models", nargs="+", default=["Ti/16", "S/16"])
   parser.add_argument("--batches", nargs="+", type=int, default=[32, 1])
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-  parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+  parser.add_argument("--methods", nargs="+", default=list(methods.names()),
+                      help="registered names or module paths (my_pkg.my_method, mine.py); "
+                           "default: every registered method")
   parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default=None)
@@ -182,6 +190,8 @@ def main(argv=None):
                       help="a big_vision checkout: its own ViT as a reference row ("
                            "benchmarks.big_vision_inference)")
   args = parser.parse_args(argv)
+  for method in args.methods:  # a bad name fails before anything is timed
+    example(method)
   start = time.perf_counter()
   out_path = pathlib.Path(args.out) if args.out else None
   rows, old = [], None

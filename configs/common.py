@@ -52,12 +52,33 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+def takes_knobs(method: str) -> bool:
+  """Whether a method takes the recipes' knobs (keep, locations, r: it defines `Method.spec`);
+  one that does not runs at its `example`."""
+  return type(methods.get(method)).spec is not methods.Method.spec
+
+
 def reduction(method: str, keep: float, locations=(3, 6, 9), tome_r: int = 0,
-              score: str = "auto") -> dict | None:
-  """config.model.reduction for a recipe's method argument (`tps_jax.methods.Method.spec`)."""
-  spec = methods.get(method).spec(keep_ratio=keep, locations=tuple(locations), r=tome_r)
-  if spec is not None and score != "auto":
-    spec["score"] = score
+              score: str = "auto", *, model=None) -> dict | None:
+  """config.model.reduction for a recipe's method argument.
+
+  `method` is any name `tps_jax.methods.get` takes: registered, or a module path
+  ("my_pkg.my_method", "path/to/mine.py") imported here. A method that takes the recipes' knobs
+  (`Method.spec`: keep, locations, r) gets them; any other runs at its `example` for the model
+  section `model` (its fields without the reduction), and its options are then overridden
+  field by field (--config.model.reduction.<option>=...).
+  """
+  impl = methods.get(method)
+  if not takes_knobs(method) and model is not None:
+    from tps_jax.models.vit import build_model  # pylint: disable=g-import-not-at-top
+    spec = dict(impl.example(build_model(model, 1, reduction=None).plan().geometry))
+    spec["method"] = method
+    return spec
+  spec = impl.spec(keep_ratio=keep, locations=tuple(locations), r=tome_r)
+  if spec is not None:
+    spec["method"] = method  # the name as given (a module path resolves in a fresh process too)
+    if score != "auto":
+      spec["score"] = score
   return spec
 
 

@@ -54,9 +54,9 @@ def get_config(arg=None):
                  patch_size=arg.patch, image_size=28,
                  layout="deit", channels=1, drop_path=0.0 if arg.tiny else 0.05, remat=False,
                  policy_form="exact",  # dtps/dynamicvit training attention, ops.POLICY_FORMS
-                 pool_type=arg.pool,  # tok (cls), gap, map, 0, none
-                 reduction=common.reduction(arg.method, arg.keep, locations, arg.tome_r,
-                                            score=arg.score))
+                 pool_type=arg.pool)  # tok (cls), gap, map, 0, none
+  c.model.reduction = common.reduction(arg.method, arg.keep, locations, arg.tome_r,
+                                       score=arg.score, model=c.model)
 
   c.input.dataset = "fashion_mnist"
   c.input.eval_split = "test[:2000]" if arg.tiny else "test"  # tests: a fifth of the test set

@@ -38,8 +38,9 @@ def get_config(arg=None):
   c.num_classes = 1000
   c.mixed_precision = arg.bf16
   c.model = dict(variant=f"{arg.variant}/16", image_size=224, layout="deit",
-                 drop_path=DROP_PATH[arg.variant], remat=arg.remat, policy_form=arg.policy_form,
-                 reduction=common.reduction(arg.method, arg.keep, (3, 6, 9), arg.tome_r))
+                 drop_path=DROP_PATH[arg.variant], remat=arg.remat, policy_form=arg.policy_form)
+  c.model.reduction = common.reduction(arg.method, arg.keep, (3, 6, 9), arg.tome_r,
+                                       model=c.model)
   c.input.dataset = "imagenet2012"
   c.input.data_dir = arg.data_dir or None
   c.input.train_split = "train"

@@ -57,11 +57,14 @@ def _ints(s: str) -> tuple[int, ...]:
 
 
 def _methods(s: str) -> tuple[str, ...]:
+  """Comma-separated methods: registered names or module paths (my_pkg.my_method, mine.py),
+  each checked (and a module imported) here, so a bad one fails before anything runs."""
   methods = tuple(v for v in s.split(",") if v)
-  unknown = [m for m in methods if m not in registry.names()]
-  if unknown:
-    raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; expected some of "
-                                     f"{registry.names()}")
+  for m in methods:
+    try:
+      registry.get(m)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from None
   return methods
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from configs import common as config_common
 from configs import fashion_mnist as fmnist_config
 from tps_jax import atomic, checkpoints, data
+from tps_jax import methods as registry
 from tps_jax.models.vit import build_model as _build_model
 from tps_jax.trainer import loop
 
@@ -120,18 +121,33 @@ def evaluate_reduction(config, params, reduction: dict | None, *,
   return result
 
 
+def sweeps_r(method: str) -> bool:
+  """Whether a method's recipe is set by r (tokens merged per block) rather than a keep ratio:
+  read from what its `Method.spec` takes."""
+  spec = registry.get(method).spec
+  if not config_common.takes_knobs(method):
+    return False
+  try:
+    return spec(keep_ratio=1.0, r=1) != spec(keep_ratio=1.0, r=2)
+  except ValueError:
+    return False
+
+
 def offshelf_sweep(config, params, *, locations: Sequence[int], methods: Sequence[str],
                    keeps: Sequence[float], tome_rs: Sequence[int], score: str = "auto",
                    log=print) -> list[dict[str, Any]]:
   """Training-free methods on the same parameters: one point per (method, keep) or ToMe r,
   plus the dense model first."""
   points = []
-  by_r = ("tome", "mctf", "tofu")  # swept over r, the tokens merged per block
-  todo = [("none", None)] + [(m, k) for m in methods if m not in by_r for k in keeps]
-  todo += [(m, r) for m in by_r if m in methods for r in tome_rs]
+  by_r = [m for m in methods if sweeps_r(m)]  # swept over r, the tokens merged per block
+  fixed = [m for m in methods if not config_common.takes_knobs(m)]  # one point: its example
+  todo = [("none", None)] + [(m, k) for m in methods if m not in by_r + fixed for k in keeps]
+  todo += [(m, r) for m in by_r for r in tome_rs] + [(m, None) for m in fixed]
   for method, arg in todo:
     if method == "none":
       red = None
+    elif method in fixed:
+      red = config_common.reduction(method, 0.0, model=config.model)
     elif method in by_r:  # ToMe in every block, MCTF in blocks 1.. (the authors')
       red = config_common.reduction(method, 0.0, tome_r=arg)
     else:

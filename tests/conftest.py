@@ -53,6 +53,31 @@ TPS_GOLDENS = ROOT / "tests" / "goldens" / "tps"
 _SLOW_FIRST = ("test_trainer.py", "test_study.py")
 
 
+# The methods the contract suite (tests/test_methods.py) runs on. By default every registered
+# method and the example defined outside the package; `--method NAME_OR_MODULE` (repeatable)
+# runs it on those methods alone:
+#   python -m pytest tests/test_methods.py --method my_pkg.my_method --method mine.py:Mine
+CUSTOM_EXAMPLE = str(ROOT / "examples" / "custom_method.py")
+CONTRACT_METHODS: list[str] = []
+
+
+def pytest_addoption(parser):
+  parser.addoption("--method", "--method-module", action="append", default=[],
+                   dest="contract_methods", metavar="NAME_OR_MODULE",
+                   help="run the method contract (tests/test_methods.py) on this method: a "
+                        "registered name, a module path (my_pkg.my_method[:Name]) or a .py file")
+
+
+def pytest_configure(config):
+  from tps_jax import methods  # pylint: disable=g-import-not-at-top
+  chosen = config.getoption("contract_methods")
+  try:
+    resolved = [methods.registry.resolve(m) for m in chosen or [CUSTOM_EXAMPLE]]
+  except ValueError as e:
+    raise pytest.UsageError(str(e)) from None
+  CONTRACT_METHODS[:] = resolved if chosen else [*methods.names()]
+
+
 def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: item.path.name not in _SLOW_FIRST)  # stable: order kept within
 

@@ -17,6 +17,9 @@ CASES = [
     ([f"{FMNIST}:method=dtps,init=/no/such/teacher.npz"], "/no/such/teacher.npz does not exist"),
     ([FMNIST, "--config.input.dataset=folder", "--config.input.data_dir=/no/such/images"],
      "/no/such/images"),
+    ([f"{FMNIST}:method=no_such_pkg.mine"], "no module 'no_such_pkg.mine' on the Python path"),
+    ([f"{FMNIST}:method=etps", "--config.model.reduction.threshold=3"],
+     "--config.model.reduction.threshold: the config has no field 'threshold'"),
 ]
 
 
@@ -27,7 +30,8 @@ def _train(config, *extra, env=None):
                         env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
 
 
-@pytest.mark.parametrize("config,expected", CASES, ids=["keep", "method", "init", "data_dir"])
+@pytest.mark.parametrize("config,expected", CASES, ids=["keep", "method", "init", "data_dir",
+                                                  "module", "field"])
 def test_train_names_bad_input_in_one_line(config, expected):
   out = _train(config)
   lines = [l for l in out.stderr.splitlines() if l.strip() and not l.startswith(("W", "I"))]
@@ -62,3 +66,27 @@ def test_argparse_programs_and_the_message_of_wrapped_errors(capsys):
   assert cli.message(wrapped) == "keep_ratio must be in (0, 1]."
   with pytest.raises(RuntimeError):  # not bad input: raised as it is
     cli.run(lambda argv: (_ for _ in ()).throw(RuntimeError("a bug")), [])
+
+
+def test_every_json_the_library_writes_is_strict_json(tmp_path):
+  """NaN and infinities (a method option of inf, a diverged loss, a speed-up without a dense
+  row) are written as null: JSON has no such numbers, and strict readers reject them."""
+  import json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tps_jax import atomic  # pylint: disable=g-import-not-at-top
+  from tps_jax.trainer import metrics  # pylint: disable=g-import-not-at-top
+
+  def strict(text):
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {text}"))
+
+  payload = {"threshold": float("inf"), "loss": np.float32("nan"), "r": np.int64(3),
+             "flags": (True, np.bool_(False)), "nested": [{"x": -float("inf")}, 1.5]}
+  assert strict(atomic.to_json(payload)) == {"threshold": None, "loss": None, "r": 3,
+                                             "flags": [True, False],
+                                             "nested": [{"x": None}, 1.5]}
+  atomic.write_json(tmp_path / "summary.json", payload)
+  assert strict((tmp_path / "summary.json").read_text())["threshold"] is None
+  writer = metrics.Writer(tmp_path, 10, tensorboard=False)
+  writer.write(1, {"loss": float("nan"), "accuracy": 0.5})
+  record = strict((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+  assert record["loss"] is None and record["accuracy"] == 0.5

@@ -141,3 +141,32 @@ def test_custom_method_example_runs_on_a_deit_and_a_big_vision_gap_model(capsys)
   assert all(r["finite"] for r in rows)
   assert rows[1]["gmacs"] < 0.7 * rows[0]["gmacs"] and rows[3]["gmacs"] < 0.7 * rows[2]["gmacs"]
   assert "norm_keep" in capsys.readouterr().out
+
+
+def test_a_method_outside_the_package_trains_and_is_benchmarked_by_its_file(tmp_path):
+  """examples/custom_method.py named by its path: the config takes it (at its example, its own
+  option overridden as a config field), the trainer trains and evaluates it, and the throughput
+  benchmark times it; a bad name fails before anything runs."""
+  from benchmarks import throughput  # pylint: disable=g-import-not-at-top
+  from configs import fashion_mnist as recipe  # pylint: disable=g-import-not-at-top
+  from tps_jax import flops  # pylint: disable=g-import-not-at-top
+  from tps_jax.models.vit import build_model  # pylint: disable=g-import-not-at-top
+  from tps_jax.trainer import loop  # pylint: disable=g-import-not-at-top
+  path = str(ROOT / "examples" / "custom_method.py")
+  config = recipe.get_config(f"tiny,steps=2,devices=1,method={path}")
+  assert config.model.reduction.to_dict() == {"method": path, "keep_ratio": 0.5}
+  config.model.reduction.keep_ratio = 0.25  # as --config.model.reduction.keep_ratio=0.25
+  config.tensorboard = False
+  summary = loop.train_and_evaluate(config, tmp_path / "run")
+  assert summary["method"] == path and summary["step"] == 2
+  model = build_model(config.model, 10)
+  assert model.plan().options.keep == 12  # a quarter of 49 patches
+  assert summary["gmacs"] == flops.macs(model) / 1e9
+  out = tmp_path / "tp.json"
+  throughput.main(["--models", "Ti/16", "--batches", "2", "--dtypes", "float32",
+                   "--image-size", "64", "--repeats", "1", "--no-timm", "--out", str(out),
+                   "--methods", "none", path])
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["method"] for r in rows] == ["none", path] and rows[1]["gmacs"] < rows[0]["gmacs"]
+  with pytest.raises(ValueError, match="unknown reduction method 'no_such_method'"):
+    throughput.main(["--methods", "no_such_method", "--out", str(out)])

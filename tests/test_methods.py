@@ -13,23 +13,20 @@ goldens) live in its own file.
   outside the rematerialised blocks.
 """
 
-import sys
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import CONTRACT_METHODS
 from tps_jax import flops, methods
 from tps_jax.models.vit import Model
 
-sys.path.insert(0, str(ROOT / "examples"))
-import custom_method  # noqa: E402,F401  registers "norm_keep": it meets the contract too
-
 SMALL = dict(width=48, depth=4, num_heads=3, mlp_dim=96, patch_size=8, image_size=32)  # 16 patches
-NAMES = methods.names()
+# Every registered method and examples/custom_method.py (registered from outside the package),
+# or those given with --method (conftest.py).
+NAMES = tuple(CONTRACT_METHODS)
 REDUCING = tuple(n for n in NAMES if methods.get(n).reduces)
 LAYOUTS = {"tok": dict(pool_type="tok"), "gap": dict(pool_type="gap", layout="big_vision"),
            "map": dict(pool_type="map", layout="big_vision", scan=True),
@@ -78,9 +75,8 @@ def _params_for(model, params):
 
 
 def test_the_registry_lists_every_method_and_names_bad_ones():
-  assert NAMES[:10] == ("none", "dtps", "etps", "dynamicvit", "evit", "topk", "tome", "pitome",
-                        "mctf", "diffrate")
-  assert "norm_keep" in NAMES  # examples/custom_method.py, registered from outside
+  assert methods.names()[:10] == ("none", "dtps", "etps", "dynamicvit", "evit", "topk", "tome",
+                                  "pitome", "mctf", "diffrate")
   assert methods.learned() == ("dtps", "dynamicvit")
   with pytest.raises(ValueError, match="unknown reduction method 'prune'; expected one of"):
     methods.get("prune")
@@ -190,3 +186,91 @@ def test_gradients_are_finite_and_equal_under_remat(name):
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(vjp))
 
   assert residual_bytes(loss_r) < 0.5 * residual_bytes(loss)
+
+
+# --- Naming a method: a registered name, or a module reference imported on first use ---------
+
+_MINE = '''
+import dataclasses
+from tps_jax import methods
+
+@dataclasses.dataclass(frozen=True)
+class Opts:
+  keep: float
+
+@methods.register("{name}")
+class {cls}(methods.Method):
+  Options = Opts
+  def options(self, spec, geo):
+    methods.check_keys(self.name, spec, ("keep",))
+    return Opts(float(spec.get("keep", 1.0)))
+'''
+
+
+@pytest.fixture
+def registry_snapshot():
+  """Methods registered by a test are forgotten after it (the registry is process-wide)."""
+  reg = methods.registry
+  saved = dict(reg._METHODS), dict(reg._REFERENCES)  # pylint: disable=protected-access
+  yield reg
+  reg._METHODS.clear(), reg._METHODS.update(saved[0])  # pylint: disable=protected-access
+  reg._REFERENCES.clear(), reg._REFERENCES.update(saved[1])  # pylint: disable=protected-access
+
+
+def test_a_method_is_named_by_a_module_path_or_a_file(registry_snapshot, tmp_path, monkeypatch):
+  pkg = tmp_path / "lab_pkg"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("")
+  (pkg / "mine.py").write_text(_MINE.format(name="lab_mine", cls="LabMine"))
+  (pkg / "two.py").write_text(_MINE.format(name="lab_a", cls="LabA")
+                              + _MINE.format(name="lab_b", cls="LabB").split("\n", 3)[-1])
+  (pkg / "empty.py").write_text("X = 1\n")
+  (pkg / "broken.py").write_text("import lab_dependency_that_is_missing\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert "lab_mine" not in methods.names()
+  assert methods.get("lab_pkg.mine").name == "lab_mine"  # imported on first use
+  assert "lab_mine" in methods.names() and methods.get("lab_pkg.mine:LabMine").name == "lab_mine"
+  # A spec names it the same way; the Reduction keeps the name as given (a fresh process
+  # resolves it again).
+  red = Model(5, reduction={"method": "lab_pkg.mine", "keep": 0.5}, **SMALL).plan()
+  assert red.method == "lab_pkg.mine" and red.impl.name == "lab_mine" and red.options.keep == 0.5
+  # Several methods in one module: name one, by its registered or class name.
+  with pytest.raises(ValueError, match=r"registers \['lab_a', 'lab_b'\]; name one, e.g. "
+                                       r"'lab_pkg.two:lab_a'"):
+    methods.get("lab_pkg.two")
+  assert methods.get("lab_pkg.two:LabB").name == methods.get("lab_pkg.two:lab_b").name == "lab_b"
+  with pytest.raises(ValueError, match="registers no method 'LabC'"):
+    methods.get("lab_pkg.two:LabC")
+  with pytest.raises(ValueError, match="module 'lab_pkg.empty' registers no method"):
+    methods.get("lab_pkg.empty")
+  with pytest.raises(ValueError, match=r"no module 'lab_pkg.absent' on the Python path \("):
+    methods.get("lab_pkg.absent")
+  with pytest.raises(ModuleNotFoundError, match="lab_dependency_that_is_missing"):
+    methods.get("lab_pkg.broken")  # the module's own missing import is not hidden
+  # A file outside any package, by path.
+  (tmp_path / "loose.py").write_text(_MINE.format(name="lab_loose", cls="Loose"))
+  assert methods.get(str(tmp_path / "loose.py")).name == "lab_loose"
+  assert methods.get(f"{tmp_path / 'loose.py'}:Loose").name == "lab_loose"  # imported once
+  with pytest.raises(ValueError, match="no file .*nowhere.py"):
+    methods.get(str(tmp_path / "nowhere.py"))
+  with pytest.raises(ValueError, match="'lab_mine' is already registered"):
+    methods.register("lab_mine")(type("Other", (methods.Method,), {}))
+
+
+def test_the_contract_suite_runs_on_a_method_given_on_the_command_line():
+  """`pytest tests/test_methods.py --method <name or module>` runs the contract on that method
+  alone; a bad one is a usage error that names it."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import CUSTOM_EXAMPLE, ROOT  # pylint: disable=g-import-not-at-top
+  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+         "tests/test_methods.py"]
+  out = subprocess.run(cmd + ["--method", CUSTOM_EXAMPLE], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  ids = [l for l in out.stdout.splitlines() if "::" in l]
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  assert any("[norm_keep]" in i for i in ids) and any("[norm_keep-" in i for i in ids), ids
+  assert not any("tome" in i for i in ids), ids
+  bad = subprocess.run(cmd + ["--method", "no_such_pkg.mine"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert bad.returncode == 4 and "no module 'no_such_pkg.mine'" in bad.stderr, bad.stderr[-2000:]

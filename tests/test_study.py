@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from experiments import fashion_mnist as cli
 from experiments import study
 from tps_jax import data, visualize
@@ -151,11 +152,14 @@ def test_main_job_never_deletes_a_users_folder(tiny_teacher, tmp_path):
 
 
 def test_offshelf_sweep_writes_curves(tiny_teacher, tmp_path, capsys):
+  # A method defined outside the package, by its file: without the recipes' knobs (keep, r)
+  # it runs once, at its example.
+  outside = str(ROOT / "examples" / "custom_method.py")
   cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny,devices=1", "--results", str(tmp_path),
-            "offshelf", "--methods", "topk,tome", "--keeps", "0.5", "--tome_rs", "2"])
+            "offshelf", "--methods", f"topk,tome,{outside}", "--keeps", "0.5", "--tome_rs", "2"])
   result = json.loads((tmp_path / "fmnist_offshelf.json").read_text())
   got = [(p["method"], p.get("keep"), p["tome_r"]) for p in result["points"]]
-  assert got == [("topk", 0.5, 0), ("tome", None, 2)]
+  assert got == [("topk", 0.5, 0), ("tome", None, 2), (outside, 0.5, 0)]
   assert all(p["gmacs"] < result["dense"]["gmacs"] for p in result["points"])
   assert all(p["examples"] == 2000 for p in result["points"])  # tiny: test[:2000]
   assert (tmp_path / "fmnist_offshelf.png").stat().st_size > 5_000

@@ -69,6 +69,15 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
     _fail(e)
 
 
+def _missing_field(argv: list[str], error: BaseException) -> str:
+  """The one line for a `--config.a.b=v` override whose field does not exist."""
+  field = str(error).strip("\"'")
+  flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+               and a.split("=")[0].split(".")[-1] == field), None)
+  return (f"{flag or '--config...' + field}: the config has no field {field!r}; an override "
+          f"sets only fields the config file defines.")
+
+
 def run_absl(main: Callable[[list[str]], object]) -> None:
   """`absl.app.run(main)`, with flag and config-file errors and bad input in one line."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
@@ -82,6 +91,10 @@ def run_absl(main: Callable[[list[str]], object]) -> None:
       if asked:
         raise
       _fail(e)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
+      if asked:
+        raise
+      _fail(ValueError(_missing_field(argv, e)))
 
   def guarded(argv):
     try:

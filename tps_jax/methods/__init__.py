@@ -12,7 +12,7 @@ import pkgutil
 from tps_jax.methods.base import (Block, Context, Dims, Geometry, Method, Reduction, TokenState,
                                   attention_macs, check_keys, freeze, mlp_macs, readout_kept,
                                   score_head_macs, size_bias)
-from tps_jax.methods.registry import get, names, register
+from tps_jax.methods.registry import get, names, register, resolve
 # The built-ins register themselves on import, in this order.
 from tps_jax.methods import dense  # noqa: F401  pylint: disable=g-bad-import-order
 from tps_jax.methods import tps  # noqa: F401

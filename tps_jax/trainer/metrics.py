@@ -5,7 +5,6 @@ TensorBoard event files are written by tensorboardX: no TensorFlow needed.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -56,7 +55,7 @@ class Writer:
       return
     record = {"step": int(step), "kind": kind, "time": time.time(),
               **{k: float(v) for k, v in metrics.items()}}
-    line = json.dumps(record) + "\n"
+    line = atomic.to_json(record) + "\n"
     if self._file is not None:
       self._file.write(line)
       self._file.flush()
