@@ -6,7 +6,15 @@ rest. The method is the class below; nothing in tps_jax changes. Run it:
   python3 examples/custom_method.py
 
 It builds a DeiT (cls token) and a big_vision GAP model with the method, runs them jitted,
-and prints their tokens and MACs beside the dense models'.
+and prints their tokens and MACs beside the dense models'. It writes only the five parts an
+author must (register and Options, options, acts_at, block, example): its token counts and
+MACs are read from its trace, its identity spec from its example. Every entry point takes it
+by its path:
+
+  python3 train.py --config configs/fashion_mnist.py:method=examples/custom_method.py \
+      --workdir runs/norm_keep --config.model.reduction.keep_ratio=0.3
+  python3 -m benchmarks.throughput --methods none examples/custom_method.py
+  python3 -m pytest tests/test_methods.py --method examples/custom_method.py
 """
 
 from __future__ import annotations
@@ -44,11 +52,6 @@ class NormKeep(methods.Method):
       raise ValueError(f"norm_keep needs a block in [0, {geo.depth}) and a ratio in (0, 1].")
     return NormKeepOptions(at, max(1, round(ratio * geo.num_patches)))
 
-  def tokens(self, o, geo):  # (attention, MLP, left) per block, the prefix excluded
-    n, k = geo.num_patches, o.keep
-    return tuple((n, n, n) if i < o.at else (n, k, k) if i == o.at else (k, k, k)
-                 for i in range(geo.depth))
-
   def acts_at(self, o, i):
     return i == o.at
 
@@ -60,17 +63,11 @@ class NormKeep(methods.Method):
         size=size, ordered=ctx.ordered))(y, scores, state.positions, state.size)
     return state.after_stage(st, ctx).replace(x=block.feed(st.x))
 
-  def extra_macs(self, o, geo, dims):
-    return {"reduction": geo.num_patches * dims.width}  # the norms
-
   def stage_blocks(self, o):
     return (o.at,)
 
   def example(self, geo):
     return {"method": self.name, "keep_ratio": 0.5}
-
-  def identity(self, geo):
-    return {"method": self.name, "keep_ratio": 1.0}
 
 
 def run(name: str, model) -> dict:

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import CONTRACT_METHODS
 from tps_jax import flops, methods
+from tps_jax.models import vit
 from tps_jax.models.vit import Model
 
 SMALL = dict(width=48, depth=4, num_heads=3, mlp_dim=96, patch_size=8, image_size=32)  # 16 patches
@@ -100,11 +101,13 @@ def test_compiles_once_and_leaves_the_declared_tokens(name):
   for seed in range(3):
     logits, out = forward(params, _images(seed=seed))
   red = model.reduction
-  tokens = red.tokens()
+  tokens = model.tokens()
   chex.assert_shape(out["encoded"], (2, tokens[-1][2], SMALL["width"]))
   assert np.isfinite(np.asarray(logits)).all()
   assert len(out["decisions"]) == len(out["hosts"]) == len(red.stage_blocks)
-  assert red.tokens_per_block() == tuple(t[1] for t in tokens)
+  assert model.tokens_per_block() == tuple(t[1] for t in tokens)
+  # Declared counts (optional) equal what the blocks run on: the attention, the MLP, the rest.
+  assert vit.traced_tokens(model) == tokens
   if red.impl.reduces:
     assert tokens[-1][2] < tokens[0][0]
 

@@ -18,6 +18,7 @@ products), so the two agree closely; `xla_macs` also counts elementwise work
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -32,10 +33,12 @@ from tps_jax.models.vit import VisionTransformer
 def breakdown(model: VisionTransformer) -> dict[str, int]:
   """MACs of one image through `model` at inference, by part.
 
-  The blocks are counted at the token counts the reduction method declares
-  (`Method.tokens`, the same the encoder runs on), each by `Method.block_macs` (the dense
-  block's count unless the method changes the block's arithmetic); the method adds its own
-  work (`Method.extra_macs`: score heads, matching, merging).
+  The blocks are counted at the token counts they run on (`VisionTransformer.tokens`: as the
+  method declares them, or read from a trace), each by `Method.block_macs` (the dense block's
+  count unless the method changes the block's arithmetic); the method adds its own work
+  (`Method.extra_macs`: score heads, matching, merging). A method that counts neither its own
+  work nor its blocks' has that read from its traced program: "reduction" is then what its
+  matrix products add to the dense blocks at its token counts (`matmul_macs`).
 
   Args:
     model: a VisionTransformer built with an image_size.
@@ -52,7 +55,7 @@ def breakdown(model: VisionTransformer) -> dict[str, int]:
   parts = {"embedding": model.num_patches * ph * pw * model.channels * d, "blocks": 0,
            "score_heads": 0, "reduction": 0, "pool": 0,
            "head": (d * out_d if model.rep_size else 0) + out_d * (model.num_classes or 0)}
-  tokens = red.tokens()
+  tokens = model.tokens()
   for i, (n_attn, n_mlp, _) in enumerate(tokens):
     parts["blocks"] += method.block_macs(opts, i, n_attn, n_mlp, dims)
   for part, v in method.extra_macs(opts, red.geometry, dims).items():
@@ -62,7 +65,14 @@ def breakdown(model: VisionTransformer) -> dict[str, int]:
   if model.pool_type == "map":  # one probe query to the t final tokens, then its MLP
     t = tokens[-1][2]
     parts["pool"] = 2 * d * d + 2 * t * d * d + 2 * t * d + 2 * d * m
+  if not any(methods.declares(method, h) for h in ("extra_macs", "block_macs")):
+    parts["reduction"] = _traced(model) - sum(parts.values())
   return parts
+
+
+@functools.lru_cache(maxsize=256)
+def _traced(model: VisionTransformer) -> int:
+  return matmul_macs(model)
 
 
 def _image_shape(model: VisionTransformer) -> tuple[int, int, int, int]:
@@ -120,12 +130,13 @@ def _jaxpr_macs(jaxpr) -> int:
   total = 0
   for eqn in jaxpr.eqns:
     total += _eqn_macs(eqn)
+    times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
     for param in eqn.params.values():
       for sub in (param if isinstance(param, (list, tuple)) else (param,)):
         if isinstance(sub, jex_core.ClosedJaxpr):
-          total += _jaxpr_macs(sub.jaxpr)
+          total += times * _jaxpr_macs(sub.jaxpr)
         elif isinstance(sub, jex_core.Jaxpr):
-          total += _jaxpr_macs(sub)
+          total += times * _jaxpr_macs(sub)
   return total
 
 

@@ -9,7 +9,7 @@ the package: the papers' methods first, in this order, then any other module by 
 import importlib
 import pkgutil
 
-from tps_jax.methods.base import (Block, Context, Dims, Geometry, Method, Reduction, TokenState,
+from tps_jax.methods.base import (Block, Context, Dims, Geometry, Method, Reduction, TokenState, declares,
                                   attention_macs, check_keys, freeze, mlp_macs, readout_kept,
                                   score_head_macs, size_bias)
 from tps_jax.methods.registry import get, names, register, resolve

@@ -199,24 +199,48 @@ class Block:
 
   def __init__(self, apply: Callable[..., Any], index: int):
     self._apply, self.index = apply, index
+    # The tokens its attention and its MLP first ran on (read by the encoder, which derives a
+    # method's per-block token counts from them where the method declares none).
+    self.attention_tokens: int | None = None
+    self.mlp_tokens: int | None = None
+
+  def _attends(self, x):
+    if self.attention_tokens is None:
+      self.attention_tokens = x.shape[1]
+
+  def _feeds(self, x):
+    if self.mlp_tokens is None:
+      self.mlp_tokens = x.shape[1]
 
   def block(self, x, policy=None, bias=None):
+    self._attends(x), self._feeds(x)
     return self._apply(self.index, "__call__", x, policy=policy, bias=bias)
 
   def attend(self, x, bias=None, probe=None):
+    self._attends(x)
     return self._apply(self.index, "attend", x, bias=bias, probe=probe)
 
   def attend_matrix(self, x, bias=None, probe=None):
+    self._attends(x)
     return self._apply(self.index, "attend_matrix", x, bias=bias, probe=probe)
 
   def attention_probs(self, x, bias=None):
+    self._attends(x)
     return self._apply(self.index, "attention_probs", x, bias=bias)
 
   def attend_ahead(self, x, probs, value_index, plan: ops.MergePlan, weights):
+    self._attends(x)
     return self._apply(self.index, "attend_ahead", x, probs, value_index, *plan, weights)
 
   def feed(self, x):
+    self._feeds(x)
     return self._apply(self.index, "feed", x)
+
+
+def declares(method: "Method", hook: str) -> bool:
+  """Whether `method` overrides the optional `Method` hook `hook` (else its default, derived
+  from what the method produces, applies)."""
+  return getattr(type(method), hook) is not getattr(Method, hook)
 
 
 def freeze(spec):
@@ -279,8 +303,10 @@ class Method:
     return self.options(spec, geo)
 
   def tokens(self, options, geo: Geometry) -> tuple[tuple[int, int, int], ...]:
-    """Per block, the reducible tokens (prefix excluded) its attention runs on, its MLP runs
-    on, and it leaves, at inference. The encoder checks its shapes against these."""
+    """Optional. Per block, the reducible tokens (prefix excluded) its attention runs on, its
+    MLP runs on, and it leaves, at inference. Where a method declares them the encoder checks
+    its shapes against them; where it does not, they are read from the shapes its `block`
+    produces (`VisionTransformer.tokens`, one abstract trace)."""
     raise NotImplementedError
 
   def acts_at(self, options, i: int) -> bool:
@@ -336,8 +362,15 @@ class Method:
     raise NotImplementedError
 
   def identity(self, geo: Geometry) -> dict:
-    """A spec that reduces nothing: the model must equal the dense one (keep 1.0, r = 0)."""
-    raise NotImplementedError
+    """A spec that reduces nothing: the model must equal the dense one. By default the
+    `example` with its keep_ratio at 1.0 and its r at 0; define it where the example has
+    neither."""
+    spec = dict(self.example(geo))
+    knobs = {k: v for k, v in (("keep_ratio", 1.0), ("r", 0)) if k in spec}
+    if not knobs:
+      raise NotImplementedError(f"method {self.name!r}: its example has no keep_ratio or r to "
+                                f"turn off; define identity(geo), a spec that reduces nothing.")
+    return {**spec, **knobs}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,9 +410,19 @@ class Reduction:
   def uses_probe(self) -> bool:
     return self.impl.uses_probe(self.options)
 
+  @property
+  def declares_tokens(self) -> bool:
+    """Whether the method declares its token counts (`Method.tokens`); else the model reads
+    them from a trace (`VisionTransformer.tokens`)."""
+    return declares(self.impl, "tokens")
+
   def tokens(self) -> tuple[tuple[int, int, int], ...]:
     """Per block, the tokens (the prefix included) its attention runs on, its MLP runs on, and
-    it leaves, at inference (`Method.tokens`)."""
+    it leaves, at inference, as the method declares them (`Method.tokens`). For any method,
+    declared or not, use the model's `VisionTransformer.tokens()`."""
+    if not self.declares_tokens:
+      raise ValueError(f"method {self.method!r} declares no tokens(); read them from the "
+                       f"model: model.tokens().")
     p = self.geometry.prefix
     return tuple(tuple(n + p for n in t) for t in self.impl.tokens(self.options, self.geometry))
 

@@ -29,6 +29,9 @@ class Dense(Method):
   def acts_at(self, options, i):
     return False
 
+  def extra_macs(self, options, geo, dims):
+    return {}  # no work of its own (and no trace to read it from)
+
   def spec(self, **_):
     return None
 

@@ -33,6 +33,7 @@ tokens so the blocks after a stage run on fewer tokens.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping
 
@@ -89,6 +90,24 @@ def resolve_reduction(spec, *, depth: int, num_patches: int, prefix: int,
     spec = dict(spec)
   return Reduction.create(spec, depth=depth, num_patches=num_patches, prefix=prefix,
                           has_cls=has_cls, has_probe=has_probe)
+
+
+_TOKEN_RECORDS: list[list] = []  # where a trace for `VisionTransformer.tokens` records
+
+
+@functools.lru_cache(maxsize=256)
+def traced_tokens(model: "VisionTransformer") -> tuple[tuple[int, int, int], ...]:
+  """Per block, the tokens (the prefix included) its attention runs on, its MLP runs on, and
+  it leaves at inference, read from one abstract trace of `model` (no compile, no FLOPs)."""
+  (h, w), c = _pair(model.image_size), model.channels
+  image = jax.ShapeDtypeStruct((1, h, w, c), jnp.float32)
+  record: list = []
+  _TOKEN_RECORDS.append(record)
+  try:
+    jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False), image)
+  finally:
+    _TOKEN_RECORDS.pop()
+  return tuple(tuple(int(n) for n in t) for t in record)
 
 
 class Encoder(nn.Module):
@@ -207,20 +226,30 @@ class Encoder(nn.Module):
         live=jnp.ones((b, reducible), jnp.float32) if ctx.masked else None,
         owner=(jnp.broadcast_to(jnp.arange(n0, dtype=jnp.int32) + int(self.has_cls), (b, n0))
                if self.track_owner else None))
-    tokens = red.tokens()  # what the method declares: the encoder holds it to that
+    # What the method declares, the encoder holds it to; what it does not, the shapes tell.
+    tokens = red.tokens() if red.declares_tokens else None
+    seen = []  # per block: (attention, MLP, left) tokens, the prefix included
     apply, run = self._blocks(x, train)
     i = 0
     while i < self.depth:
       if method.acts_at(opts, i):
-        state, i = method.block(opts, i, Block(apply, i), state, ctx), i + 1
+        block, n = Block(apply, i), state.x.shape[1]
+        state, i = method.block(opts, i, block, state, ctx), i + 1
+        left = state.x.shape[1]
+        attn = block.attention_tokens or n
+        seen.append((attn, block.mlp_tokens or (left if block.attention_tokens is None
+                                                else attn), left))
       else:  # a run of blocks the method does not act at, up to the next it does
         e = next((j for j in range(i + 1, self.depth) if method.acts_at(opts, j)), self.depth)
         state = state.replace(x=run(i, e, state.x, state.policy(ctx),
                                     method.plain_bias(opts, state)))
+        seen += [(state.x.shape[1],) * 3] * (e - i)
         i = e
-      if not ctx.masked and state.x.shape[1] != tokens[i - 1][2]:
+      if tokens is not None and not ctx.masked and state.x.shape[1] != tokens[i - 1][2]:
         raise ValueError(f"method {red.method!r} left {state.x.shape[1]} tokens after block "
                          f"{i - 1}; its tokens() declares {tokens[i - 1][2]}.")
+    if not train and _TOKEN_RECORDS:
+      _TOKEN_RECORDS[-1][:] = seen
 
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(
         state.x)
@@ -313,6 +342,22 @@ class VisionTransformer(nn.Module):
                              num_patches=n0 + int(self.has_cls) - self.num_prefix,
                              prefix=self.num_prefix, has_cls=self.has_cls,
                              has_probe=self.has_probe)
+
+  def tokens(self) -> tuple[tuple[int, int, int], ...]:
+    """Per block, the tokens (the prefix included) its attention runs on, its MLP runs on, and
+    it leaves, at inference: as the method declares them (`Method.tokens`), or else read from
+    the shapes its blocks produce in one abstract trace (needs an image_size)."""
+    red = self.plan()
+    if red.declares_tokens:
+      return red.tokens()
+    if self.image_size is None:
+      raise ValueError("reading a method's token counts needs a model built with an "
+                       "image_size.")
+    return traced_tokens(self)
+
+  def tokens_per_block(self) -> tuple[int, ...]:
+    """Per block, the tokens (the prefix included) its MLP runs on, at inference."""
+    return tuple(t[1] for t in self.tokens())
 
   @nn.compact
   def __call__(self, image, *, train: bool = False):
