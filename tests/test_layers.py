@@ -122,3 +122,21 @@ def test_cudnn_gets_the_size_bias_in_q_dtype(monkeypatch):
   bias = jnp.log(jnp.arange(1, 7, dtype=jnp.float32))[None, None, None, :]
   attn.apply(params, x, bias=bias)
   assert seen[-1] == ("cudnn", jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16))
+
+
+def test_attend_gives_the_values_so_a_method_can_weigh_attention_by_them():
+  """`attend` returns the value vectors: a score such as ATS's (cls attention x value norm)
+  is then a function of what the block gives, computed here two ways."""
+  x = tokens(3, 2, 5, 8)
+  block, params = _init_block(x)
+  y, info = block.apply(params, x, method="attend")
+  p = params["params"]
+  ln = nn.LayerNorm(epsilon=1e-6).apply({"params": p["LayerNorm_0"]}, x)
+  value = p["MultiHeadDotProductAttention_0"]["value"]
+  expected = jnp.einsum("bnd,dhk->bnhk", ln, value["kernel"]) + value["bias"]
+  chex.assert_shape(info.values, (2, 5, 2, 4))
+  np.testing.assert_allclose(info.values, expected, rtol=1e-5, atol=1e-6)
+  score = jnp.mean(info.cls_attn, 1) * jnp.linalg.norm(info.values.reshape(2, 5, 8), axis=-1)
+  assert np.isfinite(np.asarray(score)).all() and score.shape == (2, 5)
+  _, matrix_info = block.apply(params, x, method="attend_matrix")
+  np.testing.assert_allclose(matrix_info.values, info.values, rtol=1e-6)

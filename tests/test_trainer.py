@@ -102,7 +102,7 @@ def test_rules_and_mesh_errors():
     sharding.make_mesh(fsdp=3)
   with pytest.raises(ValueError, match="does not divide over the 8 devices"):
     loop.Run(_config("tiny,batch=12"))
-  # The evaluation batch is checked at the start, not at the first evaluation (issue 24).
+  # The evaluation batch is checked at the start, not at the first evaluation.
   with pytest.raises(ValueError, match="eval_batch_size: global batch size 1001 does not divide"):
     loop.Run(_config("tiny", **{"input.eval_batch_size": 1001}))
 
@@ -133,7 +133,7 @@ def test_config_and_checkpoint_errors(tmp_path):
     fashion_mnist.get_config("patch=3")
   with pytest.raises(ValueError, match="batch size must be a positive integer, got 0"):
     loop.Run(_config("tiny", **{"input.batch_size": 0}))
-  # Evaluation runs the model as it trains (issue 24 item 12), float32 only when asked.
+  # Evaluation runs the model as it trains, float32 only when asked.
   assert loop.Run(_config("tiny", mixed_precision=True)).eval_model.dtype == jnp.bfloat16
   assert loop.Run(_config("tiny", mixed_precision=True,
                           eval_precision="float32")).eval_model.dtype == jnp.float32
@@ -213,7 +213,7 @@ def test_checkpoints_tell_corruption_from_mismatch(tmp_path):
   for step in (1, 2, 3):
     ckpt.save(step, state(step))
     if step == 1:  # sealed in the background once Orbax finalises it, not at the next save
-      sums = tmp_path / "checkpoints" / "1" / run_checkpoints.CHECKSUMS  # (issue 24 item 3)
+      sums = tmp_path / "checkpoints" / "1" / run_checkpoints.CHECKSUMS  #
       deadline = time.time() + 30
       while not sums.exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -223,7 +223,7 @@ def test_checkpoints_tell_corruption_from_mismatch(tmp_path):
   assert all((root / str(s) / "tps_jax_sha256.json").exists() for s in (1, 2, 3))
   _flip_bytes(root / "3")  # Orbax alone would restore these bytes as wrong numbers
   # Reading a workdir's params (load_params, --init, --evaluate) takes the newest intact step
-  # as restore does, and moves nothing; a named step is read or refused (issue 24 item 4).
+  # as restore does, and moves nothing; a named step is read or refused.
   warned = []
   relative = os.path.relpath(tmp_path)  # as `--evaluate runs/x` gives it; Orbax wants absolute
   np.testing.assert_array_equal(run_checkpoints.read_params(relative, warn=warned.append)["w"],
@@ -249,7 +249,7 @@ def test_checkpoints_tell_corruption_from_mismatch(tmp_path):
   assert int(ckpt.restore(abstract)["step"]) == 3
   ckpt.close()
   # A failure that is not the checkpoint's (memory, the filesystem, Orbax) is raised as it is
-  # and moves nothing, though every step would fail alike (issue 24).
+  # and moves nothing, though every step would fail alike.
   ckpt = state_lib.Checkpoints(tmp_path, keep=5)
   with mock.patch.object(ckpt.manager, "restore", side_effect=OSError("NFS timed out")):
     with pytest.raises(OSError, match="NFS timed out"):
@@ -278,7 +278,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                                        "checkpoint.every_steps": 1, "log_every_steps": 1})
   with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint"):
     loop.train_and_evaluate(config, tmp_path)
-  # The error did not skip closing (issue 24 item 3): every save had finished and was sealed
+  # The error did not skip closing: every save had finished and was sealed
   # when it returned. (Had it skipped, the last save would finish later, unsealed.)
   root = tmp_path / "checkpoints"
   deadline = time.time() + 30
@@ -326,7 +326,7 @@ def test_two_processes_with_jax_distributed_agree(tmp_path):
   assert all(r["processes"] == 2 and r["devices"] == 4 and r["step"] == 3 for r in reports)
   assert reports[0]["examples"] == reports[1]["examples"] == 2000  # tiny: test[:2000]
   # The two processes' evaluation (each its half of the test set, counts summed) gives what
-  # one process finds for the same parameters over the same 2000 images (issue 24 item 13: the
+  # one process finds for the same parameters over the same 2000 images (the
   # processes' equal top-1 alone held by construction).
   single = loop.evaluate(_config("tiny,steps=3,batch=32,devices=1"), tmp_path / "params.npz")
   assert single["examples"] == 2000
@@ -335,7 +335,7 @@ def test_two_processes_with_jax_distributed_agree(tmp_path):
 
 @pytest.mark.parametrize("flaky, step", [(1, 2), (0, 1)])
 def test_two_processes_act_on_one_verdict_about_a_checkpoint(tmp_path, flaky, step):
-  # Issue 24 item 2: a step that reads as corrupt on one host only. Each process deciding on
+  # A step that reads as corrupt on one host only. Each process deciding on
   # its own sent that one to set the step aside (a barrier) while the other trained on: a
   # hang. Process 0 verifies and every process follows it: both restore the same step.
   port = _free_port()

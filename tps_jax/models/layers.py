@@ -91,6 +91,8 @@ class AttentionOut(NamedTuple):
   probs: (B, H, N, N) the whole softmax attention, float32, or None (MCTF).
   probe: (B, H, N) softmax attention from a given query per head (a MAP head's probe
     query: the tokens the pooling looks for), float32, or None.
+  values: (B, N, H, D/H) the value vectors, or None (scores that weigh attention by the
+    values' norms, such as ATS's and PPT's).
   """
   cls_attn: jax.Array | None
   keys: jax.Array | None
@@ -98,6 +100,7 @@ class AttentionOut(NamedTuple):
   mean_query: jax.Array | None = None
   probs: jax.Array | None = None
   probe: jax.Array | None = None
+  values: jax.Array | None = None
 
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
@@ -145,7 +148,8 @@ class MultiHeadDotProductAttention(nn.Module):
       policy: (B, N) 0/1, attention to 0 tokens masked (the masked training form), or None;
         with `matrix` also a straight-through float mask, beside a bias (DiffRate's search).
       bias: (B, 1|H, 1|N, N) added to the logits, or None.
-      extras: also return the cls row, the head-mean keys and the mean query's row.
+      extras: also return the cls row, the head-mean keys, the mean query's row and the
+        values.
       matrix: form the whole attention matrix (whatever the implementation) and also return
         the attention received and the matrix itself.
       probs_only: return only the softmax attention of x (B, H, N, N) (output None).
@@ -228,7 +232,8 @@ class MultiHeadDotProductAttention(nn.Module):
 
     out = out_dense()(y)
     keys = jnp.mean(k, axis=2) if extras else None
-    return out, AttentionOut(cls_attn, keys, received, mean_query, probs, probe_attn)
+    return out, AttentionOut(cls_attn, keys, received, mean_query, probs, probe_attn,
+                             v if extras else None)
 
 
 def drop_path(module: nn.Module, y: jax.Array, rate, deterministic: bool) -> jax.Array:
