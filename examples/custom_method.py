@@ -42,8 +42,6 @@ class NormKeepOptions:
 class NormKeep(methods.Method):
   """Keeps the `keep_ratio` of tokens with the largest norm after block `at`'s attention."""
   Options = NormKeepOptions
-  drops = True  # the other tokens are thrown away
-  stage_kind = "inside"
 
   def options(self, spec, geo):
     methods.check_keys(self.name, spec, ("at", "keep_ratio"))
@@ -62,9 +60,6 @@ class NormKeep(methods.Method):
         y, s, pos, o.keep, method="drop", num_patches=ctx.num_patches, prefix=ctx.prefix,
         size=size, ordered=ctx.ordered))(y, scores, state.positions, state.size)
     return state.after_stage(st, ctx).replace(x=block.feed(st.x))
-
-  def stage_blocks(self, o):
-    return (o.at,)
 
   def example(self, geo):
     return {"method": self.name, "keep_ratio": 0.5}

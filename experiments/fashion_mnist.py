@@ -42,9 +42,9 @@ KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 # searched schedule: `search`) run by their own commands (docs/results.md).
 OFFSHELF_METHODS = ("etps", "evit", "topk", "tome", "mctf", "tofu")
 TOME_RS = (1, 2, 3, 4, 5)
-# Each TPS variant and its pruning baseline (the method's `baseline`): dtps / dynamicvit, etps / evit.
-FINETUNE_PAIRS = tuple((m, registry.get(m).baseline) for m in registry.names()
-                       if registry.get(m).baseline)
+# Each TPS variant and its pruning baseline: squeezing against dropping (dTPS, DynamicViT) and
+# against fusing (eTPS, EViT).
+FINETUNE_PAIRS = (("dtps", "dynamicvit"), ("etps", "evit"))
 FINETUNE_METHODS = tuple(m for pair in FINETUNE_PAIRS for m in pair)  # dtps, dynamicvit, ...
 
 

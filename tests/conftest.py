@@ -54,10 +54,11 @@ _SLOW_FIRST = ("test_trainer.py", "test_study.py")
 
 
 # The methods the contract suite (tests/test_methods.py) runs on. By default every registered
-# method and the example defined outside the package; `--method NAME_OR_MODULE` (repeatable)
-# runs it on those methods alone:
+# method and the two examples defined outside the package; `--method NAME_OR_MODULE`
+# (repeatable) runs it on those methods alone:
 #   python -m pytest tests/test_methods.py --method my_pkg.my_method --method mine.py:Mine
 CUSTOM_EXAMPLE = str(ROOT / "examples" / "custom_method.py")
+OUTSIDE_EXAMPLES = (CUSTOM_EXAMPLE, str(ROOT / "examples" / "adaptive_squeeze.py"))
 CONTRACT_METHODS: list[str] = []
 
 
@@ -72,7 +73,7 @@ def pytest_configure(config):
   from tps_jax import methods  # pylint: disable=g-import-not-at-top
   chosen = config.getoption("contract_methods")
   try:
-    resolved = [methods.registry.resolve(m) for m in chosen or [CUSTOM_EXAMPLE]]
+    resolved = [methods.registry.resolve(m) for m in chosen or OUTSIDE_EXAMPLES]
   except ValueError as e:
     raise pytest.UsageError(str(e)) from None
   CONTRACT_METHODS[:] = resolved if chosen else [*methods.names()]

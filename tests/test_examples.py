@@ -170,3 +170,28 @@ def test_a_method_outside_the_package_trains_and_is_benchmarked_by_its_file(tmp_
   assert [r["method"] for r in rows] == ["none", path] and rows[1]["gmacs"] < rows[0]["gmacs"]
   with pytest.raises(ValueError, match="unknown reduction method 'no_such_method'"):
     throughput.main(["--methods", "no_such_method", "--out", str(out)])
+
+
+def test_a_method_written_from_the_docs_squeezes_some_images_and_drops_for_others():
+  """examples/adaptive_squeeze.py (outside the package; it meets the contract too, conftest):
+  one static shape, and per image the logits and sizes of either its all-drop or its
+  all-squeeze run, both kinds in one batch."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tps_jax.models.vit import Model  # pylint: disable=g-import-not-at-top
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
+  runs = {}
+  for mass in (0.0, 0.6, 2.0):  # 0: every image drops; 2: every image squeezes
+    model = Model(5, width=48, depth=4, num_heads=3, mlp_dim=96, patch_size=8, image_size=32,
+                  pool_type="gap", layout="big_vision",
+                  reduction=dict(method=str(ROOT / "examples" / "adaptive_squeeze.py"),
+                                 keep_ratio=0.5, keep_mass=mass, at=1))
+    params = jax.jit(model.init)(jax.random.key(0), images)
+    logits, out = jax.jit(model.apply)(params, images)
+    runs[mass] = np.asarray(logits), np.asarray(out["sizes"]).sum(-1)
+  (drop, drop_sizes), (mix, mix_sizes), (squeeze, squeeze_sizes) = runs.values()
+  np.testing.assert_allclose(drop_sizes, 8)
+  np.testing.assert_allclose(squeeze_sizes, 16)
+  dropped = mix_sizes < 16
+  assert dropped.any() and not dropped.all(), mix_sizes
+  np.testing.assert_allclose(mix[dropped], drop[dropped], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(mix[~dropped], squeeze[~dropped], rtol=1e-5, atol=1e-6)

@@ -145,12 +145,17 @@ def token_pictures(model, params, images, path: str | pathlib.Path | None = None
   import jax
 
   red = model.plan()
-  if not red.stage_blocks:
+  stage_blocks = model.stage_blocks()
+  if not stage_blocks:
     raise ValueError(f"method {red.method!r} records no stages to draw (token_pictures needs "
                      f"a method that prunes at a few blocks, such as dtps or etps).")
   _, out = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(params, images)
   status, host = patch_status(jax.device_get(out["decisions"]), jax.device_get(out["hosts"]))
-  names = [f"{red.method} {red.impl.stage_kind} block {loc}" for loc in red.stage_blocks]
+  tokens = model.tokens()
+  entering = [model.num_prefix + model.num_reducible] + [t[2] for t in tokens[:-1]]
+  # A stage "before" a block runs that block's attention on fewer tokens than entered it.
+  names = [f"{red.method} {'before' if tokens[loc][0] < entering[loc] else 'inside'} block {loc}"
+           for loc in stage_blocks]
   shown = images if display_images is None else display_images
   return draw(np.asarray(shown), status, host, patch_size=model.patch_size, stage_names=names,
               title=title, path=path)

@@ -122,7 +122,8 @@ class TokenState:
     live: (B, N0 - first) 0/1 live tokens of the masked training form, or None (gather form).
     owner: (B, N0) index of the token each patch ended in (-1: dropped), or None when the
       model does not follow patches (`outputs_2d`).
-    merged: a merge has happened (methods that add the log-size bias after one).
+    merged: a merge has happened, or a stage that carries sizes (methods that add the
+      log-size bias after one); `after_stage` and `after_merge` set it.
     decisions, hosts, keep_indices: per stage, (B, N0) kept patches, (B, N0) host of each
       patch pruned there (-1 elsewhere) and (B, k) the kept patches' positions.
   """
@@ -152,8 +153,12 @@ class TokenState:
     return stages.follow(self.owner, new_index)
 
   def after_stage(self, st: stages.StageOut, ctx: Context) -> "TokenState":
-    """The state after a pruning stage (gather form): its tokens, and its record."""
+    """The state after a pruning stage (gather form, `stages.mixed` included): its tokens, its
+    record, each patch's token followed, and, where the stage carries sizes, `merged` set (a
+    token may now stand for several patches; one that stands for one has a log-size bias of
+    0)."""
     return self.replace(x=st.x, positions=st.positions, size=st.size,
+                        merged=self.merged or st.size is not None,
                         owner=self.follow(st.new_index),
                         decisions=self.decisions + (readout_kept(st.decision, ctx),),
                         hosts=self.hosts + (st.hosts,),
@@ -273,23 +278,15 @@ class Method:
       keeps its length (the encoder's token check is then skipped) and the blocks it does not
       act at attend under `state.policy(ctx)`.
     tracks_sizes: the method needs each token's size (patches it stands for) in the state.
-    stage_kind: how its stages are drawn and named ("before" or "inside" a block), or None
-      for a method that records no stages.
     reduces: False only for the dense model's "none".
     merges: tokens may stand for several patches with no single position (token distillation
       then has no teacher token to compare each with: `out["token_sizes"]` says so).
-    baseline: the method it is compared against as its pruning counterpart, or None.
-    drops: some patches are thrown away (their tokens dropped, not merged into another), so
-      the final tokens stand for fewer than all patches.
   """
   name: ClassVar[str] = ""
   Options: ClassVar[type] = None  # type: ignore[assignment]
   learned: ClassVar[bool] = False
   tracks_sizes: ClassVar[bool] = False
-  stage_kind: ClassVar[str | None] = None
   reduces: ClassVar[bool] = True
-  baseline: ClassVar[str | None] = None
-  drops: ClassVar[bool] = False
   merges: ClassVar[bool] = False
 
   def options(self, spec: Mapping[str, Any], geo: Geometry):
@@ -343,7 +340,8 @@ class Method:
     return ()
 
   def stage_blocks(self, options) -> tuple[int, ...]:
-    """Blocks whose stages record decisions and hosts (drawn by `tps_jax.visualize`)."""
+    """Optional. Blocks whose stages record decisions and hosts (drawn by `tps_jax.visualize`);
+    where a method declares none, `VisionTransformer.stage_blocks` reads them from a trace."""
     return ()
 
   def summary(self, options) -> dict[str, Any]:

@@ -53,8 +53,6 @@ def schedule(o: DiffRateOptions, depth: int, num_patches: int) -> dict[str, tupl
 class DiffRate(Method):
   Options = DiffRateOptions
   tracks_sizes = True
-  stage_kind = "inside"
-  drops = True  # the pruned tokens (the merged ones are kept in their hosts)
 
   def options(self, spec, geo):
     """Per-block `prune_kept` and `merge_kept` lists of patch tokens (cls excluded; the
@@ -120,7 +118,7 @@ class DiffRate(Method):
         stages.prune_then_merge, prune_k=o.prune_counts[s], merge_k=o.keep_counts[s],
         num_patches=ctx.num_patches, prefix=ctx.prefix, ordered=ctx.ordered))(
             y, attention_scores(info, o.score, ctx.prefix), state.positions, size=state.size)
-    state = state.after_stage(st, ctx).replace(merged=True)
+    state = state.after_stage(st, ctx)
     return state.replace(x=block.feed(state.x))
 
   def extra_macs(self, o, geo, dims):

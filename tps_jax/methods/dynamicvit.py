@@ -10,4 +10,3 @@ from tps_jax.methods.staged import LearnedStage
 @register("dynamicvit")
 class DynamicViT(LearnedStage):
   prune = "drop"
-  drops = True

@@ -192,7 +192,6 @@ class Staged(Method):
 class LearnedStage(Staged):
   """A score head (models/score_head.py) before each stage block, `score_head_{s}`."""
   learned = True
-  stage_kind = "before"
 
   def options(self, spec, geo):  # the score head scores: no attention score to check
     return staged_options(self.name, spec, geo, scores=False)
@@ -245,7 +244,6 @@ class LearnedStage(Staged):
 class AttentionStage(Staged):
   """The stage block's attention scores the tokens (`score`); the stage runs between its
   attention and its MLP."""
-  stage_kind = "inside"
 
   def tokens(self, o, geo):
     out, n, at = [], geo.num_patches, dict(zip(o.locations, o.keep_counts))

@@ -39,6 +39,25 @@ class StageOut(NamedTuple):
   size: jax.Array | None = None
 
 
+def mixed(first: jax.Array, a: StageOut, b: StageOut) -> StageOut:
+  """A stage that does `a` for some images and `b` for the others, in one static shape.
+
+  first: (B,) bool, True where an image takes `a` (e.g. squeeze some images, drop for the
+  rest: `prune_by_scores` with the same k and method "squeeze" / "drop"). a and b: StageOuts of
+  the same shapes (both with sizes, or neither). Tokens, positions, decisions, hosts,
+  where each token went and sizes are taken per image, so `TokenState.after_stage` follows it
+  like any other stage.
+  """
+  def pick(u, v):
+    if u.shape != v.shape:
+      raise ValueError(f"a mixed stage needs two stages of the same shapes, got {u.shape} and "
+                       f"{v.shape}.")
+    return jnp.where(first.reshape((-1,) + (1,) * (u.ndim - 1)), u, v)
+  if (a.size is None) != (b.size is None):
+    raise ValueError("a mixed stage needs sizes in both stages or in neither.")
+  return jax.tree.map(pick, a, b)
+
+
 def host_map(prune_pos: jax.Array, host_pos: jax.Array, num_patches: int) -> jax.Array:
   """(B, Np) pruned positions and their hosts' positions -> (B, N0), -1 elsewhere."""
   onehot = jax.nn.one_hot(prune_pos, num_patches, dtype=jnp.int32)  # -1 rows are zero

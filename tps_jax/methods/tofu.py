@@ -82,7 +82,6 @@ class ToFuOptions:
 class ToFu(PerBlockMerge):
   Options = ToFuOptions
   tracks_sizes = False  # OpenToMe's ToFu has no proportional attention (and no sizes)
-  drops = True  # the early blocks prune
 
   def options(self, spec, geo):
     check_keys(self.name, spec, ("r", "locations", "prune_blocks", "norm_of"))

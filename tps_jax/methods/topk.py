@@ -10,4 +10,3 @@ from tps_jax.methods.staged import AttentionStage
 @register("topk")
 class TopK(AttentionStage):
   prune = "drop"
-  drops = True

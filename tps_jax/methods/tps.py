@@ -15,11 +15,9 @@ from tps_jax.methods.staged import AttentionStage, LearnedStage
 class DTPS(LearnedStage):
   """Learned scores, pruned tokens squeezed (its pruning baseline: DynamicViT)."""
   prune = "squeeze"
-  baseline = "dynamicvit"
 
 
 @register("etps")
 class ETPS(AttentionStage):
   """Attention scores, pruned tokens squeezed (its pruning baseline: EViT)."""
   prune = "squeeze"
-  baseline = "evit"

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from tps_jax import ops
-from tps_jax.methods import Block, Context, Reduction, TokenState, freeze
+from tps_jax.methods import Block, Context, Reduction, TokenState, declares, freeze
 from tps_jax.models import pooling, posemb
 from tps_jax.models.layers import (BLOCK_FUNCTIONS, GELUS, IMPLEMENTATIONS, Encoder1DBlock,
                                    PatchEmbedding)
@@ -92,13 +92,14 @@ def resolve_reduction(spec, *, depth: int, num_patches: int, prefix: int,
                           has_cls=has_cls, has_probe=has_probe)
 
 
-_TOKEN_RECORDS: list[list] = []  # where a trace for `VisionTransformer.tokens` records
+_TOKEN_RECORDS: list[list] = []  # where a trace for `traced_plan` records
 
 
 @functools.lru_cache(maxsize=256)
-def traced_tokens(model: "VisionTransformer") -> tuple[tuple[int, int, int], ...]:
-  """Per block, the tokens (the prefix included) its attention runs on, its MLP runs on, and
-  it leaves at inference, read from one abstract trace of `model` (no compile, no FLOPs)."""
+def traced_plan(model: "VisionTransformer") -> tuple[tuple, tuple[int, ...]]:
+  """What `model`'s method does at inference, read from one abstract trace (no compile, no
+  FLOPs): per block the tokens (the prefix included) its attention runs on, its MLP runs on,
+  and it leaves; and the blocks whose stages record decisions (`out["decisions"]`)."""
   (h, w), c = _pair(model.image_size), model.channels
   image = jax.ShapeDtypeStruct((1, h, w, c), jnp.float32)
   record: list = []
@@ -107,7 +108,8 @@ def traced_tokens(model: "VisionTransformer") -> tuple[tuple[int, int, int], ...
     jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False), image)
   finally:
     _TOKEN_RECORDS.pop()
-  return tuple(tuple(int(n) for n in t) for t in record)
+  tokens, stage_at = record
+  return tuple(tuple(int(n) for n in t) for t in tokens), tuple(stage_at)
 
 
 class Encoder(nn.Module):
@@ -228,17 +230,18 @@ class Encoder(nn.Module):
                if self.track_owner else None))
     # What the method declares, the encoder holds it to; what it does not, the shapes tell.
     tokens = red.tokens() if red.declares_tokens else None
-    seen = []  # per block: (attention, MLP, left) tokens, the prefix included
+    seen, stage_at = [], []  # per block: (attention, MLP, left) tokens; blocks with a stage
     apply, run = self._blocks(x, train)
     i = 0
     while i < self.depth:
       if method.acts_at(opts, i):
-        block, n = Block(apply, i), state.x.shape[1]
+        block, n, stages_before = Block(apply, i), state.x.shape[1], len(state.decisions)
         state, i = method.block(opts, i, block, state, ctx), i + 1
         left = state.x.shape[1]
         attn = block.attention_tokens or n
         seen.append((attn, block.mlp_tokens or (left if block.attention_tokens is None
                                                 else attn), left))
+        stage_at += [i - 1] * (len(state.decisions) - stages_before)
       else:  # a run of blocks the method does not act at, up to the next it does
         e = next((j for j in range(i + 1, self.depth) if method.acts_at(opts, j)), self.depth)
         state = state.replace(x=run(i, e, state.x, state.policy(ctx),
@@ -249,7 +252,7 @@ class Encoder(nn.Module):
         raise ValueError(f"method {red.method!r} left {state.x.shape[1]} tokens after block "
                          f"{i - 1}; its tokens() declares {tokens[i - 1][2]}.")
     if not train and _TOKEN_RECORDS:
-      _TOKEN_RECORDS[-1][:] = seen
+      _TOKEN_RECORDS[-1][:] = [tuple(seen), tuple(stage_at)]
 
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(
         state.x)
@@ -350,10 +353,20 @@ class VisionTransformer(nn.Module):
     red = self.plan()
     if red.declares_tokens:
       return red.tokens()
+    return self._traced("token counts")[0]
+
+  def stage_blocks(self) -> tuple[int, ...]:
+    """The blocks whose stages record decisions and hosts (drawn by `tps_jax.visualize`): as
+    the method declares them (`Method.stage_blocks`), or else read from a trace."""
+    red = self.plan()
+    if declares(red.impl, "stage_blocks"):
+      return red.stage_blocks
+    return self._traced("stages")[1]
+
+  def _traced(self, what: str):
     if self.image_size is None:
-      raise ValueError("reading a method's token counts needs a model built with an "
-                       "image_size.")
-    return traced_tokens(self)
+      raise ValueError(f"reading a method's {what} needs a model built with an image_size.")
+    return traced_plan(self)
 
   def tokens_per_block(self) -> tuple[int, ...]:
     """Per block, the tokens (the prefix included) its MLP runs on, at inference."""
