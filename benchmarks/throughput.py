@@ -158,9 +158,10 @@ def main(argv=None):
   parser.add_argument("--models", nargs="+", default=["Ti/16", "S/16"])
   parser.add_argument("--batches", nargs="+", type=int, default=[32, 1])
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-  parser.add_argument("--methods", nargs="+", default=list(methods.names()),
+  parser.add_argument("--methods", nargs="+",
+                      default=["none", *(m for m in methods.names() if methods.get(m).reduces)],
                       help="registered names or module paths (my_pkg.my_method, mine.py); "
-                           "default: every registered method")
+                           "default: the dense model and every registered reducing method")
   parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default=None)

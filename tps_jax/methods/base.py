@@ -126,6 +126,8 @@ class TokenState:
       log-size bias after one); `after_stage` and `after_merge` set it.
     decisions, hosts, keep_indices: per stage, (B, N0) kept patches, (B, N0) host of each
       patch pruned there (-1 elsewhere) and (B, k) the kept patches' positions.
+    carry: the method's own values from block to block (any pytree of arrays, e.g. a mask and
+      running counts), or None; the model returns the last as `out["carry"]`.
   """
   x: jax.Array
   positions: jax.Array
@@ -136,6 +138,7 @@ class TokenState:
   decisions: tuple = ()
   hosts: tuple = ()
   keep_indices: tuple = ()
+  carry: Any = None
 
   def replace(self, **kw) -> "TokenState":
     return dataclasses.replace(self, **kw)
@@ -191,8 +194,9 @@ class Block:
     attend(x, bias=None, probe=None): the first residual half -> (x', AttentionOut) with the
       cls row (`cls_attn`), the head-mean keys (`keys`), the mean query's row (`mean_query`)
       and, given a query per head `probe` (H, D/H) (`Context.probe`), its row (`probe`).
-    attend_matrix(x, bias=None, probe=None): `attend` that forms the whole attention matrix
-      and also returns `received` (its column means) and `probs` (B, H, T, T).
+    attend_matrix(x, bias=None, probe=None, policy=None): `attend` that forms the whole
+      attention matrix and also returns `received` (its column means) and `probs` (B, H, T, T);
+      under a `policy` (B, T) (a float mask; with a bias too) the softmax ignores masked keys.
     attention_probs(x, bias=None): the softmax attention of LN(x) alone (B, H, T, T).
     attend_ahead(x, probs, value_index, plan, weights): the first half on merged tokens x
       (B, T', D) with the attention `probs` (B, H, T, T) of the tokens before the merge:
@@ -225,9 +229,9 @@ class Block:
     self._attends(x)
     return self._apply(self.index, "attend", x, bias=bias, probe=probe)
 
-  def attend_matrix(self, x, bias=None, probe=None):
+  def attend_matrix(self, x, bias=None, probe=None, policy=None):
     self._attends(x)
-    return self._apply(self.index, "attend_matrix", x, bias=bias, probe=probe)
+    return self._apply(self.index, "attend_matrix", x, bias=bias, probe=probe, policy=policy)
 
   def attention_probs(self, x, bias=None):
     self._attends(x)

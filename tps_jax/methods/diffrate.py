@@ -9,6 +9,9 @@ import dataclasses
 import functools
 import math
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from tps_jax import ops
 from tps_jax.methods import stages
@@ -160,3 +163,105 @@ class DiffRate(Method):
   def identity(self, geo):
     return {"method": self.name, "prune_kept": [geo.num_patches] * geo.depth,
             "merge_kept": [geo.num_patches] * geo.depth}
+
+
+class RateLogits(nn.Module):
+  """One block's search parameters: logits over its candidate kept counts, for pruning and for
+  merging (zeros: uniform, as the authors start)."""
+  num_candidates: int
+
+  @nn.compact
+  def __call__(self):
+    zeros = lambda _, shape: jnp.zeros(shape, jnp.float32)
+    return (self.param("prune", zeros, (self.num_candidates,)),
+            self.param("merge", zeros, (self.num_candidates,)))
+
+
+def _search_stage(i, x, cls_attn, size, mask, live, positions, prune_logits, merge_logits):
+  """Block i's sort, differentiable prune mask and in-place merge of the search forward."""
+  b, t, _ = x.shape
+  cands = ops.diffrate.rate_candidates(t - 1, i)
+  order = jnp.concatenate([jnp.zeros((b, 1), jnp.int32),
+                           1 + jnp.argsort(-jax.lax.stop_gradient(cls_attn), axis=1,
+                                           stable=True).astype(jnp.int32)], axis=1)
+  take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)),
+                                       axis=1)
+  x, size, mask = take(x), take(size), take(mask)
+  positions = jnp.take_along_axis(positions, order[:, 1:] - 1, axis=1)
+  prune_kept = ops.diffrate.kept_number(prune_logits, cands)
+  pm = ops.diffrate.token_mask(prune_logits, cands, prune_kept, live, t)
+  mask = jnp.where(prune_kept < live, mask * pm[None], mask)
+  mid = jnp.minimum(live, jnp.floor(prune_kept))
+  merge_kept = ops.diffrate.kept_number(merge_logits, cands)
+  mm = ops.diffrate.token_mask(merge_logits, cands, merge_kept, mid, t)
+  do_merge = merge_kept < mid
+  j = jnp.arange(t, dtype=jnp.float32)
+  is_dst = j < jnp.floor(merge_kept)
+  is_src = (j >= jnp.floor(merge_kept)) & (j < mid) & do_merge
+  metric = jax.lax.stop_gradient(x)
+  metric = metric / jnp.linalg.norm(metric, axis=-1, keepdims=True)
+  sim = jnp.einsum("bsc,bdc->bsd", metric, metric)
+  sim = jnp.where(is_dst[None, None, :] & (j[None, None, :] > 0), sim, -jnp.inf)
+  node_max = jnp.max(sim, axis=-1)
+  onehot = jax.nn.one_hot(jnp.argmax(sim, axis=-1), t) * is_src[None, :, None]  # (B, S, D)
+  count = 1.0 + jnp.sum(onehot, axis=1)
+  merged = (x + jnp.einsum("bsd,bsc->bdc", onehot, x)) / count[..., None]
+  x = jnp.where(is_dst[None, :, None] & do_merge, merged, x)
+  src_size = jnp.where(is_src[None], jnp.maximum(size * node_max, 1.0), size)
+  src_size = jax.lax.stop_gradient(jnp.where(is_dst[None], size + jnp.einsum(
+      "bsd,bs->bd", onehot, jnp.where(is_src[None], src_size, 0.0)), src_size))
+  size = jnp.where(do_merge, src_size, size)
+  mask = jnp.where(do_merge, mask * mm[None], mask)
+  live = jnp.where(do_merge, jnp.floor(merge_kept), mid)
+  return x, size, mask, live, positions, jnp.stack([prune_kept, merge_kept])
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+  pass
+
+
+@register("diffrate_search")
+class DiffRateSearch(Method):
+  """DiffRate's search forward (docs/method.md, section 7): every block, after its attention
+  under the mask and the size bias, sorts the tokens by cls attention, masks those beyond a
+  differentiable pruning count and merges those beyond a merging count into their most similar
+  kept token, in place. Every token stays in the sequence (masked), so the shapes do not
+  change; the block's distributions are its parameters (`Transformer/rate_{i}`: "prune",
+  "merge"). `out["carry"]["kept"]` (depth, 2) holds the straight-through kept counts (cls
+  included) that the MACs proxy and the schedule read (`tps_jax.trainer.rate_search`)."""
+  Options = SearchOptions
+  tracks_sizes = True
+  reduces = False  # it masks, and the shapes stay those of the dense model
+
+  def options(self, spec, geo):
+    check_keys(self.name, spec, ())
+    if not geo.has_cls or geo.prefix != 1:
+      raise ValueError("DiffRate's search scores tokens by cls attention: the model needs a "
+                       "cls token (pool_type 'tok').")
+    return SearchOptions()
+
+  def acts_at(self, o, i):
+    return True
+
+  def block(self, o, i, block, state, ctx):
+    x, size = state.x, state.size
+    b, t, _ = x.shape
+    carry = state.carry or {"mask": jnp.ones((b, t), jnp.float32),
+                            "live": jnp.asarray(t, jnp.float32), "kept": ()}
+    mask, live = carry["mask"], carry["live"]
+    candidates = ops.diffrate.rate_candidates(t - 1, i).shape[0]
+    prune_logits, merge_logits = ctx.module(RateLogits, num_candidates=candidates,
+                                            name=f"rate_{i}")()
+    x, info = block.attend_matrix(x, bias=ops.proportional_attention_bias(size), policy=mask)
+    cls_attn = jnp.mean(info.probs[:, :, 0, 1:], axis=1)
+    x, size, mask, live, positions, kept = ctx.checkpoint(functools.partial(_search_stage, i))(
+        x, cls_attn, size, mask, live, state.positions, prune_logits, merge_logits)
+    carry = {"mask": mask, "live": live, "kept": carry["kept"] + (kept,)}
+    return state.replace(x=block.feed(x), size=size, positions=positions, carry=carry,
+                         merged=True)
+
+  def example(self, geo):
+    return {"method": self.name}
+
+  identity = example

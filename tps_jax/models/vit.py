@@ -269,6 +269,8 @@ class Encoder(nn.Module):
                             else jnp.ones(x.shape[:2], jnp.float32))
     if state.size is not None:
       out["sizes"] = state.size * out["live_mask"]  # (B, P + N') patches each token stands for
+    if state.carry is not None:
+      out["carry"] = state.carry  # the method's own values after the last block
     if state.owner is not None:
       out["patch_token"] = state.owner  # (B, N0) index of each patch's final token, -1 if dropped
     return x, out

@@ -45,3 +45,39 @@ def diffrate_merge(kept: jax.Array, src: jax.Array, kept_size: jax.Array, src_si
   merged = (upcast(kept) + jnp.einsum("buk,buc->bkc", onehot, upcast(src))) / count[..., None]
   size = upcast(kept_size) + jnp.einsum("buk,bu->bk", onehot, upcast(src_size) * node_max)
   return merged.astype(kept.dtype), size, host
+
+
+# The search's differentiable kept counts (the authors' training forward), pure functions of
+# a block's logits over candidate counts. The search itself runs through the model's encoder
+# (method "diffrate_search", tps_jax.trainer.rate_search).
+
+def ste(value: jax.Array, grad_of: jax.Array) -> jax.Array:
+  """`value` forward, the gradient of `grad_of` backward."""
+  return grad_of + jax.lax.stop_gradient(value - grad_of)
+
+
+def rate_candidates(num_patches: int, block: int) -> jax.Array:
+  """Kept-count candidates of a block (patch tokens): N0..1, block 0 only N0 (the authors')."""
+  return jnp.arange(num_patches, 0, -1, dtype=jnp.float32) if block else \
+      jnp.asarray([num_patches], jnp.float32)
+
+
+def kept_number(logits: jax.Array, cands: jax.Array) -> jax.Array:
+  """ceil(E[candidate]) + 1 (cls), straight-through: the gradient of the expectation."""
+  e = jnp.dot(cands, jax.nn.softmax(logits))
+  return ste(jnp.ceil(e), e) + 1.0
+
+
+def token_mask(logits: jax.Array, cands: jax.Array, kept: jax.Array, upto: jax.Array,
+               t: int) -> jax.Array:
+  """(T,) 0 on [kept, upto), else 1, with the gradient of P(kept >= j + 1) (the authors')."""
+  prob = jax.nn.softmax(logits)
+  j = jnp.arange(t, dtype=jnp.float32)
+  token_prob = jnp.sum(prob[:, None] * (j[None, :] < cands[:, None] + 1.0), axis=0)
+  hard = 1.0 - ((j >= jnp.floor(kept)) & (j < upto)).astype(jnp.float32)
+  return ste(hard, token_prob)
+
+
+def ste_min(n, a, b):
+  """min(n, a, b) forward; backward the whole gradient to a and to b, none to n (theirs)."""
+  return ste(jnp.minimum(jnp.minimum(n, a), b), a + b)

@@ -13,6 +13,9 @@ dropping them. In each block, after the (policy-masked, size-biased) attention:
          similar token before kept_m (an unweighted mean; sizes weighted by the similarity,
          at least 1) and are masked.
 
+The forward runs through the model's own encoder, as method "diffrate_search"
+(tps_jax/methods/diffrate.py), whose blocks hold the distributions.
+
 The loss is the cross-entropy plus `lamb * ((macs - target) / unit) ** 2`, with the
 authors' MACs proxy (attention on the tokens entering the block, MLP on those leaving it,
 a straight-through min). Only the distributions learn (AdamW, cosine learning rate). The
@@ -24,29 +27,19 @@ locations and keep counts of any staged method (eTPS, top-k, EViT, dTPS).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Iterable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from tps_jax import methods, ops
-from tps_jax.models import layers
-from tps_jax.models.vit import Encoder, VisionTransformer
+from tps_jax.models.vit import VisionTransformer
 
 
-def _ste(value: jax.Array, grad_of: jax.Array) -> jax.Array:
-  """`value` forward, the gradient of `grad_of` backward."""
-  return grad_of + jax.lax.stop_gradient(value - grad_of)
-
-
-def candidates(num_patches: int, block: int) -> jax.Array:
-  """Kept-count candidates of a block (patch tokens): N0..1, block 0 only N0 (theirs)."""
-  return jnp.arange(num_patches, 0, -1, dtype=jnp.float32) if block else \
-      jnp.asarray([num_patches], jnp.float32)
+# The search's pure math lives with DiffRate's other operators (ops/diffrate.py).
+candidates, kept_number = ops.diffrate.rate_candidates, ops.diffrate.kept_number
 
 
 def init_arch(num_patches: int, depth: int) -> list[dict[str, jax.Array]]:
@@ -55,123 +48,36 @@ def init_arch(num_patches: int, depth: int) -> list[dict[str, jax.Array]]:
            for k in ("prune", "merge")} for i in range(depth)]
 
 
-def kept_number(logits: jax.Array, cands: jax.Array) -> jax.Array:
-  """ceil(E[candidate]) + 1 (cls), straight-through: the gradient of the expectation."""
-  e = jnp.dot(cands, jax.nn.softmax(logits))
-  return _ste(jnp.ceil(e), e) + 1.0
-
-
-def token_mask(logits: jax.Array, cands: jax.Array, kept: jax.Array, upto: jax.Array,
-               t: int) -> jax.Array:
-  """(T,) 0 on [kept, upto), else 1, with the gradient of P(kept >= j + 1) (theirs)."""
-  prob = jax.nn.softmax(logits)
-  j = jnp.arange(t, dtype=jnp.float32)
-  token_prob = jnp.sum(prob[:, None] * (j[None, :] < cands[:, None] + 1.0), axis=0)
-  hard = 1.0 - ((j >= jnp.floor(kept)) & (j < upto)).astype(jnp.float32)
-  return _ste(hard, token_prob)
-
-
-def _ste_min(n, a, b):
-  """min(n, a, b) forward; backward the whole gradient to a and to b, none to n (theirs)."""
-  return _ste(jnp.minimum(jnp.minimum(n, a), b), a + b)
-
-
-def _capture_tokens(model: VisionTransformer, params, images) -> jax.Array:
-  """The tokens entering the Transformer (embedding, cls, position): (B, T, D)."""
-  seen = {}
-
-  def grab(next_fun, args, kwargs, context):
-    if isinstance(context.module, Encoder) and context.method_name == "__call__":
-      seen["x"] = args[0]
-      raise _Captured()
-    return next_fun(*args, **kwargs)
-
-  try:
-    with nn.intercept_methods(grab):
-      model.apply({"params": params}, images)
-  except _Captured:
-    pass
-  return seen["x"]
-
-
-class _Captured(Exception):
-  pass
-
-
-def _block(model: VisionTransformer) -> layers.Encoder1DBlock:
-  """The model's own block (inference, einsum attention: the search needs the whole matrix)."""
-  return layers.Encoder1DBlock(mlp_dim=model.mlp_dim, num_heads=model.num_heads,
-                               dtype=model.dtype, layer_norm_eps=model.layer_norm_eps,
-                               attention="einsum", gelu=model.gelu)
+def search_model(model: VisionTransformer) -> VisionTransformer:
+  """`model` with DiffRate's search forward at every block (method "diffrate_search")."""
+  return model.clone(reduction={"method": "diffrate_search"})
 
 
 def search_forward(model: VisionTransformer, params, arch, images):
-  """The authors' training forward: (logits (B, classes), macs (scalar), kept (depth, 2))."""
+  """The authors' training forward, run by the model's own encoder (method
+  "diffrate_search"): (logits (B, classes), macs (scalar), kept (depth, 2)).
+
+  arch: per block {"prune", "merge"} logits over its candidate counts (`init_arch`); params:
+  the dense model's, frozen (they take no part in the search's parameters)."""
   if not model.has_cls:
     raise ValueError("DiffRate's search scores tokens by cls attention: the model needs a cls "
                      "token (pool_type 'tok').")
   if model.scan:
-    raise ValueError("the rate search reads per-block parameters: build the model with "
+    raise ValueError("the rate search takes per-block distributions: build the model with "
                      "scan=False (the same checkpoint loads).")
-  x = _capture_tokens(model, params, images)
-  b, t, d = x.shape
-  n0 = t - 1
-  size = jnp.ones((b, t), jnp.float32)
-  mask = jnp.ones((b, t), jnp.float32)
-  live = jnp.asarray(t, jnp.float32)  # tokens not masked (cls included), the same per example
-  macs_n = jnp.asarray(t, jnp.float32)
-  macs = 0.0
-  kept_log = []
-  block = _block(model)
-  for i in range(model.depth):
-    run = functools.partial(block.apply, {"params": params["Transformer"][f"encoderblock_{i}"]})
-    # the block's first half under the mask, with the size bias (the authors' attention)
-    x, info = run(x, ops.proportional_attention_bias(size), mask, method="attend_matrix")
-    cls_attn = jnp.mean(info.probs[:, :, 0, 1:], axis=1)
-    order = jnp.concatenate([jnp.zeros((b, 1), jnp.int32),
-                             1 + jnp.argsort(-jax.lax.stop_gradient(cls_attn), axis=1,
-                                             stable=True).astype(jnp.int32)], axis=1)
-    x = jnp.take_along_axis(x, order[..., None], axis=1)
-    size = jnp.take_along_axis(size, order, axis=1)
-    mask = jnp.take_along_axis(mask, order, axis=1)
-    cands = candidates(n0, i)
-    prune_kept = kept_number(arch[i]["prune"], cands)
-    pm = token_mask(arch[i]["prune"], cands, prune_kept, live, t)
-    mask = jnp.where(prune_kept < live, mask * pm[None], mask)
-    mid = jnp.minimum(live, jnp.floor(prune_kept))
-    merge_kept = kept_number(arch[i]["merge"], cands)
-    mm = token_mask(arch[i]["merge"], cands, merge_kept, mid, t)
-    do_merge = merge_kept < mid
-    j = jnp.arange(t, dtype=jnp.float32)
-    is_dst = j < jnp.floor(merge_kept)
-    is_src = (j >= jnp.floor(merge_kept)) & (j < mid) & do_merge
-    metric = jax.lax.stop_gradient(x)
-    metric = metric / jnp.linalg.norm(metric, axis=-1, keepdims=True)
-    sim = jnp.einsum("bsc,bdc->bsd", metric, metric)
-    sim = jnp.where(is_dst[None, None, :] & (j[None, None, :] > 0), sim, -jnp.inf)
-    node_max = jnp.max(sim, axis=-1)
-    onehot = jax.nn.one_hot(jnp.argmax(sim, axis=-1), t) * is_src[None, :, None]  # (B, S, D)
-    count = 1.0 + jnp.sum(onehot, axis=1)
-    merged = (x + jnp.einsum("bsd,bsc->bdc", onehot, x)) / count[..., None]
-    x = jnp.where(is_dst[None, :, None] & do_merge, merged, x)
-    src_size = jnp.where(is_src[None], jnp.maximum(size * node_max, 1.0), size)
-    src_size = jax.lax.stop_gradient(jnp.where(is_dst[None], size + jnp.einsum(
-        "bsd,bs->bd", onehot, jnp.where(is_src[None], src_size, 0.0)), src_size))
-    size = jnp.where(do_merge, src_size, size)
-    mask = jnp.where(do_merge, mask * mm[None], mask)
-    live = jnp.where(do_merge, jnp.floor(merge_kept), mid)
-    # the authors' MACs proxy: attention on the tokens entering, MLP on those leaving
+  searching = search_model(model)
+  tr = dict(params["Transformer"], **{f"rate_{i}": a for i, a in enumerate(arch)})
+  logits, out = searching.apply({"params": {**params, "Transformer": tr}}, images)
+  kept = jnp.stack(out["carry"]["kept"])  # (depth, 2): prune, merge (cls included)
+  # The authors' MACs proxy: the attention on the tokens entering a block, the MLP on those
+  # leaving it (a straight-through min).
+  d, t = model.width, model.num_patches + 1
+  macs_n, macs = jnp.asarray(t, jnp.float32), 0.0
+  for prune_kept, merge_kept in kept:
     macs = macs + 4 * macs_n * d * d + 2 * macs_n * macs_n * d
-    macs_n = _ste_min(macs_n, prune_kept, merge_kept)
+    macs_n = ops.diffrate.ste_min(macs_n, prune_kept, merge_kept)
     macs = macs + 2 * macs_n * d * model.mlp_dim
-    kept_log.append(jnp.stack([prune_kept, merge_kept]))
-    x = run(x, method="feed")
-  tr = params["Transformer"]
-  x = nn.LayerNorm(epsilon=model.layer_norm_eps).apply({"params": tr["encoder_norm"]}, x)[:, 0]
-  if model.rep_size:
-    x = jnp.tanh(x @ params["pre_logits"]["kernel"] + params["pre_logits"]["bias"])
-  logits = x @ params["head"]["kernel"] + params["head"]["bias"]
-  return logits, macs, jnp.stack(kept_log)
+  return logits, macs, kept
 
 
 def proxy_constant(model: VisionTransformer) -> float:
