@@ -12,7 +12,7 @@ from conftest import tokens
 
 
 def _init_block(x, **kw):
-  block = Encoder1DBlock(mlp_dim=32, num_heads=2, **kw)
+  block = Encoder1DBlock(mlp_dim=32, **{"num_heads": 2, **kw})
   return block, block.init(jax.random.key(0), x)
 
 
@@ -56,20 +56,30 @@ def test_full_policy_equals_plain_attention_and_halves_compose():
 
 
 @pytest.mark.parametrize("impl", ["einsum", "xla"])
-def test_cls_attention_matches_full_softmax_row(impl):
+def test_cls_attention_matches_full_softmax_row_and_the_primitives_compose(impl):
   x = tokens(2, 2, 7, 8)
-  attn = MultiHeadDotProductAttention(num_heads=2, implementation=impl)
-  params = attn.init(jax.random.key(1), x)
+  block, params = _init_block(x, implementation=impl)
   bias = jnp.log(jnp.arange(1.0, 8.0))[None, None, None, :].repeat(2, 0)
-  _, out = attn.apply(params, x, bias=bias, extras=True)
-  p = params["params"]
-  proj = lambda name: np.einsum("bnd,dhk->bnhk", x, p[name]["kernel"]) + p[name]["bias"]
-  q, k = proj("query"), proj("key")
+  y, out = block.apply(params, x, bias=bias, method="attend")
+  q, k, v = block.apply(params, x, method="qkv")
+  chex.assert_shape([q, k, v], (2, 7, 2, 4))
+  p = params["params"]["MultiHeadDotProductAttention_0"]
+  ln = nn.LayerNorm(epsilon=1e-6).apply({"params": params["params"]["LayerNorm_0"]}, x)
+  proj = lambda name: np.einsum("bnd,dhk->bnhk", ln, p[name]["kernel"]) + p[name]["bias"]
+  np.testing.assert_allclose(q, proj("query"), atol=1e-5)
+  np.testing.assert_allclose(k, proj("key"), atol=1e-5)
   logits = np.einsum("bhk,bnhk->bhn", q[:, 0], k) / np.sqrt(4) + np.asarray(bias)[:, :, 0]
   np.testing.assert_allclose(out.cls_attn, jax.nn.softmax(logits, -1), atol=1e-5)
   np.testing.assert_allclose(out.keys, k.mean(axis=2), atol=1e-5)
+  np.testing.assert_allclose(out.values, v, atol=1e-6)
+  # The first half is residual(x, attention(q, k, v)); probs' first row is the cls row.
+  mixed = block.apply(params, q, k, v, bias=bias, method="attention")
+  np.testing.assert_allclose(block.apply(params, x, mixed, method="residual"), y, atol=1e-5)
+  probs = block.apply(params, q, k, bias=bias, method="probs")
+  chex.assert_shape(probs, (2, 2, 7, 7))
+  np.testing.assert_allclose(probs[:, :, 0], out.cls_attn, atol=1e-5)
   with pytest.raises(ValueError, match="under a policy takes no bias"):
-    attn.apply(params, x, bias=bias, policy=jnp.ones((2, 7)))
+    block.apply(params, q, k, v, bias=bias, policy=jnp.ones((2, 7)), method="attention")
 
 
 def test_policy_drops_tokens_from_others_view():
@@ -94,9 +104,8 @@ def test_xla_and_einsum_attention_agree():
   bias = jnp.log(jnp.arange(1.0, 8.0))[None, None, None, :].repeat(2, 0)
   outs = {}
   for impl in ("einsum", "xla"):
-    attn = MultiHeadDotProductAttention(num_heads=3, implementation=impl)
-    params = attn.init(jax.random.key(0), x)
-    outs[impl] = attn.apply(params, x, bias=bias, extras=True)
+    block, params = _init_block(x, implementation=impl, num_heads=3)
+    outs[impl] = block.apply(params, x, bias=bias, method="attend")
   np.testing.assert_allclose(outs["einsum"][0], outs["xla"][0], atol=1e-5)
   np.testing.assert_allclose(outs["einsum"][1].cls_attn, outs["xla"][1].cls_attn, atol=1e-5)
   with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):

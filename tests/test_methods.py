@@ -284,3 +284,36 @@ def test_the_contract_suite_runs_on_a_method_given_on_the_command_line():
   bad = subprocess.run(cmd + ["--method", "no_such_pkg.mine"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
   assert bad.returncode == 4 and "no module 'no_such_pkg.mine'" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_a_method_composed_from_the_block_primitives_equals_the_built_in(registry_snapshot):
+  """Top-k written from the primitives alone (q, k, v; the cls row from `ops.attention_row`;
+  the attention and its output projection) gives the built-in top-k's logits and gradients,
+  whole and rematerialised: the block's compositions are nothing but the primitives."""
+  from tps_jax import ops  # pylint: disable=g-import-not-at-top
+  from tps_jax.methods import stages, topk  # pylint: disable=g-import-not-at-top
+
+  @methods.register("lab_primitive_topk")
+  class PrimitiveTopK(topk.TopK):  # pylint: disable=unused-variable
+    def block(self, o, i, block, state, ctx):
+      q, k, v = block.qkv(state.x)
+      y = block.residual(state.x, block.attention(q, k, v))
+      score = jnp.mean(ops.attention_row(q[:, 0], k), axis=1)[:, ctx.prefix:]
+      st = stages.prune_by_scores(y, score, state.positions, o.keep_counts[
+          o.locations.index(i)], method="drop", num_patches=ctx.num_patches, prefix=ctx.prefix)
+      state = state.after_stage(st, ctx)
+      return state.replace(x=block.feed(state.x))
+
+  params, _, _ = _dense("tok")
+  spec = dict(keep_ratio=0.5, locations=(1, 2))
+  results = []
+  for name in ("topk", "lab_primitive_topk"):
+    for remat in (False, True):
+      model = Model(5, **SMALL, **LAYOUTS["tok"], remat=remat,
+                    reduction=dict(method=name, **spec))
+      loss = lambda p, m=model: jnp.sum(m.apply({"params": p}, _images())[0] ** 2)
+      results.append((jax.jit(loss)(params), jax.jit(jax.grad(loss))(params)))
+      assert model.tokens() == Model(5, **SMALL, **LAYOUTS["tok"],
+                                     reduction=dict(method="topk", **spec)).tokens()
+  for got in results[1:]:
+    chex.assert_trees_all_close(got, results[0], rtol=1e-5, atol=1e-5)

@@ -6,7 +6,8 @@ light module (`tps_jax.host`, which must run before JAX starts) does not import 
 
 __version__ = "0.1.0"
 
-__all__ = ("HostMatch", "MergePlan", "POLICY_FORMS", "ToMeMatch", "bipartite_soft_matching",
+__all__ = ("HostMatch", "MergePlan", "POLICY_FORMS", "ToMeMatch", "attention_row",
+           "bipartite_soft_matching",
            "class_attention_scores", "cosine_similarity", "diffrate_merge",
            "dot_product_attention", "energy_scores", "evit_fuse", "fuse", "gather_tokens",
            "gumbel_softmax_hard", "indices_to_mask", "keep_counts", "match_hosts",

@@ -189,7 +189,18 @@ def size_bias(state: TokenState) -> jax.Array | None:
 class Block:
   """The functions of block i that a method may call (the encoder makes one per block).
 
-  Each takes and returns (B, T, D) token arrays; T may change between `attend` and `feed`.
+  Primitives, which a method composes (q, k, v are (B, T, H, D/H), queries unscaled):
+    qkv(x): the queries, keys and values of LN(x), x (B, T, D).
+    attention(q, k, v, bias=None, policy=None): softmax(q k^T / sqrt(d) + bias) v in the
+      block's implementation (B, T, H, D/H); under a `policy` (B, T) masked keys are invisible.
+    probs(q, k, bias=None, policy=None): the whole softmax matrix (B, H, T, T), float32.
+    residual(x, y): the first half's end, x + out_projection(y) (dropout, drop path).
+    feed(x): the second residual half, x + MLP(LN x).
+  `ops.attention_row(query, k)` gives one query's row (a cls row, a mean query's); with the
+  primitives, `residual(x, block.attention(*block.qkv(x)))` is the first half.
+
+  Compositions of them that the built-in methods share; each takes and returns (B, T, D)
+  token arrays, and T may change between the first half and `feed`:
     block(x, policy=None, bias=None): the whole block, x + Attn(LN x), then + MLP(LN x).
     attend(x, bias=None, probe=None): the first residual half -> (x', AttentionOut) with the
       cls row (`cls_attn`), the head-mean keys (`keys`), the mean query's row (`mean_query`)
@@ -201,7 +212,6 @@ class Block:
     attend_ahead(x, probs, value_index, plan, weights): the first half on merged tokens x
       (B, T', D) with the attention `probs` (B, H, T, T) of the tokens before the merge:
       out(merge(probs @ v[value_index])), merge by `plan` (ops.MergePlan) and `weights` (B, T).
-    feed(x): the second residual half, x + MLP(LN x).
   `bias` is an additive logit bias (B, 1|H, 1|T, T); `policy` (B, T) 0/1 masks attention to
   dropped tokens (the masked training form).
   """
@@ -220,6 +230,21 @@ class Block:
   def _feeds(self, x):
     if self.mlp_tokens is None:
       self.mlp_tokens = x.shape[1]
+
+  def qkv(self, x):
+    self._attends(x)
+    return self._apply(self.index, "qkv", x)
+
+  def attention(self, q, k, v, bias=None, policy=None):
+    self._attends(q)
+    return self._apply(self.index, "attention", q, k, v, bias=bias, policy=policy)
+
+  def probs(self, q, k, bias=None, policy=None):
+    self._attends(q)
+    return self._apply(self.index, "probs", q, k, bias=bias, policy=policy)
+
+  def residual(self, x, y):
+    return self._apply(self.index, "residual", x, y)
 
   def block(self, x, policy=None, bias=None):
     self._attends(x), self._feeds(x)

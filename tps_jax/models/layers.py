@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tps_jax import ops
 from tps_jax.ops.dtypes import upcast
@@ -79,7 +80,8 @@ class PatchEmbedding(nn.Module):
 
 
 class AttentionOut(NamedTuple):
-  """What one attention call returns besides its output.
+  """What the block's `attend` / `attend_matrix` return besides its output: scores computed
+  from the attention's primitives (`MultiHeadDotProductAttention`).
 
   cls_attn: (B, H, N) softmax attention from token 0 to every token, float32,
     or None when not asked for.
@@ -103,11 +105,46 @@ class AttentionOut(NamedTuple):
   values: jax.Array | None = None
 
 
+class HeadsDense(nn.Module):
+  """`nn.DenseGeneral` between the width and (heads, head width), whichever way `to_heads`
+  says, sized from its input: (B, N, D) -> (B, N, H, D/H), or (B, N, H, D/H) -> (B, N, D).
+  Parameters, initialisation and product are DenseGeneral's (`kernel` (D, H, D/H) or
+  (H, D/H, D), `bias`), so big_vision's names and checkpoints hold."""
+  num_heads: int
+  to_heads: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.to_heads:
+      d = x.shape[-1]
+      if d % self.num_heads:
+        raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}.")
+      in_shape, out_shape, axes = (d,), (self.num_heads, d // self.num_heads), ((x.ndim - 1,),
+                                                                                 (0,))
+    else:
+      in_shape, out_shape, axes = x.shape[-2:], (x.shape[-2] * x.shape[-1],), (
+          (x.ndim - 2, x.ndim - 1), (0, 1))
+    flat = (int(np.prod(in_shape)), int(np.prod(out_shape)))
+    kernel = self.param("kernel", lambda rng, shape: jnp.reshape(
+        nn.initializers.lecun_normal()(rng, flat, jnp.float32), shape), in_shape + out_shape)
+    bias = self.param("bias", lambda rng, shape: jnp.zeros(shape, jnp.float32), out_shape)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return jax.lax.dot_general(x, kernel, (axes, ((), ()))) + bias
+
+
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 
 
+def _heads_first(t):  # (B, N, H, d) -> (B, H, N, d)
+  return t.transpose(0, 2, 1, 3)
+
+
 class MultiHeadDotProductAttention(nn.Module):
-  """Self-attention with optional policy (dTPS training) or additive logit bias (ToMe).
+  """Self-attention as primitives that a method composes: `qkv`, `attention` under a bias or
+  a policy, `probs` (the whole softmax matrix), `project`. It carries no flag for any
+  method: scores (a cls row, a mean-query row, the attention received) are functions of these
+  (`ops.attention_row`, the block's `attend` / `attend_matrix`).
 
   Parameters are laid out as flax's `nn.MultiHeadDotProductAttention`:
   query/key/value kernels (D, H, D/H), out kernel (H, D/H, D).
@@ -125,8 +162,13 @@ class MultiHeadDotProductAttention(nn.Module):
   implementation: str = "auto"
   policy_form: str = "exact"
 
-  def _fused(self, head_dim: int) -> str | None:
-    """The `ops.dot_product_attention` implementation to use, or None for einsums."""
+  def setup(self):
+    heads = lambda name: HeadsDense(self.num_heads, dtype=self.dtype, name=name)
+    self.query, self.key, self.value = heads("query"), heads("key"), heads("value")
+    self.out = HeadsDense(self.num_heads, to_heads=False, dtype=self.dtype, name="out")
+
+  def fused(self, head_dim: int, dtype=None) -> str | None:
+    """The `ops.dot_product_attention` implementation `attention` uses, or None for einsums."""
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(f"unknown attention implementation {self.implementation!r}; "
                        f"expected one of {IMPLEMENTATIONS}.")
@@ -138,102 +180,50 @@ class MultiHeadDotProductAttention(nn.Module):
     cudnn = jnp.dtype(self.dtype) in ops.attention.CUDNN_DTYPES and head_dim % 8 == 0
     return "cudnn" if backend == "gpu" and cudnn else "xla"
 
-  @nn.compact
-  def __call__(self, x, *, policy=None, bias=None, extras=False, matrix=False,
-               probs_only=False, given=None,
-               probe=None) -> tuple[jax.Array | None, AttentionOut]:
-    """x (B, N, D) -> (output (B, N, D), AttentionOut).
+  def qkv(self, x) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x (B, N, D) -> queries, keys, values, each (B, N, H, D/H) (queries unscaled)."""
+    return self.query(x), self.key(x), self.value(x)
 
-    Args:
-      policy: (B, N) 0/1, attention to 0 tokens masked (the masked training form), or None;
-        with `matrix` also a straight-through float mask, beside a bias (DiffRate's search).
-      bias: (B, 1|H, 1|N, N) added to the logits, or None.
-      extras: also return the cls row, the head-mean keys, the mean query's row and the
-        values.
-      matrix: form the whole attention matrix (whatever the implementation) and also return
-        the attention received and the matrix itself.
-      probs_only: return only the softmax attention of x (B, H, N, N) (output None).
-      given: (probs (B, H, N, N), value_index (B, N'), plan, weights (B, N)) on merged tokens x
-        (B, N', D): out(merge(probs @ v[value_index])), the merged attention matrix's output
-        (queries averaged by the weights, keys summed by the MergePlan), without forming that
-        matrix (MCTF's one step ahead).
-      probe: (H, D/H) one query per head (unscaled), or None: return its attention row
-        against this call's keys (`AttentionOut.probe`) instead of the mean query's; not
-        under a policy.
-    """
-    _, _, d = x.shape
-    if d % self.num_heads:
-      raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}.")
-    head_dim = d // self.num_heads
-    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
-                                         name=name)
-    out_dense = lambda: nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")
-    scale = head_dim ** -0.5
-    if given is not None:
-      given_probs, value_index, plan, weights = given
-      v = dense("value")(x)  # (B, N', H, hd)
-      v = jnp.take_along_axis(v, value_index[:, :, None, None], axis=1)  # (B, N, H, hd)
-      y = jnp.einsum("bhqk,bkhd->bqhd", given_probs.astype(v.dtype), v)
-      b, n, h, hd = y.shape
-      y = ops.planned_merge(y.reshape(b, n, h * hd), weights, plan)[0]
-      y = y.reshape(b, -1, h, hd).astype(v.dtype)
-      return out_dense()(y), AttentionOut(None, None)
-    if probs_only:
-      q, k = dense("query")(x), dense("key")(x)
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+  def probs(self, q, k, *, bias=None, policy=None) -> jax.Array:
+    """The softmax attention (B, H, N, N), float32, of queries q against keys k; `bias` is
+    added to the logits, `policy` (B, N) makes masked keys invisible (ops.policy_softmax)."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bhqd,bhkd->bhqk", _heads_first(q) * jnp.asarray(scale, q.dtype),
+                        _heads_first(k))
+    if bias is not None:
+      logits = logits + bias
+    return (jax.nn.softmax(upcast(logits), axis=-1) if policy is None
+            else ops.policy_softmax(upcast(logits), policy))
+
+  def attention(self, q, k, v, *, bias=None, policy=None) -> jax.Array:
+    """softmax(q k^T / sqrt(d) + bias) v: (B, N, H, D/H), in the configured implementation;
+    under a `policy` (B, N) 0/1 (no bias then) in `policy_form`."""
+    scale = q.shape[-1] ** -0.5
+    fused = self.fused(q.shape[-1])
+    if policy is not None:
       if bias is not None:
-        logits = logits + bias
-      return None, AttentionOut(None, None, probs=jax.nn.softmax(upcast(logits), axis=-1))
-    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, N, H, hd)
-    cls_attn = received = mean_query = probs = None
-    fused = self._fused(head_dim)
-
-    def row_softmax(query):  # (B, H, hd) one query per head -> (B, H, N) float32
-      logits = jnp.einsum("bhd,bkhd->bhk", query, k, preferred_element_type=jnp.float32) * scale
-      if bias is not None:
-        logits = logits + jnp.broadcast_to(bias, logits.shape[:1] + bias.shape[1:])[:, :, 0]
-      return jax.nn.softmax(logits, axis=-1)
-
-    probe_attn = None
-    if extras and policy is None and probe is None:
-      mean_query = row_softmax(jnp.mean(q, axis=1))
-    if probe is not None:  # in place of the mean query's row
-      if policy is not None:
-        raise ValueError("a probe query's attention row is not taken under a policy.")
-      probe_attn = row_softmax(jnp.broadcast_to(probe.astype(k.dtype),
-                                                (k.shape[0],) + probe.shape))
-
-    if policy is not None and not matrix:
-      if extras or bias is not None:
-        raise ValueError("attention under a policy takes no bias and returns no cls attention "
-                         "unless it forms the whole matrix (matrix=True).")
-      y = ops.policy_attention(q * jnp.asarray(scale, q.dtype), k, v, policy,
-                               form=self.policy_form, implementation=fused or "xla")
-    elif fused and not matrix:
+        raise ValueError("attention under a policy takes no bias unless it forms the whole "
+                         "matrix (probs).")
+      return ops.policy_attention(q * jnp.asarray(scale, q.dtype), k, v, policy,
+                                  form=self.policy_form, implementation=fused or "xla")
+    if fused:
       if bias is not None and fused == "cudnn":  # cuDNN takes the bias in q's dtype
         bias = bias.astype(q.dtype)
-      y = ops.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=fused)
-      if extras:  # one query row: cheap beside the fused attention
-        cls_attn = row_softmax(q[:, 0])
-    else:
-      heads_first = lambda t: t.transpose(0, 2, 1, 3)  # (B, H, N, hd)
-      logits = jnp.einsum("bhqd,bhkd->bhqk", heads_first(q) * jnp.asarray(scale, q.dtype),
-                          heads_first(k))
-      if bias is not None:
-        logits = logits + bias
-      attn = (jax.nn.softmax(upcast(logits), axis=-1) if policy is None
-              else ops.policy_softmax(upcast(logits), policy)).astype(logits.dtype)
-      y = jnp.einsum("bhqk,bhkd->bhqd", attn, heads_first(v)).transpose(0, 2, 1, 3)
-      if extras:
-        cls_attn = upcast(attn[:, :, 0])
-      if matrix:  # the whole matrix is at hand: its column means too
-        received = jnp.mean(upcast(attn), axis=2)
-        probs = upcast(attn)
+      return ops.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=fused)
+    return self.mix(self.probs(q, k, bias=bias).astype(v.dtype), v)
 
-    out = out_dense()(y)
-    keys = jnp.mean(k, axis=2) if extras else None
-    return out, AttentionOut(cls_attn, keys, received, mean_query, probs, probe_attn,
-                             v if extras else None)
+  @staticmethod
+  def mix(probs, v) -> jax.Array:
+    """probs (B, H, N, M) applied to values v (B, M, H, D/H) -> (B, N, H, D/H)."""
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, _heads_first(v)).transpose(0, 2, 1, 3)
+
+  def project(self, y) -> jax.Array:
+    """The output projection: (B, N, H, D/H) -> (B, N, D)."""
+    return self.out(y)
+
+  def __call__(self, x, *, policy=None, bias=None) -> jax.Array:
+    """Plain self-attention: x (B, N, D) -> (B, N, D)."""
+    return self.project(self.attention(*self.qkv(x), bias=bias, policy=policy))
 
 
 def drop_path(module: nn.Module, y: jax.Array, rate, deterministic: bool) -> jax.Array:
@@ -258,7 +248,7 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   layer_norm_eps: float = 1e-6
-  attention: str = "auto"  # MultiHeadDotProductAttention.implementation
+  implementation: str = "auto"  # MultiHeadDotProductAttention.implementation
   policy_form: str = "exact"  # MultiHeadDotProductAttention.policy_form
   drop_path: float = 0.0
   deterministic: bool = True
@@ -269,7 +259,7 @@ class Encoder1DBlock(nn.Module):
     ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
     self.LayerNorm_0 = ln("LayerNorm_0")
     self.MultiHeadDotProductAttention_0 = MultiHeadDotProductAttention(
-        self.num_heads, dtype=self.dtype, implementation=self.attention,
+        self.num_heads, dtype=self.dtype, implementation=self.implementation,
         policy_form=self.policy_form, name="MultiHeadDotProductAttention_0")
     self.LayerNorm_1 = ln("LayerNorm_1")
     self.MlpBlock_0 = MlpBlock(self.mlp_dim, dtype=self.dtype, gelu=self.gelu,
@@ -281,25 +271,70 @@ class Encoder1DBlock(nn.Module):
     y = self.Dropout_0(y, self.deterministic)
     return drop_path(self, y, self.drop_path if rate is None else rate, self.deterministic)
 
-  # The public halves take arrays only, so nn.remat can lift them (see BLOCK_FUNCTIONS); each
-  # calls an unlifted helper, so a rematerialised __call__ does not nest checkpoints.
-  def _attend(self, x, rate=None, **attn_kw) -> tuple[jax.Array, AttentionOut]:
-    y, info = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), **attn_kw)
-    return x + self._branch(y, rate), info
+  # The public functions take arrays only, so nn.remat can lift them (see BLOCK_FUNCTIONS);
+  # each calls unlifted helpers, so a rematerialised __call__ does not nest checkpoints.
+  def _qkv(self, x):
+    return self.MultiHeadDotProductAttention_0.qkv(self.LayerNorm_0(x))
+
+  def _residual(self, x, y, rate=None) -> jax.Array:
+    return x + self._branch(self.MultiHeadDotProductAttention_0.project(y), rate)
 
   def _feed(self, x, rate=None) -> jax.Array:
     y = self.MlpBlock_0(self.LayerNorm_1(x))
     return x + self._branch(y, rate)
 
-  def attend(self, x, bias=None, probe=None) -> tuple[jax.Array, AttentionOut]:
-    """First half: x (B, N, D) -> (B, N, D), plus the cls attention row, mean keys and the
-    mean-query row.
+  def _scores(self, q, k, v, probe, *, attn=None, bias=None, policy=None) -> AttentionOut:
+    """The rows a method may score with (cls, mean query, probe), the head-mean keys and the
+    values; from the attention matrix `attn` where it was formed."""
+    row = lambda query: ops.attention_row(query, k, bias=bias)
+    cls = upcast(attn[:, :, 0]) if attn is not None else row(q[:, 0])
+    mean_query = row(jnp.mean(q, axis=1)) if policy is None and probe is None else None
+    probe_row = None
+    if probe is not None:  # in place of the mean query's row
+      if policy is not None:
+        raise ValueError("a probe query's attention row is not taken under a policy.")
+      probe_row = row(jnp.broadcast_to(probe.astype(k.dtype), (k.shape[0],) + probe.shape))
+    return AttentionOut(cls, jnp.mean(k, axis=2), mean_query=mean_query, probe=probe_row,
+                        values=v)
 
-    bias: additive logit bias (B, 1|H, 1|N, N) (ToMe's size bias) or None. The
-    extras are always returned; under jit XLA drops those the caller ignores.
-    probe: (H, D/H) a query per head (a MAP head's probe) whose attention row to return too.
+  # Primitives: what a method composes.
+  def qkv(self, x) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x (B, N, D) -> queries, keys, values of LN(x), each (B, N, H, D/H)."""
+    return self._qkv(x)
+
+  def attention(self, q, k, v, bias=None, policy=None) -> jax.Array:
+    """The attention of q, k, v (B, N, H, D/H) under a logit `bias` or a `policy` (B, N)
+    -> (B, N, H, D/H), in the block's implementation."""
+    return self.MultiHeadDotProductAttention_0.attention(q, k, v, bias=bias, policy=policy)
+
+  def probs(self, q, k, bias=None, policy=None) -> jax.Array:
+    """The whole softmax attention (B, H, N, N), float32."""
+    return self.MultiHeadDotProductAttention_0.probs(q, k, bias=bias, policy=policy)
+
+  def residual(self, x, y) -> jax.Array:
+    """The first half's end: x + out_projection(y), y (B, N, H, D/H) (dropout, drop path)."""
+    return self._residual(x, y)
+
+  def feed(self, x) -> jax.Array:
+    """Second half: (B, N', D) -> (B, N', D), x + MLP(LN x); N' may differ from the first's."""
+    return self._feed(x)
+
+  # Compositions of the primitives that the built-in methods share.
+  def attend(self, x, bias=None, probe=None) -> tuple[jax.Array, AttentionOut]:
+    """First half: x (B, N, D) -> (B, N, D), plus its `AttentionOut` (cls row, head-mean
+    keys, mean-query row or, given a query per head `probe` (H, D/H), its row; values).
+
+    bias: additive logit bias (B, 1|H, 1|N, N) (ToMe's size bias) or None. Under jit XLA drops
+    the scores the caller ignores.
     """
-    return self._attend(x, bias=bias, extras=True, probe=probe)
+    q, k, v = self._qkv(x)
+    attn = None
+    if self.MultiHeadDotProductAttention_0.fused(q.shape[-1]):
+      y = self.attention(q, k, v, bias=bias)
+    else:  # einsums form the matrix anyway: the cls row is its first row
+      attn = self.probs(q, k, bias=bias).astype(v.dtype)
+      y = MultiHeadDotProductAttention.mix(attn, v)
+    return self._residual(x, y), self._scores(q, k, v, probe, attn=attn, bias=bias)
 
   def attend_matrix(self, x, bias=None, policy=None,
                     probe=None) -> tuple[jax.Array, AttentionOut]:
@@ -307,26 +342,31 @@ class Encoder1DBlock(nn.Module):
     returns each token's attention received (its column means) and the matrix itself
     (B, H, N, N); under a `policy` (B, N) (no mean-query row then) its softmax ignores the
     dropped keys (ops.policy_softmax)."""
-    return self._attend(x, bias=bias, policy=policy, extras=True, matrix=True, probe=probe)
+    q, k, v = self._qkv(x)
+    attn = self.probs(q, k, bias=bias, policy=policy).astype(v.dtype)
+    y = MultiHeadDotProductAttention.mix(attn, v)
+    info = self._scores(q, k, v, probe, attn=attn, bias=bias, policy=policy)
+    return self._residual(x, y), info._replace(received=jnp.mean(upcast(attn), axis=2),
+                                               probs=upcast(attn))
 
   def attention_probs(self, x, bias=None) -> jax.Array:
     """The softmax attention of LN(x) alone: (B, N, D) -> (B, H, N, N) float32 (MCTF's
     one step ahead looks at it before merging)."""
-    return self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x), bias=bias,
-                                               probs_only=True)[1].probs
+    mha, y = self.MultiHeadDotProductAttention_0, self.LayerNorm_0(x)
+    return self.probs(mha.query(y), mha.key(y), bias=bias)  # no values: none traced
 
   def attend_ahead(self, x, probs, value_index, base, src, dst, weights) -> jax.Array:
     """First half on merged tokens with the attention of the tokens before the merge:
     x (B, N', D), probs (B, H, N, N), value_index (B, N) in [0, N'), the merge's plan (base,
-    src, dst) and pooling weights (B, N) -> (B, N', D) (see MultiHeadDotProductAttention's
-    `given`)."""
-    y, _ = self.MultiHeadDotProductAttention_0(
-        self.LayerNorm_0(x), given=(probs, value_index, ops.MergePlan(base, src, dst), weights))
-    return x + self._branch(y, None)
-
-  def feed(self, x) -> jax.Array:
-    """Second half: (B, N', D) -> (B, N', D); N' may be smaller than in `attend`."""
-    return self._feed(x)
+    src, dst) and pooling weights (B, N) -> (B, N', D): out(merge(probs @ v[value_index])),
+    queries averaged by the weights and keys summed by the plan, without forming the merged
+    matrix (MCTF's one step ahead)."""
+    v = self.MultiHeadDotProductAttention_0.value(self.LayerNorm_0(x))  # (B, N', H, hd)
+    v = jnp.take_along_axis(v, value_index[:, :, None, None], axis=1)  # (B, N, H, hd)
+    y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    b, n, h, hd = y.shape
+    y = ops.planned_merge(y.reshape(b, n, h * hd), weights, ops.MergePlan(base, src, dst))[0]
+    return self._residual(x, y.reshape(b, -1, h, hd).astype(v.dtype))
 
   def __call__(self, x, policy=None, rate=None, bias=None):
     """The whole block; policy (B, N) 0/1 masks attention to dropped tokens (dTPS training);
@@ -334,12 +374,14 @@ class Encoder1DBlock(nn.Module):
 
     rate: this block's stochastic-depth rate as an array (scanned blocks), else `drop_path`.
     """
-    x, _ = self._attend(x, rate=rate, policy=policy, bias=bias)
+    q, k, v = self._qkv(x)
+    x = self._residual(x, self.MultiHeadDotProductAttention_0.attention(
+        q, k, v, bias=bias, policy=policy), rate)
     return self._feed(x, rate=rate)
 
 
 # The block's functions (tps_jax.methods.Block offers them to the reduction methods), which
 # `nn.remat(Encoder1DBlock, methods=BLOCK_FUNCTIONS)` rematerialises: every way the encoder runs
 # a block, whole or in halves around a reduction.
-BLOCK_FUNCTIONS = ("__call__", "attend", "attend_matrix", "attention_probs", "attend_ahead",
-                   "feed")
+BLOCK_FUNCTIONS = ("__call__", "qkv", "attention", "probs", "residual", "feed", "attend",
+                   "attend_matrix", "attention_probs", "attend_ahead")

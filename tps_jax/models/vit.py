@@ -146,7 +146,7 @@ class Encoder(nn.Module):
     (layers.BLOCK_FUNCTIONS), and blocks a..e-1 whole (a python loop, or with `scan` one
     `lax.scan` over their slice of the stack)."""
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
-              layer_norm_eps=self.layer_norm_eps, attention=self.attention,
+              layer_norm_eps=self.layer_norm_eps, implementation=self.attention,
               policy_form=self.policy_form, gelu=self.gelu, dropout=self.dropout)
     rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
     if not self.scan:

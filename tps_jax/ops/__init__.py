@@ -1,7 +1,7 @@
 """Pure-array operators of token reduction: no Flax state, static shapes."""
 
-from tps_jax.ops.attention import (POLICY_FORMS, class_attention_scores, dot_product_attention,
-                                   policy_attention, policy_softmax)
+from tps_jax.ops.attention import (POLICY_FORMS, attention_row, class_attention_scores,
+                                   dot_product_attention, policy_attention, policy_softmax)
 from tps_jax.ops.evit import evit_fuse
 from tps_jax.ops.gumbel import gumbel_softmax_hard
 from tps_jax.ops.select import gather_tokens, indices_to_mask, keep_counts, topk_split

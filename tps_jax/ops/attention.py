@@ -58,6 +58,17 @@ POLICY_FORMS = ("exact", "deferred", "fused", "log_bias")
 _LOG_FLOOR = -1e4  # bias on a dropped key: exp(-1e4) is 0 in float32 and bfloat16
 
 
+def attention_row(query: jax.Array, k: jax.Array, *, bias: jax.Array | None = None) -> jax.Array:
+  """One query per head against every key: query (B, H, d) (unscaled), keys (B, N, H, d) ->
+  its softmax attention row (B, H, N), float32 (a cls row, a mean query's, a MAP probe's);
+  `bias` (B, 1|H, 1|N, N) adds its first query row."""
+  logits = jnp.einsum("bhd,bkhd->bhk", query, k,
+                      preferred_element_type=jnp.float32) * query.shape[-1] ** -0.5
+  if bias is not None:
+    logits = logits + jnp.broadcast_to(bias, logits.shape[:1] + bias.shape[1:])[:, :, 0]
+  return jax.nn.softmax(logits, axis=-1)
+
+
 def _allowed(policy: jax.Array, n: int, dtype) -> jax.Array:
   """P (B, 1, N, N): P[i, j] = pi_j + (1 - pi_j) [i = j]; differentiable in pi."""
   pi = policy.astype(dtype)[:, None, None, :]
