@@ -19,8 +19,9 @@ one tower embeds both the image and the text rendered as an image (`text`): `zim
 `ztxt:*`. `paligemma.npz` holds PaliGemma (`proj/paligemma/paligemma.py`) with a small random
 Gemma (`gemma_tiny`: width 32, depth 2, 2 heads, vocab 64; patched into `ppp/gemma.get_config`)
 and a pool-"none" image tower whose every token is the LLM's prefix: `text` (int32 tokens),
-`logits:*` (text logits), `prefix:*` (image tokens in the prefix) for vit, ours at keep 1.0
-and ours with eTPS at keep 0.5. No big_vision code is committed here.
+`logits:*` (text logits), `prefix:*` (image tokens in the prefix) for vit, ours at keep 1.0,
+ours with eTPS at keep 0.5 and ours with VisionZip (5 dominant and 3 contextual tokens at
+block 1, the tower's layer -2). No big_vision code is committed here.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from scripts.big_vision_goldens import flat, import_big_vision  # noqa: E402
+from benchmarks.big_vision_inference import import_vit  # noqa: E402
+from scripts.big_vision_goldens import flat  # noqa: E402
 
 GOLDENS = ROOT / "tests" / "goldens" / "big_vision"
 IMAGE = (2, 16, 16, 3)
@@ -51,7 +53,7 @@ def main():
   p.add_argument("--big_vision", required=True, type=pathlib.Path,
                  help="a checkout of google-research/big_vision")
   args = p.parse_args()
-  import_big_vision(args.big_vision.resolve())
+  import_vit(args.big_vision.resolve())  # big_vision as a package, without TensorFlow
   import big_vision.models.proj.image_text.two_towers as two_towers  # pylint: disable=g-import-not-at-top
   import big_vision.models.proj.clippo.one_tower as one_tower  # pylint: disable=g-import-not-at-top
   from tps_jax import big_vision as tps_vit  # pylint: disable=g-import-not-at-top
@@ -93,7 +95,9 @@ def paligemma(image) -> None:
                  ("tps_keep1", model("tps_vit", reduction=dict(method="etps", keep_ratio=1.0,
                                                                locations=(1,)))),
                  ("tps_etps", model("tps_vit", reduction=dict(method="etps", keep_ratio=0.5,
-                                                              locations=(1,))))):
+                                                              locations=(1,)))),
+                 ("tps_visionzip", model("tps_vit", reduction=dict(
+                     method="visionzip", dominant=5, contextual=3)))):
     logits, out = jax.jit(lambda p, *x, m=m: m.apply({"params": p}, *x))(params, image, text,
                                                                          mask_ar)
     arrays[f"logits:{key}"] = np.asarray(logits)
@@ -102,7 +106,8 @@ def paligemma(image) -> None:
   out_path = GOLDENS / "paligemma.npz"
   np.savez(out_path, config=np.asarray(json.dumps(tower)), image=np.asarray(image),
            text=np.asarray(text), mask_ar=np.asarray(mask_ar), **arrays)
-  print(f"wrote {out_path}: prefix {[int(arrays[f'prefix:{k}']) for k in ('vit', 'tps_keep1', 'tps_etps')]}")
+  print(f"wrote {out_path}: prefix "
+        f"{[int(arrays[f'prefix:{k}']) for k in ('vit', 'tps_keep1', 'tps_etps', 'tps_visionzip')]}")
 
 
 def write(lib, out_path: pathlib.Path, cfg: dict, inputs: tuple) -> None:

@@ -224,8 +224,9 @@ def test_paligemma_prefix_holds_fewer_image_tokens_and_its_llm_runs_on_them():
   """big_vision's PaliGemma with a tiny random Gemma and img_model="tps_vit" (goldens from
   scripts/towers_goldens.py): every token of the pool-"none" tower is the LLM's prefix. At
   keep 1.0 our tower gave its vit tower's prefix and text logits (stages keep the sequence's
-  order when the sequence is the output); eTPS at keep 0.5 halves the prefix and the LLM ran
-  on it. Here our tower recomputes the prefixes."""
+  order when the sequence is the output); eTPS at keep 0.5 and VisionZip (5 dominant, 3
+  contextual) halve the prefix and the LLM ran on it. Here our tower recomputes the
+  prefixes."""
   g = _golden("paligemma")
   cfg = json.loads(str(g["config"]))
   params = _tree({k[len("param:"):]: v for k, v in g.items() if k.startswith("param:")})
@@ -243,6 +244,12 @@ def test_paligemma_prefix_holds_fewer_image_tokens_and_its_llm_runs_on_them():
   assert half.shape[1] == int(g["prefix:tps_etps"]) == 8 < int(g["prefix:vit"]) == 16
   assert g["logits:tps_etps"].shape == g["logits:vit"].shape  # the LLM ran on 8 image tokens
   assert np.isfinite(g["logits:tps_etps"]).all()
+  # VisionZip reduces the prefix the LLM reads: 5 dominant and 3 contextual tokens.
+  zipped = prefix(reduction=dict(method="visionzip", dominant=5, contextual=3))
+  np.testing.assert_allclose(zipped, g["zimg:tps_visionzip"], atol=1e-5)
+  assert zipped.shape[1] == int(g["prefix:tps_visionzip"]) == 8
+  assert np.isfinite(g["logits:tps_visionzip"]).all()
+  assert not np.allclose(g["logits:tps_visionzip"], g["logits:tps_etps"], atol=1e-3)
 
 
 def test_imports_without_the_training_stack():
