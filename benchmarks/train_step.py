@@ -65,7 +65,7 @@ def _step(case: str, method: str, teacher: bool, batch: int, remat: bool, policy
   rng = jax.random.key(0)
   params = jax.jit(model.init)(rng, jnp.zeros((1, size, size, channels)))["params"]
   tx, _ = optim.make_optimizer(params, total_steps=1000, lr=1e-4, warmup_steps=10,
-                               backbone_lr_scale=0.01 if method == "dtps" else 1.0)
+                               backbone_lr_scale=0.01 if methods.get(method).learned else 1.0)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
            "rng": jax.random.key_data(rng)}
   t_model = t_params = None
