@@ -4,12 +4,12 @@ The JAX anchor for the dense gap to timm + torch.compile: is it ours, or XLA's a
 Inductor? Builds big_vision's `models/vit.Model` at a DeiT size (`tok` pooling, learned
 position table, 1000 classes) from a checkout given by `--big_vision` (no big_vision code is
 in this repository: the checkout is carried to the machine beside the wheels, see
-scripts/gpu_wheels.sh), with `dtype_mm=bfloat16` (its only precision knob: bf16 matmuls and
+benchmarks/gpu/wheels.sh), with `dtype_mm=bfloat16` (its only precision knob: bf16 matmuls and
 activations), and times it as our rows are timed (`tps_jax.timing.time_call`, jitted forward,
 random images, compile excluded, median of the repeats). Two forms: its parameters as it
 initialises them (float32, but for `cls` and the position table, which it makes in the
 compute dtype) and every parameter cast to bf16. Each row records the checkout's commit (the
-`COMMIT` file scripts/gpu_wheels.sh writes beside it) and the jax / flax versions. Prints one
+`COMMIT` file benchmarks/gpu/wheels.sh writes beside it) and the jax / flax versions. Prints one
 `ROW {json}` line per form in throughput.py's schema (`impl` "big_vision (<form>)"); with
 `--trace_dir`, each row also carries its kernel breakdown (`benchmarks.kernels`) and the
 folder gets its trace and optimised HLO.

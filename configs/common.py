@@ -58,7 +58,7 @@ def takes_knobs(method: str) -> bool:
   return type(methods.get(method)).spec is not methods.Method.spec
 
 
-def reduction(method: str, keep: float, locations=(3, 6, 9), tome_r: int = 0,
+def reduction(method: str, keep: float, locations=(3, 6, 9), r: int = 0,
               score: str = "auto", *, model=None) -> dict | None:
   """config.model.reduction for a recipe's method argument.
 
@@ -74,7 +74,7 @@ def reduction(method: str, keep: float, locations=(3, 6, 9), tome_r: int = 0,
     spec = dict(impl.example(build_model(model, 1, reduction=None).plan().geometry))
     spec["method"] = method
     return spec
-  spec = impl.spec(keep_ratio=keep, locations=tuple(locations), r=tome_r)
+  spec = impl.spec(keep_ratio=keep, locations=tuple(locations), r=r)
   if spec is not None:
     spec["method"] = method  # the name as given (a module path resolves in a fresh process too)
     if score != "auto":

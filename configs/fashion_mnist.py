@@ -41,7 +41,7 @@ def stage_blocks(stages: str, depth: int) -> tuple[int, ...]:
 def get_config(arg=None):
   arg = common.parse_arg(arg, method="none", keep=0.7, init="", warm_start="", epochs=0.0,
                          steps=0, batch=128, lr=0.0, seed=0, width=96, depth=8, heads=3,
-                         tiny=False, tome_r=4, pool="tok", score="auto", devices=0, patch=4,
+                         tiny=False, r=4, pool="tok", score="auto", devices=0, patch=4,
                          stages="")
   c = common.base()
   c.seed = arg.seed
@@ -55,7 +55,7 @@ def get_config(arg=None):
                  layout="deit", channels=1, drop_path=0.0 if arg.tiny else 0.05, remat=False,
                  policy_form="exact",  # dtps/dynamicvit training attention, ops.POLICY_FORMS
                  pool_type=arg.pool)  # tok (cls), gap, map, 0, none
-  c.model.reduction = common.reduction(arg.method, arg.keep, locations, arg.tome_r,
+  c.model.reduction = common.reduction(arg.method, arg.keep, locations, arg.r,
                                        score=arg.score, model=c.model)
 
   c.input.dataset = "fashion_mnist"

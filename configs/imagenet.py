@@ -30,7 +30,7 @@ DROP_PATH = {"Ti": 0.0, "S": 0.1, "B": 0.1}
 def get_config(arg=None):
   arg = common.parse_arg(arg, variant="S", method="none", keep=0.7, init="", data_dir="",
                          batch=1024, epochs=0.0, fsdp=1, bf16=True, remat=False, seed=0,
-                         tome_r=13, policy_form="exact")
+                         r=13, policy_form="exact")
   if arg.variant not in DROP_PATH:
     raise ValueError(f"unknown DeiT variant {arg.variant!r}; expected one of {sorted(DROP_PATH)}.")
   c = common.base()
@@ -39,7 +39,7 @@ def get_config(arg=None):
   c.mixed_precision = arg.bf16
   c.model = dict(variant=f"{arg.variant}/16", image_size=224, layout="deit",
                  drop_path=DROP_PATH[arg.variant], remat=arg.remat, policy_form=arg.policy_form)
-  c.model.reduction = common.reduction(arg.method, arg.keep, (3, 6, 9), arg.tome_r,
+  c.model.reduction = common.reduction(arg.method, arg.keep, (3, 6, 9), arg.r,
                                        model=c.model)
   c.input.dataset = "imagenet2012"
   c.input.data_dir = arg.data_dir or None

@@ -41,7 +41,7 @@ KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 # The default sweep: keep ratios or r. PiToMe (a per-block ratio in [0.5, 1]) and DiffRate (a
 # searched schedule: `search`) run by their own commands (docs/results.md).
 OFFSHELF_METHODS = ("etps", "evit", "topk", "tome", "mctf", "tofu")
-TOME_RS = (1, 2, 3, 4, 5)
+R_SWEEP = (1, 2, 3, 4, 5)
 # Each TPS variant and its pruning baseline: squeezing against dropping (dTPS, DynamicViT) and
 # against fusing (eTPS, EViT).
 FINETUNE_PAIRS = (("dtps", "dynamicvit"), ("etps", "evit"))
@@ -98,7 +98,7 @@ def offshelf(args) -> None:
   params = study.load_dense(cfg, args.teacher)
   print(f"training-free methods on {args.teacher}:")
   points = study.offshelf_sweep(cfg, params, locations=study.stage_locations(args.arg),
-                                methods=args.methods, keeps=args.keeps, tome_rs=args.tome_rs,
+                                methods=args.methods, keeps=args.keeps, rs=args.rs,
                                 score=args.score)
   dense = points[0]
   out = pathlib.Path(args.results)
@@ -139,7 +139,7 @@ def scores(args) -> None:
   for score in args.scores:
     print(f"score {score}:")
     points = study.offshelf_sweep(cfg, params, locations=locations, methods=args.methods,
-                                  keeps=args.keeps, tome_rs=(), score=score)
+                                  keeps=args.keeps, rs=(), score=score)
     dense, runs[score] = points[0], points[1:]
   table = score_table(runs)
   map_model = "pool=map" in args.arg
@@ -207,7 +207,7 @@ def _write_finetune(args, teacher_path: pathlib.Path, runs, *, complete: bool) -
 def _publish(args, runs) -> None:
   """Copies the seed-0 models at `--publish_keep` into results/fmnist_finetuned/ (the main
   job's models): params, config and summary. A run whose parameters are not here (carried
-  from another machine without them, scripts/carry_runs.sh) is named and skipped."""
+  from another machine without them, benchmarks/gpu/carry_runs.sh) is named and skipped."""
   dest_root = pathlib.Path(args.results) / "fmnist_finetuned"
   for r in runs:
     if r["seed"] != 0 or r["keep"] != args.publish_keep:
@@ -319,14 +319,14 @@ FINETUNED = study.RESULTS / "fmnist_finetuned"  # <method>_<keep>/: params.npz, 
 STUDY_JSON = study.RESULTS / "fmnist_finetune.json"
 
 
-def _tome_r_like(cfg, macs: float, locations) -> int:
+def _r_like(cfg, macs: float, locations) -> int:
   """ToMe's per-block r whose MACs come closest to `macs` (training-free, matched cost)."""
   from tps_jax import flops  # pylint: disable=g-import-not-at-top
   best = None
   for r in range(1, 16):
     try:
       model = study.build_model(cfg, reduction=study.config_common.reduction("tome", 0.0,
-                                                                             tome_r=r))
+                                                                             r=r))
     except ValueError:  # r too large for the tokens left
       break
     gap = abs(flops.macs(model) - macs)
@@ -409,9 +409,9 @@ def quick(args) -> None:
   for method in ("etps", "topk"):
     red = study.config_common.reduction(method, keep, locations)
     add(method, "none (off the shelf)", evaluate(cfg, params, red))
-  r = _tome_r_like(cfg, rows[-1]["gmacs"] * 1e9, locations)
+  r = _r_like(cfg, rows[-1]["gmacs"] * 1e9, locations)
   add("tome", f"none (off the shelf, r={r})",
-      evaluate(cfg, params, study.config_common.reduction("tome", 0.0, tome_r=r)))
+      evaluate(cfg, params, study.config_common.reduction("tome", 0.0, r=r)))
 
   dense = rows[0]
   cell = lambda s: (f"{100 * s['top1_mean']:.2f} ± {100 * s['top1_std']:.2f} (n={s['seeds']})"
@@ -532,7 +532,7 @@ def report(args) -> None:
   if tome:
     print("\n| ToMe r (per block) | MMACs (% dense) | top-1 |\n|---|---|---|")
     for p in tome:
-      print(f"| {p['tome_r']} | {1e3 * p['gmacs']:.2f} ({100 * p['gmacs'] / d['gmacs']:.0f}%) "
+      print(f"| {p['r']} | {1e3 * p['gmacs']:.2f} ({100 * p['gmacs'] / d['gmacs']:.0f}%) "
             f"| {_pct(p['top1'])} |")
   for name in args.extra:  # more training-free methods, each against the nearest MACs
     extra = json.loads((out / f"{name}.json").read_text())
@@ -546,7 +546,7 @@ def report(args) -> None:
         continue
       cells = [f"{_pct(q['top1'])} ({1e3 * q['gmacs']:.1f})" if q else "" for q in
                (near("etps", p["gmacs"]), near("tome", p["gmacs"]))]
-      setting = f"keep {p['keep']}" if "keep" in p else f"r {p['tome_r']}"
+      setting = f"keep {p['keep']}" if "keep" in p else f"r {p['r']}"
       print(f"| {p['method']} | {setting} | {1e3 * p['gmacs']:.2f} | "
             f"{_pct(p['top1'])} | {cells[0]} | {cells[1]} |")
   if args.plot:  # every training-free point on one plot: the base sweep, the extras, DiffRate
@@ -597,7 +597,7 @@ def main(argv=None) -> None:
   s = sub.add_parser("offshelf", help="training-free methods at several keep ratios")
   s.add_argument("--methods", type=_methods, default=OFFSHELF_METHODS)
   s.add_argument("--keeps", type=_floats, default=KEEPS)
-  s.add_argument("--tome_rs", type=_ints, default=TOME_RS)
+  s.add_argument("--rs", type=_ints, default=R_SWEEP)
   s.add_argument("--score", default="auto", help="etps / evit / topk attention score "
                                                  f"{staged.SCORES})")
   s.add_argument("--name", default="fmnist_offshelf", help="output JSON / PNG name")

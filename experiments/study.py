@@ -19,6 +19,7 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Any, Iterable, Sequence
 
@@ -134,7 +135,7 @@ def sweeps_r(method: str) -> bool:
 
 
 def offshelf_sweep(config, params, *, locations: Sequence[int], methods: Sequence[str],
-                   keeps: Sequence[float], tome_rs: Sequence[int], score: str = "auto",
+                   keeps: Sequence[float], rs: Sequence[int], score: str = "auto",
                    log=print) -> list[dict[str, Any]]:
   """Training-free methods on the same parameters: one point per (method, keep) or ToMe r,
   plus the dense model first."""
@@ -142,14 +143,14 @@ def offshelf_sweep(config, params, *, locations: Sequence[int], methods: Sequenc
   by_r = [m for m in methods if sweeps_r(m)]  # swept over r, the tokens merged per block
   fixed = [m for m in methods if not config_common.takes_knobs(m)]  # one point: its example
   todo = [("none", None)] + [(m, k) for m in methods if m not in by_r + fixed for k in keeps]
-  todo += [(m, r) for m in by_r for r in tome_rs] + [(m, None) for m in fixed]
+  todo += [(m, r) for m in by_r for r in rs] + [(m, None) for m in fixed]
   for method, arg in todo:
     if method == "none":
       red = None
     elif method in fixed:
       red = config_common.reduction(method, 0.0, model=config.model)
     elif method in by_r:  # ToMe in every block, MCTF in blocks 1.. (the authors')
-      red = config_common.reduction(method, 0.0, tome_r=arg)
+      red = config_common.reduction(method, 0.0, r=arg)
     else:
       red = config_common.reduction(method, arg, locations, score=score)
     t = time.perf_counter()
@@ -238,8 +239,11 @@ def plot_curves(points: Sequence[dict[str, Any]], path: str | os.PathLike, *, ti
     ax.set_ylabel("test top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-  fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
+  # Wrapped to the figure's width (about 13 characters an inch at 10 pt), and room kept above
+  # the axes for its lines, so a long title is never clipped.
+  lines = textwrap.wrap(title, width=max(30, int(13 * fig.get_figwidth())))
+  fig.suptitle("\n".join(lines), fontsize=10)
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.045 * len(lines)))
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)

@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 
+import chex
 import flax
 import jax
 import jax.numpy as jnp
@@ -448,3 +449,19 @@ def test_cls_free_scores_are_the_attention_tokens_receive():
   np.testing.assert_allclose(info.received, attn.mean(2), rtol=1e-4, atol=1e-6)
   mean_row = softmax(np.einsum("bhd,bkhd->bhk", q.mean(1), k) / 4.0)
   np.testing.assert_allclose(info.mean_query, mean_row, rtol=1e-4, atol=1e-6)
+
+
+def test_both_loaders_convert_once_and_resample_the_table_alike(tmp_path):
+  """`load` (big_vision's face) and `from_big_vision` (checked against our model) share one
+  conversion: a checkpoint on a 4 x 4 grid loads into a 6 x 6 model through either, with the
+  same resampled table and the same weights."""
+  from tps_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  cfg, params, _, _ = _case("gap_learn")
+  path = tmp_path / "ckpt.npz"
+  np.savez(path, **{f"params/{k}": v for k, v in _flat(params).items()})
+  model = bv.Model(**cfg, image_size=24)
+  init = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 24, 24, 3)))["params"]
+  via_load = bv.load(init, str(path), cfg)
+  via_ours = checkpoints.from_big_vision(str(path), model)
+  assert via_ours["pos_embedding"].shape == (1, 36, 32)
+  chex.assert_trees_all_close(via_ours, jax.tree.map(np.asarray, via_load))

@@ -102,9 +102,72 @@ def test_pth_without_torch_says_so(tmp_path, monkeypatch):
     return real_import(name, *a, **k)
 
   monkeypatch.setattr(builtins, "__import__", no_torch)
-  (tmp_path / "w.pth").write_bytes(b"x")
+  (tmp_path / "w.pth").write_bytes(b"PK\x03\x04" + b"\x00" * 60)  # a zip, as torch.save
   with pytest.raises(ImportError, match="needs PyTorch"):
     checkpoints.from_torch_state_dict(str(tmp_path / "w.pth"), _model())
+
+
+def _valid(fmt, path):
+  """A small valid checkpoint file of `fmt` at `path`."""
+  arrays = {"a": np.arange(64, dtype=np.float32).reshape(8, 8), "b": np.ones(300, np.float32)}
+  if fmt == "npz":
+    np.savez(path, **arrays)
+  elif fmt == "safetensors":
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file(arrays, str(path))
+  else:
+    torch = pytest.importorskip("torch")
+    torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, str(path))
+  return path
+
+
+DAMAGE = {
+    "empty": (lambda good: b"", r"is empty \(0 bytes\)"),
+    "truncated": (lambda good: good[:len(good) // 2], r"truncated"),
+    "foreign": (lambda good: b"<html>not a checkpoint</html>\n" * 20, r"is not|not a readable"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("fmt", ["npz", "safetensors", "pth"])
+def test_a_damaged_file_is_one_line_that_names_it(fmt, damage, tmp_path):
+  """Empty, truncated or foreign bytes: a CheckpointCorruptError naming the file and the damage,
+  in one line, never with advice to unpickle it."""
+  good = _valid(fmt, tmp_path / f"good.{fmt}").read_bytes()
+  make, match = DAMAGE[damage]
+  bad = tmp_path / f"{damage}.{fmt}"
+  bad.write_bytes(make(good))
+  if fmt == "pth" and damage == "truncated":
+    pytest.importorskip("torch")  # what torch.load answers is read only where torch is
+  with pytest.raises(checkpoints.CheckpointCorruptError, match=match) as e:
+    checkpoints.load_state_dict(bad)
+  text = str(e.value)
+  assert str(bad) in text and "\n" not in text and "pickle=" not in text
+  assert "weights_only" not in text and "trusted" not in text, text
+
+
+class Opaque:  # an object a weights-only load refuses
+  pass
+
+
+def test_pickled_objects_are_refused_not_unpickled(tmp_path):
+  """An .npz of Python objects (numpy would suggest allow_pickle) and a .pth holding more than
+  tensors (torch would suggest weights_only=False): named, refused, no advice to unpickle."""
+  path = tmp_path / "objects.npz"
+  np.savez(path, params=np.array([{"w": 1}, None], dtype=object))
+  with pytest.raises(checkpoints.CheckpointCorruptError,
+                     match=r"objects.npz holds 'params' as pickled Python objects") as e:
+    checkpoints.load_state_dict(path)
+  assert "allow_pickle" not in str(e.value)
+  np.savez(tmp_path / "none.npz")
+  with pytest.raises(checkpoints.CheckpointCorruptError, match="none.npz holds no arrays"):
+    checkpoints.load_state_dict(tmp_path / "none.npz")
+  torch = pytest.importorskip("torch")
+  torch.save({"w": torch.ones(2), "opt": Opaque()}, str(tmp_path / "obj.pth"))
+  with pytest.raises(checkpoints.CheckpointCorruptError,
+                     match="obj.pth holds Python objects besides tensors") as e:
+    checkpoints.load_state_dict(tmp_path / "obj.pth")
+  assert "weights_only" not in str(e.value) and "trusted" not in str(e.value)
 
 
 def test_big_vision_npz_with_augreg_names(golden_sd, tmp_path):

@@ -39,6 +39,17 @@ def test_train_names_bad_input_in_one_line(config, expected):
   assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
 
 
+def test_a_foreign_npz_as_init_is_named_in_one_line_without_unpickling_advice(tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  bad = tmp_path / "teacher.npz"
+  np.savez(bad, params=np.array([{"w": 1}], dtype=object))
+  out = _train([f"{FMNIST}:method=dtps,init={bad}"])
+  lines = [l for l in out.stderr.splitlines() if l.strip() and not l.startswith(("W", "I"))]
+  assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+  assert f"{bad} holds 'params' as pickled Python objects" in lines[0], lines
+  assert "allow_pickle" not in out.stderr
+
+
 def test_the_traceback_when_asked_for():
   out = _train(CASES[0][0], "--traceback")
   assert out.returncode != 0 and "Traceback (most recent call last)" in out.stderr

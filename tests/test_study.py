@@ -156,9 +156,9 @@ def test_offshelf_sweep_writes_curves(tiny_teacher, tmp_path, capsys):
   # it runs once, at its example.
   outside = str(ROOT / "examples" / "custom_method.py")
   cli.main(["--teacher", str(tiny_teacher), "--arg", "tiny,devices=1", "--results", str(tmp_path),
-            "offshelf", "--methods", f"topk,tome,{outside}", "--keeps", "0.5", "--tome_rs", "2"])
+            "offshelf", "--methods", f"topk,tome,{outside}", "--keeps", "0.5", "--rs", "2"])
   result = json.loads((tmp_path / "fmnist_offshelf.json").read_text())
-  got = [(p["method"], p.get("keep"), p["tome_r"]) for p in result["points"]]
+  got = [(p["method"], p.get("keep"), p["r"]) for p in result["points"]]
   assert got == [("topk", 0.5, 0), ("tome", None, 2), (outside, 0.5, 0)]
   assert all(p["gmacs"] < result["dense"]["gmacs"] for p in result["points"])
   assert all(p["examples"] == 2000 for p in result["points"])  # tiny: test[:2000]

@@ -1,6 +1,6 @@
 """big_vision checkpoints: its `load` (old-checkpoint fixes, scan and python-loop layouts,
-`dont_load`, position-embedding resampling) and `from_big_vision`, the same conversion checked
-against one of our models.
+`dont_load`, position-embedding resampling) and `from_big_vision`, the same conversion
+(`_restore`, and the table resampled to the model's grid) checked against one of our models.
 
   params = big_vision.load(init_params, "siglip_b16_224.npz:img", model_cfg, dont_load)
   params = big_vision.from_big_vision("augreg_s16.npz", model, fresh=("head",))
@@ -18,6 +18,7 @@ import flax
 import jax
 import numpy as np
 
+from tps_jax.checkpoints import files
 from tps_jax.checkpoints.assemble import adapt_layout, assemble
 from tps_jax.models import posemb as posemb_lib
 from tps_jax.models.vit import VisionTransformer
@@ -151,11 +152,7 @@ def load_tree(init_file: str | os.PathLike) -> dict:
     path, key = path.rsplit(":", 1)
   if not pathlib.Path(path).exists():
     raise FileNotFoundError(f"checkpoint {init_file} does not exist.")
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      flat = {k: data[k] for k in data.files}
-  except (ValueError, OSError, EOFError) as e:
-    raise ValueError(f"checkpoint {path} is not a readable .npz of arrays: {e}") from e
+  flat = files.read_npz(path)
   tree = _tree({re.sub(r"^params/", "", k): v for k, v in flat.items()})
   if key is not None:
     for part in key.split("/"):
@@ -180,21 +177,47 @@ def load(init_params, init_file, model_cfg, dont_load=()):  # pylint: disable=in
     merged with `init_params` and the position embedding resampled to the model's grid.
     Raises ValueError listing the names on one side only.
   """
-  restored = (load_tree(init_file) if isinstance(init_file, (str, os.PathLike))
-              else _tree(_flat(init_file)))
-  restored = fix_old_checkpoints(restored)
-  scan = bool((model_cfg or {}).get("scan"))
-  if "Transformer" in restored:
-    if scan and "encoderblock" not in restored["Transformer"]:
-      restored = pyloop_to_scan(restored)
-    if not scan and "encoderblock" in restored["Transformer"]:
-      restored = scan_to_pyloop(restored)
+  restored = _restore(init_file, scan=bool((model_cfg or {}).get("scan")), fold_cls=True)
   init_params = _plain_tree(init_params) if init_params is not None else None
   restored = merge_params(restored, init_params, dont_load)
   if init_params and "pos_embedding" in init_params and "pos_embedding" in restored:
     restored["pos_embedding"] = resample_posemb(restored["pos_embedding"],
                                                 init_params["pos_embedding"])
   return restored
+
+
+def _restore(source, *, scan: bool, fold_cls: bool) -> dict:
+  """The one conversion of a big_vision checkpoint, shared by `load` and `from_big_vision`:
+  read (a path, "path:subtree", a flat {"a/b/c": array} mapping or a tree), old checkpoints
+  fixed, blocks in the model's layout (scanned or a python loop)."""
+  if isinstance(source, (str, os.PathLike)):
+    tree = load_tree(source)
+  else:
+    tree = _tree(source) if any("/" in k for k in source) else _plain_tree(source)
+    tree = tree.get("params", tree) if set(tree) == {"params"} else tree
+  tree = fix_old_checkpoints(tree, fold_cls=fold_cls)
+  if "Transformer" in tree:
+    if scan and "encoderblock" not in tree["Transformer"]:
+      tree = pyloop_to_scan(tree)
+    if not scan and "encoderblock" in tree["Transformer"]:
+      tree = scan_to_pyloop(tree)
+  return tree
+
+
+def _resample_to(pos: np.ndarray, model: VisionTransformer) -> np.ndarray:
+  """A position table (patches, or cls first then patches) on the model's patch grid, as
+  `load` resamples it (linear, big_vision's)."""
+  n0 = model.num_patches
+  lead = int(not _is_square(pos.shape[1]) and _is_square(pos.shape[1] - 1))  # cls's row first
+  patches = pos[:, lead:]
+  if patches.shape[1] == n0:
+    return pos
+  patches = posemb_lib.resample(patches, posemb_lib.grid_of(n0))
+  return np.concatenate([pos[:, :lead], patches], axis=1)
+
+
+def _is_square(n: int) -> bool:
+  return int(np.sqrt(n)) ** 2 == n
 
 
 def _plain_tree(tree) -> dict:
@@ -216,19 +239,11 @@ def from_big_vision(source: str | os.PathLike | Mapping, model: VisionTransforme
     The params tree. Raises CheckpointMismatchError naming missing, unexpected and
     misshapen keys.
   """
-  if isinstance(source, (str, os.PathLike)):
-    tree = load_tree(source)
-  else:
-    tree = _tree(source) if any("/" in k for k in source) else dict(source)
-    tree = tree.get("params", tree) if set(tree) == {"params"} else tree
-  tree = fix_old_checkpoints(tree, fold_cls=False)  # adapt_layout moves cls's position
-  if "Transformer" in tree:
-    if model.scan and "encoderblock" not in tree["Transformer"]:
-      tree = pyloop_to_scan(tree)
-    if not model.scan and "encoderblock" in tree["Transformer"]:
-      tree = scan_to_pyloop(tree)
+  tree = _restore(source, scan=model.scan, fold_cls=False)  # adapt_layout moves cls's position
   flat = {k: np.asarray(v) for k, v in _flat(tree).items()}
   if "head" in set(fresh):
     flat = {k: v for k, v in flat.items() if not k.startswith("head/")}
+  if "pos_embedding" in flat:
+    flat["pos_embedding"] = _resample_to(flat["pos_embedding"], model)
   adapt_layout(flat, model, "npz")
   return assemble(flat, model, fresh=fresh, rng=rng, source="npz")

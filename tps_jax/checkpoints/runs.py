@@ -80,7 +80,7 @@ def check_checksums(step_dir: str | os.PathLike) -> None:
     expected = json.loads(sums.read_text())
   except ValueError as e:
     raise CheckpointCorruptError(f"checkpoint {step_dir}: {CHECKSUMS} is unreadable: "
-                                 f"{e}") from e
+                                 f"{e}") from None
   actual = _digests(step_dir)
   bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
   if bad:
@@ -120,7 +120,7 @@ def _read_step(step_dir: epath.Path) -> dict[str, np.ndarray]:
     checkpointer.metadata(item)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointCorruptError(f"checkpoint {step_dir} is corrupt: its metadata cannot be "
-                                 f"read ({type(e).__name__}: {str(e)[:300]}).") from e
+                                 f"read ({type(e).__name__}: {str(e)[:300]}).") from None
   restored = checkpointer.restore(item)  # other failures are not the checkpoint's: raised
   if "params" not in restored:
     raise CheckpointMismatchError(f"{item} holds no 'params' entry.")

@@ -28,7 +28,7 @@ class PerBlockMerge(Method):
     return tuple(out)
 
   def summary(self, o):
-    return {"tome_r": max(o.r) if o.r else 0, "merges": list(o.r)}
+    return {"r": max(o.r) if o.r else 0, "merges": list(o.r)}
 
   def revalidate(self, o, geo, spec):
     if len(o.r) != geo.depth:

@@ -89,5 +89,5 @@ def cost(model: VisionTransformer) -> dict[str, Any]:
   """GMACs per image (analytic, `flops.macs`), the method and its plan's numbers
   (`Method.summary`: keep counts of staged methods, the largest per-block merge of merging
   ones)."""
-  return {"gmacs": flops.macs(model) / 1e9, "keep_counts": [], "tome_r": 0,
+  return {"gmacs": flops.macs(model) / 1e9, "keep_counts": [], "r": 0,
           **model.plan().summary()}

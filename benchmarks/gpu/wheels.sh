@@ -6,9 +6,9 @@
 # With a big_vision git directory (the `fetch` tool's copy, or any clone's .git) as $1, also
 # exports its two model files into .whl/big_vision/ for the reference row of
 # benchmarks/big_vision_inference.py (run there, never committed here). Fashion-MNIST's four
-# files go to .fmnist/ (git-ignored) for the study's calls (scripts/gpu_session.sh 2 and 3).
+# files go to .fmnist/ (git-ignored) for the study's calls (benchmarks/gpu/session.sh 2 and 3).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Carries training runs from one session to the next: runs/ is not in git, and a session's
-# processes and files outside git end with it. `save` packs into carry/<run>.tar (committed):
+# processes and files outside git end with it. `save` packs into carry/<run>.tar (git-ignored:
+# a later call takes it as a carried path, run's `carry`):
 # a finished run's summary, config and metrics (enough for the study to count it and skip it),
 # an unfinished run's newest checkpoint step, metrics and config. `restore` unpacks them under
 # runs/ again, where rerunning the same command resumes at that step. With CARRY_PARAMS=1 a
 # finished run keeps its params.npz too (for a run that warm-starts from it).
 #
-#   bash scripts/carry_runs.sh save runs/curve/dtps_0.5_s0_2000 runs/fmnist_teacher_gap
-#   bash scripts/carry_runs.sh restore
+#   bash benchmarks/gpu/carry_runs.sh save runs/curve/dtps_0.5_s0_2000 runs/fmnist_teacher_gap
+#   bash benchmarks/gpu/carry_runs.sh restore
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 mode=${1:-}
 shift || true
 case "$mode" in

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next lent-GPU session's work in calls of under 6 minutes each (carry .whl, made here by
-# `scripts/gpu_wheels.sh <big_vision git dir>`), in the order of issue 35's phases:
-#   bash scripts/gpu_session.sh N
+# `benchmarks/gpu/wheels.sh <big_vision git dir>`), in order of need:
+#   bash benchmarks/gpu/session.sh N
 #   1  where the dense block loses: the GPU tests (tests/test_gpu.py), then inference on DeiT-S,
 #      bf16, batch 256, each with its kernel breakdown: timm + torch.compile (torch.profiler
 #      tables), big_vision's own ViT (the JAX anchor, .whl/big_vision), our dense (and its
@@ -10,8 +10,8 @@
 #      stages 3-6-9), resumable across calls (runs and teacher come back in back.tar)
 #   3  the study's fine-tunes (dtps, dynamicvit, etps, evit at keep 0.7 / 0.5 / 0.3, seeds
 #      0-2), resumable: each call runs what the earlier ones left
-#      (2 and 3 carry .whl and .fmnist, with `scripts/gpu_slim.sh on` before the call and
-#      `scripts/gpu_slim.sh off` after it)
+#      (2 and 3 carry .whl and .fmnist, with `benchmarks/gpu/slim.sh on` before the call and
+#      `benchmarks/gpu/slim.sh off` after it)
 #   4  the train-step rows timm + compile, dense, dtps_fused, etps, evit (--deadline_s)
 #   5  inference: dense with bf16 parameters, with big_vision's tanh GELU, with cuDNN's
 #      LayerNorm and with cuBLAS in place of Triton GEMMs (does an XLA option close the dense
@@ -24,8 +24,8 @@
 # A DeiT-S train step compiles in about 80 s, an inference graph in 10-30 s.
 # The rows accumulate in benchmarks/results/{train_step,throughput}_gpu.json (--append):
 # between calls, copy the returned JSON over them here, so the next call keeps its rows; unpack
-# a returned back.tar (below) and commit it, so the next call resumes the study. Never
-# carry an XLA autotuning cache between calls (benchmarks/NOTES_gpu.md, lease 3).
+# a returned back.tar (below) here, so the next call (carrying carry/) resumes the study.
+# Never carry an XLA autotuning cache between calls (benchmarks/gpu/README.md).
 set -uo pipefail
 : "${OUT:?run on the lent machine, where OUT is set}"
 # STUDY_ARG set in the environment: a dry run of phases 2-3 here, on CPU, under other names
@@ -51,8 +51,8 @@ infer() {  # infer SECONDS ARGS...: one benchmarks.throughput process
   [ -d "$PROF" ] && tar -czf "$OUT/prof.tgz" -C /tmp prof
 }
 # The study at the paper's geometry. Fashion-MNIST is not on that machine: phases 2 and 3 carry
-# it in .fmnist/ (scripts/gpu_wheels.sh) beside .whl, with the tree slimmed for the call
-# (scripts/gpu_slim.sh on; off after it), as both would not fit in the 64 MiB a call takes.
+# it in .fmnist/ (benchmarks/gpu/wheels.sh) beside .whl, with the tree slimmed for the call
+# (benchmarks/gpu/slim.sh on; off after it), as both would not fit in the 64 MiB a call takes.
 TEACHER=results/fmnist_teacher_$TAG/params.npz
 study() {  # study SECONDS ARGS...: experiments.fashion_mnist at the paper's geometry
   timeout "$1" python3 -m experiments.fashion_mnist --arg "$STUDY_ARG" --teacher "$TEACHER" \
@@ -63,20 +63,21 @@ need_data() {
   [ "$TAG" = 196dry ] && return 0
   export TPS_FASHION_MNIST_DIR=$PWD/.fmnist
   [ -f .fmnist/train-images-idx3-ubyte.gz ] || {
-    echo "no .fmnist/: carry it (scripts/gpu_wheels.sh makes it; scripts/gpu_slim.sh on)" >&2
+    echo "no .fmnist/: carry it (benchmarks/gpu/wheels.sh makes it; benchmarks/gpu/slim.sh on)" >&2
     exit 2; }
 }
-# Runs travel in carry/<run>.tar (scripts/carry_runs.sh; committed, so the next call has them).
+# Runs travel in carry/<run>.tar (benchmarks/gpu/carry_runs.sh; git-ignored: each call carries
+# carry/ with .whl and .fmnist, run's `carry`).
 # At most 8 files come back from a call, each under 16 MB: the phase's carry tars and results
 # return as one tar, split into parts ($OUT/back.tar.part-*); here, in the repository root:
-#   cat <files_at>/back.tar.part-* | tar -x      # then commit carry/ and results/
+#   cat <files_at>/back.tar.part-* | tar -x      # then commit results/ (carry/ stays here)
 back() {  # back PATHS...: pack RUNS (those matching PARAM_RUNS with their params) and PATHS
   local paths=() run
   for run in "${RUNS[@]}"; do
     [ -d "$run" ] || continue
     # shellcheck disable=SC2053  # PARAM_RUNS is a glob
     if [[ -n "${PARAM_RUNS:-}" && $run == $PARAM_RUNS ]]; then local keep=1; else local keep=0; fi
-    CARRY_PARAMS=$keep bash scripts/carry_runs.sh save "$run" | tee -a "$OUT/log.txt" \
+    CARRY_PARAMS=$keep bash benchmarks/gpu/carry_runs.sh save "$run" | tee -a "$OUT/log.txt" \
       && paths+=("carry/$(echo "${run%/}" | tr '/' '+').tar")
   done
   for r in "$@"; do [ -e "$r" ] && paths+=("$r"); done
@@ -94,7 +95,7 @@ case "${1:?phase 1 to 8}" in
       --model_kw attention=einsum ;;
   2)
     need_data
-    bash scripts/carry_runs.sh restore > /dev/null
+    bash benchmarks/gpu/carry_runs.sh restore > /dev/null
     study 300 teacher --suffix "_$TAG"
     # each teacher phase warm-starts from the one before: until the teacher is complete, a
     # finished phase's params travel with it (a call takes 64 MiB in all)
@@ -103,11 +104,11 @@ case "${1:?phase 1 to 8}" in
     back "results/fmnist_teacher_$TAG" ;;
   3)
     need_data
-    bash scripts/carry_runs.sh restore > /dev/null
+    bash benchmarks/gpu/carry_runs.sh restore > /dev/null
     [ -f "$TEACHER" ] || { echo "no $TEACHER yet: run phase 2 first" >&2; exit 2; }
     study 300 finetune --keeps 0.7,0.5,0.3  # rewrites its JSON after every run
     # the seed-0 models at keep 0.7 that this call trained, into results/fmnist_196/
-    # fmnist_finetuned/ (committed here; scripts/gpu_slim.sh keeps them from travelling)
+    # fmnist_finetuned/ (committed here; benchmarks/gpu/slim.sh keeps them from travelling)
     study 40 finetune --keeps 0.7,0.5,0.3 --report --publish --publish_keep 0.7
     RUNS=(runs/ft$TAG/*)
     back "results/fmnist_$TAG" ;;
