@@ -197,3 +197,29 @@ def test_big_vision_npz_with_augreg_names(golden_sd, tmp_path):
   out, _ = jit_apply(dense_deit,
                      {"params": checkpoints.from_big_vision(str(path), dense_deit)}, _x(g))
   np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_orbax_step_is_named(damage, tmp_path):
+  """Our runs' Orbax steps: a data file emptied or cut short is named with its step (the
+  checksums catch it); without checksums, damaged metadata is named too."""
+  from tps_jax.checkpoints import runs  # pylint: disable=g-import-not-at-top
+  from tps_jax.trainer import state as state_lib  # pylint: disable=g-import-not-at-top
+  ckpt = state_lib.Checkpoints(tmp_path, keep=2)
+  ckpt.save(1, {"step": jnp.asarray(1, jnp.int32), "params": {"w": jnp.ones((64, 64))}},
+            wait=True)
+  ckpt.close()
+  step = tmp_path / "checkpoints" / "1"
+  files = sorted((p for p in step.rglob("*") if p.is_file() and p.name != runs.CHECKSUMS),
+                 key=lambda p: p.stat().st_size)
+  biggest = files[-1]
+  data = biggest.read_bytes()
+  biggest.write_bytes(b"" if damage == "empty" else data[:len(data) // 2])
+  with pytest.raises(checkpoints.CheckpointCorruptError, match=r"checkpoints/1.*checksums"):
+    runs.read_params(step)
+  (step / runs.CHECKSUMS).unlink()
+  (step / runs.ITEM / "_METADATA").write_bytes(b"" if damage == "empty" else b'{"tree_met')
+  with pytest.raises(checkpoints.CheckpointCorruptError,
+                     match=r"checkpoints/1 is corrupt: its metadata cannot be read") as e:
+    runs.read_params(step)
+  assert "\n" not in str(e.value)

@@ -121,7 +121,11 @@ def _read_step(step_dir: epath.Path) -> dict[str, np.ndarray]:
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointCorruptError(f"checkpoint {step_dir} is corrupt: its metadata cannot be "
                                  f"read ({type(e).__name__}: {str(e)[:300]}).") from None
-  restored = checkpointer.restore(item)  # other failures are not the checkpoint's: raised
+  try:
+    restored = checkpointer.restore(item)  # other failures are not the checkpoint's: raised
+  except json.JSONDecodeError as e:  # its own metadata files do not parse
+    raise CheckpointCorruptError(f"checkpoint {step_dir} is corrupt: its metadata cannot be "
+                                 f"read ({type(e).__name__}: {str(e)[:300]}).") from None
   if "params" not in restored:
     raise CheckpointMismatchError(f"{item} holds no 'params' entry.")
   flat = flax.traverse_util.flatten_dict(restored["params"], sep="/")
