@@ -52,5 +52,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from tps_jax import cli, host  # pylint: disable=g-import-not-at-top
-  host.reexec_with_tcmalloc()  # XLA's per-step buffers on the CPU: 1.4x (tps_jax/host.py)
+  host.reexec_with_tcmalloc()  # XLA allocates per-step buffers on the CPU (tps_jax/host.py)
   cli.run_absl(main)

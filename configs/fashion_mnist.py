@@ -17,7 +17,7 @@ committed teacher is 12 epochs from scratch followed by two such cycles (lr
 `patch=2` gives 196 tokens (the paper's DeiT count) and `stages=3-6-9` puts the stages at
 those blocks (the default: blocks 2, 4, 6, or fewer for a shallow model). `pool=gap` (or map)
 builds the model without a cls token (its teacher: results/fmnist_teacher_gap/); `score` picks
-the attention score of etps / evit / topk (tps_jax.methods.staged.SCORES).
+the attention score of etps / evit / topk (tps_jax.methods.scored.SCORES).
 """
 
 from configs import common

@@ -35,7 +35,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from experiments import study  # noqa: E402
 from tps_jax import atomic  # noqa: E402
 from tps_jax import methods as registry  # noqa: E402
-from tps_jax.methods import staged  # noqa: E402
+from tps_jax.methods import scored  # noqa: E402
 
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 # The default sweep: keep ratios or r. PiToMe (a per-block ratio in [0.5, 1]) and DiffRate (a
@@ -130,8 +130,8 @@ def score_table(runs: dict[str, list[dict]]) -> dict:
 
 def scores(args) -> None:
   """The training-free attention stages (etps, topk) under each cls-free score on one teacher,
-  and which score wins (`score="auto"` takes staged.MAP_SCORE on MAP models, else
-  staged.CLS_FREE_SCORE)."""
+  and which score wins (`score="auto"` takes scored.MAP_SCORE on MAP models, else
+  scored.CLS_FREE_SCORE)."""
   cfg = study.fashion_mnist_config(args.arg)
   params = study.load_dense(cfg, args.teacher)
   locations = study.stage_locations(args.arg)
@@ -148,7 +148,7 @@ def scores(args) -> None:
       "what": "cls-free attention scores of the training-free stages, on the dense "
               "Fashion-MNIST teacher, whole test set", "teacher": str(args.teacher),
       "config_arg": args.arg, "locations": list(locations), "dense": dense, **table,
-      "auto_takes": staged.MAP_SCORE if map_model else staged.CLS_FREE_SCORE, "points": runs})
+      "auto_takes": scored.MAP_SCORE if map_model else scored.CLS_FREE_SCORE, "points": runs})
   print(f"{'method':6s} {'keep':>4s}  " + "  ".join(f"{s:>10s}" for s in runs) + "  best")
   for r in table["rows"]:
     print(f"{r['method']:6s} {r['keep']:4.1f}  " +
@@ -599,7 +599,7 @@ def main(argv=None) -> None:
   s.add_argument("--keeps", type=_floats, default=KEEPS)
   s.add_argument("--rs", type=_ints, default=R_SWEEP)
   s.add_argument("--score", default="auto", help="etps / evit / topk attention score "
-                                                 f"{staged.SCORES})")
+                                                 f"{scored.SCORES})")
   s.add_argument("--name", default="fmnist_offshelf", help="output JSON / PNG name")
   s = sub.add_parser("scores", help="the attention stages under each cls-free score")
   s.add_argument("--methods", type=_methods, default=("etps", "topk"))

@@ -192,16 +192,16 @@ def test_score_table_ranks_by_mean():
 
 def test_map_models_score_by_the_committed_studys_winner():
   """`score="auto"` on a MAP model takes what results/fmnist_map_scores.json measured best."""
-  from tps_jax.methods import staged  # pylint: disable=g-import-not-at-top
+  from tps_jax.methods import scored  # pylint: disable=g-import-not-at-top
   result = json.loads((study.RESULTS / "fmnist_map_scores.json").read_text())
   assert set(result["points"]) == {"received", "mean_query", "map_probe"}
   assert all(len(v) == 6 and all(p["examples"] == 10_000 for p in v)
              for v in result["points"].values())
-  assert result["winner"] == result["auto_takes"] == staged.MAP_SCORE
-  assert staged.resolve_score("auto", has_cls=False, has_probe=True) == staged.MAP_SCORE
+  assert result["winner"] == result["auto_takes"] == scored.MAP_SCORE
+  assert scored.resolve_score("auto", has_cls=False, has_probe=True) == scored.MAP_SCORE
   m = Model(10, width=32, depth=3, num_heads=2, patch_size=4, image_size=16, pool_type="map",
             reduction=dict(method="etps", keep_ratio=0.5, locations=(1,)))
-  assert m.reduction.options.score == staged.MAP_SCORE
+  assert m.reduction.options.score == scored.MAP_SCORE
 
 
 def test_study_aggregates_seeds():

@@ -36,7 +36,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from tps_jax.checkpoints.big_vision import (fix_old_checkpoints, load, load_tree, merge_params,  # noqa: F401
+from tps_jax.checkpoints.big_vision_npz import (fix_old_checkpoints, load, load_tree, merge_params,  # noqa: F401
                                             pyloop_to_scan, resample_posemb, scan_to_pyloop)
 from tps_jax.models import vit
 

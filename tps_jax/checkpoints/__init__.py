@@ -21,7 +21,7 @@ import jax
 
 from tps_jax.checkpoints import runs
 from tps_jax.checkpoints.assemble import FRESH_GROUPS, adapt_layout, assemble, to_flat
-from tps_jax.checkpoints.big_vision import from_big_vision
+from tps_jax.checkpoints.big_vision_npz import from_big_vision
 from tps_jax.checkpoints.errors import CheckpointCorruptError, CheckpointMismatchError
 from tps_jax.checkpoints.files import load_state_dict
 from tps_jax.checkpoints.timm import from_torch_state_dict

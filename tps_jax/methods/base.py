@@ -201,7 +201,7 @@ class Block:
 
   Compositions of them that the built-in methods share; each takes and returns (B, T, D)
   token arrays, and T may change between the first half and `feed`:
-    block(x, policy=None, bias=None): the whole block, x + Attn(LN x), then + MLP(LN x).
+    whole(x, policy=None, bias=None): the whole block, x + Attn(LN x), then + MLP(LN x).
     attend(x, bias=None, probe=None): the first residual half -> (x', AttentionOut) with the
       cls row (`cls_attn`), the head-mean keys (`keys`), the mean query's row (`mean_query`)
       and, given a query per head `probe` (H, D/H) (`Context.probe`), its row (`probe`).
@@ -246,7 +246,7 @@ class Block:
   def residual(self, x, y):
     return self._apply(self.index, "residual", x, y)
 
-  def block(self, x, policy=None, bias=None):
+  def whole(self, x, policy=None, bias=None):
     self._attends(x), self._feeds(x)
     return self._apply(self.index, "__call__", x, policy=policy, bias=bias)
 

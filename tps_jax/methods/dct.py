@@ -79,7 +79,7 @@ class DCT(PerBlockMerge):
     return True
 
   def block(self, o, i, block, state, ctx):
-    x = block.block(state.x)
+    x = block.whole(state.x)
     p, t, r = ctx.prefix, x.shape[1] - ctx.prefix, o.r[i]
     index = np.concatenate([np.arange(p), p + resampled_index(t, t - r)]).astype(np.int32)
     new_index = jnp.broadcast_to(jnp.asarray(index), x.shape[:2])

@@ -17,7 +17,7 @@ from tps_jax import ops
 from tps_jax.methods import stages
 from tps_jax.methods.base import Method, check_keys, size_bias
 from tps_jax.methods.registry import register
-from tps_jax.methods.staged import (attend_for, attention_scores, default_locations,
+from tps_jax.methods.scored import (attend_for, attention_scores, default_locations,
                                     resolve_score)
 
 # The authors' searched DeiT-S 2.7 GFLOPs schedule (OpenGVLab/DiffRate@91ae3e3,

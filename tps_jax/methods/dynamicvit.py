@@ -4,7 +4,7 @@ tokens are dropped (docs/method.md, section 2)."""
 from __future__ import annotations
 
 from tps_jax.methods.registry import register
-from tps_jax.methods.staged import LearnedStage
+from tps_jax.methods.scored import LearnedStage
 
 
 @register("dynamicvit")

@@ -5,7 +5,7 @@ section 3)."""
 from __future__ import annotations
 
 from tps_jax.methods.registry import register
-from tps_jax.methods.staged import AttentionStage
+from tps_jax.methods.scored import AttentionStage
 
 
 @register("evit")

@@ -4,7 +4,7 @@ attention-scored pruning baseline; docs/method.md, section 3)."""
 from __future__ import annotations
 
 from tps_jax.methods.registry import register
-from tps_jax.methods.staged import AttentionStage
+from tps_jax.methods.scored import AttentionStage
 
 
 @register("topk")

@@ -8,7 +8,7 @@ most similar kept token (its host) by a similarity-weighted average (docs/method
 from __future__ import annotations
 
 from tps_jax.methods.registry import register
-from tps_jax.methods.staged import AttentionStage, LearnedStage
+from tps_jax.methods.scored import AttentionStage, LearnedStage
 
 
 @register("dtps")

@@ -26,7 +26,7 @@ from tps_jax import ops
 from tps_jax.methods import stages
 from tps_jax.methods.base import Method, check_keys
 from tps_jax.methods.registry import register
-from tps_jax.methods.staged import attend_for, attention_scores, resolve_score
+from tps_jax.methods.scored import attend_for, attention_scores, resolve_score
 
 CONTEXTUAL_SHARE = 0.16  # contextual / kept in the paper's settings: 10 of 64, 20 of 128, 30 of 192
 

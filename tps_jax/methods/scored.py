@@ -1,4 +1,4 @@
-"""Methods that keep a fixed number of tokens at a few blocks ("stages").
+"""Methods that score the tokens and keep the best at a few blocks ("stages").
 
 Two families share the options (`StagedOptions`: locations and keep counts):
 - `LearnedStage`: a score head between blocks scores the tokens before block `loc` (dTPS,
@@ -31,8 +31,9 @@ DEFAULT_LOCATIONS = (3, 6, 9)
 # the attention from the MAP head's probe query to the stage block's keys. "auto": cls where
 # there is a cls token, else CLS_FREE_SCORE (MAP_SCORE on MAP models).
 SCORES = ("auto", "cls", "received", "mean_query", "map_probe")
-CLS_FREE_SCORE = "received"  # measured on the GAP teacher (docs/results.md)
-MAP_SCORE = "received"  # mean top-1 60.29% vs map_probe 56.59% (results/fmnist_map_scores.json)
+# Both "received": it scored best on the GAP and the MAP teachers (docs/results.md).
+CLS_FREE_SCORE = "received"
+MAP_SCORE = "received"
 _SCORE_FIELD = {"cls": "cls_attn", "received": "received", "mean_query": "mean_query",
                 "map_probe": "probe"}
 
@@ -229,7 +230,7 @@ class LearnedStage(Staged):
           method=self.prune, temperature=o.temperature, prefix=p, ordered=ctx.ordered))(
               x, logits[..., 0], state.positions, size=state.size)
       state = state.after_stage(st, ctx)
-    return state.replace(x=block.block(state.x, policy=state.policy(ctx)))
+    return state.replace(x=block.whole(state.x, policy=state.policy(ctx)))
 
   def extra_macs(self, o, geo, dims: Dims):
     heads = reduction = 0
