@@ -24,7 +24,7 @@ training attention (exact, deferred, or the fused approximation log_bias).
 
 from configs import common
 
-DROP_PATH = {"Ti": 0.0, "S": 0.1, "B": 0.1}
+DROP_PATH = {"Ti": 0.0, "S": 0.1, "B": 0.1, "L": 0.1}
 
 
 def get_config(arg=None):

@@ -472,3 +472,17 @@ def test_preprocess_config_errors():
     data.Preprocess(mean=(0.5, 0.5))
   with pytest.raises(ValueError, match="do not fill one batch"):
     data.steps_per_epoch(10, 8, 2)
+
+
+def test_synthetic_source_is_seeded_noise_of_any_size():
+  src = data.get_source("synthetic", num_classes=10, image_size=8, train_examples=100,
+                        eval_examples=20)
+  assert (src.num_classes, src.channels) == (10, 3)
+  assert src.num_examples("train") == 100 and src.num_examples("validation[:5]") == 5
+  recs = src.records("train")
+  a, b = recs[7], src.records("train")[7]
+  assert a["image"].shape == (8, 8, 3) and a["image"].dtype == np.uint8 and a["label"] == 7
+  np.testing.assert_array_equal(a["image"], b["image"])  # the same image every call
+  assert not np.array_equal(recs[8]["image"], a["image"])
+  with pytest.raises(ValueError, match="synthetic has no split 'dev'"):
+    src.num_examples("dev")

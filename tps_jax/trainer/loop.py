@@ -105,13 +105,15 @@ EVAL_PRECISIONS = ("train", "float32")  # config.eval_precision: as trained, or 
 def make_train_step(model: VisionTransformer, tx, *, num_classes: int, mixing: data.Mixing,
                     loss_cfg: dict, teacher: VisionTransformer | None,
                     preprocess: data.Preprocess,
-                    batch_sharding: jax.sharding.NamedSharding | None = None):
+                    batch_sharding: jax.sharding.NamedSharding | None = None,
+                    param_shardings=None):
   """(state, batch, teacher_params) -> (state, metrics); non-finite gradients are skipped.
 
   `batch["image"]` is the host's uint8 (B, S, S, C); the device part of the
   augmentation (RandAugment, normalisation, erasing, mixing) happens here,
   keyed by (seed, step, row). Given the batch's sharding, mixing pairs rows
-  within each device's shard (`data.mix_per_shard`, timm's per-GPU Mixup).
+  within each device's shard (`data.mix_per_shard`, timm's per-GPU Mixup). Given the parameters'
+  shardings, the gradients take them (FSDP: a reduce-scatter of the partial sums).
   """
   reduction = model.reduction
 
@@ -141,6 +143,9 @@ def make_train_step(model: VisionTransformer, tx, *, num_classes: int, mixing: d
       return loss, (terms, logits)
 
     (loss, (terms, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    if param_shardings is not None:  # each gradient laid out as its parameter: under FSDP the
+      # partial sums over the batch are then reduce-scattered, not all-reduced at full size
+      grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     grad_norm = optax.tree.norm(grads)
     # optax.apply_if_finite (in the optimizer) skips the update if the gradients are not finite.
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -163,11 +168,13 @@ class Run:
   checkpoint can be restored without building a fresh state first.
   """
 
-  def __init__(self, config):
+  def __init__(self, config, *, devices=None):
+    """devices: the mesh's devices (default every device; e.g. a TPU topology's, to compile
+    the step for a pod from this machine: benchmarks/pod_compile.py)."""
     self.config = config
     mesh_cfg = _to_dict(config.get("mesh", {}))
     self.min_shard_size = mesh_cfg.pop("min_shard_size", 2**14)
-    self.mesh = sharding.make_mesh(**mesh_cfg)
+    self.mesh = sharding.make_mesh(**mesh_cfg, devices=devices)
     self.data_sharding = sharding.batch_sharding(self.mesh)
     self.source, self.preprocess = _input(config)
     inp = config.input
@@ -248,7 +255,8 @@ class Run:
     step_fn = make_train_step(self.model, self.tx, num_classes=self.num_classes,
                               mixing=self.mixing, loss_cfg=_to_dict(cfg.get("loss", {})),
                               teacher=self.teacher, preprocess=self.preprocess,
-                              batch_sharding=self.data_sharding)
+                              batch_sharding=self.data_sharding,
+                              param_shardings=self.state_shardings["params"])
     teacher_sh = (sharding.tree_shardings(self.teacher_params, self.mesh, self.min_shard_size)
                   if self.teacher_params is not None else None)
     repl = sharding.replicated(self.mesh)

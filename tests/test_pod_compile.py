@@ -1,0 +1,60 @@
+"""The real train step compiled for a TPU pod topology on this CPU (libtpu's deviceless
+compile, benchmarks/pod_compile.py): FSDP shards the state, reduce-scatters the gradients, and
+the step's peak memory stays under a stated budget.
+
+It runs in a subprocess (libtpu is loaded from .tpu/, which scripts/setup.sh installs, and only
+there: loaded in every test process it would print its start-up complaints everywhere)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+TPU_DIR = pathlib.Path(ROOT) / ".tpu"
+# The tiny step (width 128, 2 blocks, 64 px, batch 64 over 4 chips), without the device
+# augmentation: what FSDP changes, measured per chip.
+SCRIPT = r"""
+import json, sys
+import numpy as np
+from benchmarks import pod_compile as pc
+from tps_jax.trainer import loop
+devices = pc.topology_devices("v5e:2x2")
+rows = {}
+for name, mesh in (("data", {"data": 4, "fsdp": 1}), ("fsdp", {"data": 2, "fsdp": 2})):
+  cfg = pc.build_config("tiny", "none", 64, mesh, teacher=False, augment=False, remat=False)
+  compiled, seconds = pc.compile_step(cfg, devices, teacher=False)
+  run = loop.Run(cfg, devices=devices)
+  state = sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
+              for a in __import__("jax").tree.leaves(run.abstract_state))
+  rows[name] = {**pc.row(compiled, seconds, "v5e:2x2"), "state_bytes": state}
+json.dump(rows, sys.stdout)
+"""
+PEAK_BUDGET_MIB = 48  # the fsdp step's peak per chip (measured about 29 MiB)
+
+
+@pytest.mark.skipif(not (TPU_DIR / "libtpu").is_dir(),
+                    reason="libtpu is not installed in .tpu/ (bash scripts/setup.sh installs it)")
+def test_fsdp_train_step_for_a_tpu_topology_shards_reduce_scatters_and_fits():
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)  # the suite's CPU compile flags are not the TPU compiler's
+  out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = json.loads(out.stdout.strip().splitlines()[-1])
+  data, fsdp = rows["data"], rows["fsdp"]
+  # The parameters and both Adam moments are split over fsdp: the state per chip halves, and
+  # the compiled arguments (the state, the batch, TPU tile padding) shrink with it.
+  assert fsdp["state_bytes"] < 0.55 * data["state_bytes"], (fsdp, data)
+  assert fsdp["arguments_gib"] < 0.8 * data["arguments_gib"], (fsdp, data)
+  # Data parallel all-reduces the gradients; FSDP gathers the parameters and reduce-scatters
+  # the gradients' partial sums (not only all-reduces them at full size).
+  assert set(data["collectives"]) == {"all-reduce"}, data["collectives"]
+  assert fsdp["collectives"].get("reduce-scatter", {}).get("count", 0) >= 1, fsdp["collectives"]
+  assert fsdp["collectives"].get("all-gather", {}).get("count", 0) >= 1, fsdp["collectives"]
+  assert fsdp["peak_gib"] * 1024 < PEAK_BUDGET_MIB, fsdp
+  assert fsdp["fits"] and fsdp["tflops_per_chip"] > 0
