@@ -25,7 +25,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from scripts.tofu_goldens import _imports  # noqa: E402  (OpenToMe and timm 0.9.11, stubs)
+from scripts.tofu_goldens import _imports, patched_deit  # noqa: E402  (OpenToMe, timm 0.9.11)
 
 OUT = ROOT / "tests" / "goldens" / "dct"
 RS = (0, 2, 4, 6)  # tokens removed per block in the model golden
@@ -54,20 +54,7 @@ def main():
     print(f"{case}: {x.shape} -> {ops[f'dct:{case}'].shape}")
   np.savez(OUT / "ops.npz", **ops)
 
-  from timm.models.vision_transformer import VisionTransformer  # pylint: disable=g-import-not-at-top
-  from scripts.pitome_goldens import seeded_deit  # pylint: disable=g-import-not-at-top
-  model = seeded_deit(VisionTransformer, depth=6)
-  dct.dct_apply_patch(model)
-  images = np.random.default_rng(7).normal(size=(4, 64, 64, 3)).astype(np.float32)
-  out = {f"sd:{k}": v.detach().numpy() for k, v in model.state_dict().items()}
-  out["images"], out["rs"] = images, np.asarray(RS)
-  with torch.no_grad():
-    for r in RS:
-      model.r = r
-      out[f"logits:{r}"] = model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-  np.savez(OUT / "deit.npz", **out)
-  print(f"deit: logits at r {RS}")
-
+  patched_deit(dct.dct_apply_patch, OUT / "deit.npz", RS)
 
 if __name__ == "__main__":
   main()

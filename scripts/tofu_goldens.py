@@ -74,19 +74,26 @@ def main():
     print(f"{case}: {x.shape} -> {ops[f'tofu:{case}'].shape}")
   np.savez(OUT / "ops.npz", **ops)
 
+  patched_deit(tofu.tofu_apply_patch, OUT / "deit.npz")
+
+
+def patched_deit(apply_patch, path: pathlib.Path, rs=RS) -> None:
+  """OpenToMe's patch (`apply_patch(model)`) on the seeded timm DeiT (pitome_goldens'
+  `seeded_deit`, depth 6): its state dict, the images and its logits at each `r`, to `path`."""
+  import torch  # pylint: disable=g-import-not-at-top
   from timm.models.vision_transformer import VisionTransformer  # pylint: disable=g-import-not-at-top
   from scripts.pitome_goldens import seeded_deit  # pylint: disable=g-import-not-at-top
   model = seeded_deit(VisionTransformer, depth=6)
-  tofu.tofu_apply_patch(model)
+  apply_patch(model)
   images = np.random.default_rng(7).normal(size=(4, 64, 64, 3)).astype(np.float32)
   out = {f"sd:{k}": v.detach().numpy() for k, v in model.state_dict().items()}
-  out["images"], out["rs"] = images, np.asarray(RS)
+  out["images"], out["rs"] = images, np.asarray(rs)
   with torch.no_grad():
-    for r in RS:
+    for r in rs:
       model.r = r
       out[f"logits:{r}"] = model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-  np.savez(OUT / "deit.npz", **out)
-  print(f"deit: logits at r {RS}")
+  np.savez(path, **out)
+  print(f"{path.name}: logits at r {tuple(rs)}")
 
 
 if __name__ == "__main__":

@@ -104,5 +104,22 @@ def golden(name: str) -> dict:
     return {k: data[k] for k in data.files}
 
 
+def opentome_deit(method: str, r: int):
+  """OpenToMe's patched timm DeiT at `r` (tests/goldens/<method>/deit.npz: a seeded 64 px,
+  patch 8, width 48, depth 6 DeiT of 5 classes) and ours with `method` at `r` on its weights:
+  (our logits, our outputs, their logits)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tps_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from tps_jax.models.vit import Model  # pylint: disable=g-import-not-at-top
+  with np.load(ROOT / "tests" / "goldens" / method / "deit.npz") as data:
+    g = {k: data[k] for k in data.files}
+  sd = {k[3:]: v for k, v in g.items() if k.startswith("sd:")}
+  model = Model(5, width=48, depth=6, num_heads=3, mlp_dim=192, patch_size=8, image_size=64,
+                reduction={"method": method, "r": r})
+  params = checkpoints.from_torch_state_dict(sd, model)
+  logits, out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, g["images"])
+  return logits, out, g[f"logits:{r}"], g["logits:0"]
+
+
 def tokens(seed: int, *shape, dtype=np.float32) -> np.ndarray:
   return np.random.default_rng(seed).normal(size=shape).astype(dtype)

@@ -4,14 +4,12 @@ in its docstring); then the transform's own properties."""
 
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tps_jax import checkpoints
+from conftest import opentome_deit
 from tps_jax.methods import dct
-from tps_jax.models.vit import Model
 
 GOLDENS = pathlib.Path(__file__).resolve().parent / "goldens" / "dct"
 OPS = dict(np.load(GOLDENS / "ops.npz"))
@@ -27,16 +25,11 @@ def test_reduction_equals_opentome(case):
 
 @pytest.mark.parametrize("r", [0, 2, 4, 6])
 def test_model_equals_opentome_patched_timm_deit(r):
-  g = dict(np.load(GOLDENS / "deit.npz"))
-  sd = {k[3:]: v for k, v in g.items() if k.startswith("sd:")}
-  model = Model(5, width=48, depth=6, num_heads=3, mlp_dim=192, patch_size=8, image_size=64,
-                reduction={"method": "dct", "r": r})
-  params = checkpoints.from_torch_state_dict(sd, model)
-  logits, out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, g["images"])
-  np.testing.assert_allclose(logits, g[f"logits:{r}"], rtol=1e-5, atol=2e-5)
+  logits, out, theirs, theirs_dense = opentome_deit("dct", r)
+  np.testing.assert_allclose(logits, theirs, rtol=1e-5, atol=2e-5)
   assert out["encoded"].shape[1] == 65 - 6 * r
   if r:
-    assert not np.allclose(g[f"logits:{r}"], g["logits:0"], atol=1e-3)  # it reduced
+    assert not np.allclose(theirs, theirs_dense, atol=1e-3)  # it reduced
 
 
 def test_lowpass_keeps_smooth_signals_and_is_orthonormal_at_full_length():

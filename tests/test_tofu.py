@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tps_jax import checkpoints, ops
+from conftest import opentome_deit
+from tps_jax import ops
 from tps_jax.methods import tofu
 from tps_jax.models.vit import Model
 
@@ -39,18 +40,15 @@ def test_merges_equal_opentome(case):
 
 @pytest.mark.parametrize("r", [0, 2, 4, 6])
 def test_model_equals_opentome_patched_timm_deit(r):
-  g = dict(np.load(GOLDENS / "deit.npz"))
-  sd = {k[3:]: v for k, v in g.items() if k.startswith("sd:")}
-  model = Model(5, width=48, depth=6, num_heads=3, mlp_dim=192, patch_size=8, image_size=64,
-                reduction={"method": "tofu", "r": r})
-  assert model.reduction.options.prune_blocks == 4  # blocks 0..depth // 2 prune, as theirs
-  params = checkpoints.from_torch_state_dict(sd, model)
-  logits, out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, g["images"])
-  np.testing.assert_allclose(logits, g[f"logits:{r}"], rtol=1e-5, atol=2e-5)
+  assert Model(5, width=48, depth=6, num_heads=3, mlp_dim=192, patch_size=8, image_size=64,
+               reduction={"method": "tofu", "r": r}).reduction.options.prune_blocks == 4
+  # (blocks 0..depth // 2 prune, as theirs)
+  logits, out, theirs, theirs_dense = opentome_deit("tofu", r)
+  np.testing.assert_allclose(logits, theirs, rtol=1e-5, atol=2e-5)
   assert out["encoded"].shape[1] == 65 - 6 * r
   assert "token_sizes" in out  # merged tokens: token distillation has no teacher token for them
   if r:
-    assert not np.allclose(g[f"logits:{r}"], g["logits:0"], atol=1e-3)  # it merged
+    assert not np.allclose(theirs, theirs_dense, atol=1e-3)  # it merged
 
 
 def test_mlerp_keeps_the_largest_norm_and_prune_follows_each_patch():
