@@ -238,7 +238,7 @@ def read_evals(workdir: pathlib.Path) -> dict[int, float]:
 
 def curve(args) -> None:
   """One long fine-tune per learned method with test top-1 at several steps: how many steps
-  does a scorer need? (issue 23: the length the study then uses is picked from this curve)."""
+  does a scorer need? (the study's fine-tuning length is picked from this curve)."""
   teacher_path = pathlib.Path(args.teacher).resolve()
   steps = max(args.at)
   curves = []

@@ -92,8 +92,8 @@ def test_geometric_ops_match_pil(name):
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 def test_affine_matches_pil_with_a_mean_colour_fill(interpolation):
-  # Issue 24 item 11: timm samples RandAugment's warps bicubic and fills with the mean colour
-  # (img_mean); ours was bilinear with grey 128. Bicubic is PIL's own (a = -1) to one grey level.
+  # timm samples RandAugment's warps bicubic and fills with the mean colour (img_mean).
+  # Bicubic is PIL's own (a = -1), to one grey level.
   matrix = (0.96, -0.26, 5.0, 0.26, 0.96, -4.0)  # a rotation with a shift: fill at two sides
   fill = data.Preprocess(size=32).fill
   assert fill == (124.0, 116.0, 104.0)  # timm's img_mean for the ImageNet mean

@@ -97,7 +97,7 @@ def test_train_epochs_are_permutations_and_resume_across_epochs():
 
 
 def test_epoch_orders_are_drawn_once_when_threads_straddle_an_epoch_boundary():
-  # Issue 24 item 6: grain's reader threads read epochs e and e + 1 side by side at a
+  # grain's reader threads read epochs e and e + 1 side by side at a
   # boundary; a one-entry cache made them evict each other and redraw a permutation per row.
   used, lo, hi = 64, 10, 90
   order = pipeline._EpochOrder(lo, hi, used, seed=3)  # pylint: disable=protected-access
@@ -137,7 +137,7 @@ class _FlakySource:
 
 
 def test_an_undecodable_image_is_replaced_named_and_counted_within_a_budget(caplog):
-  # Issue 24 item 7: one corrupt image mid-dataset ended the run for good (the stream is
+  # one corrupt image mid-dataset ended the run for good (the stream is
   # deterministic, so a restart died at the same place).
   tiny = data.Preprocess(size=4, channels=1, crop="none", flip=False, randaugment=None,
                          erasing=0.0, crop_pct=1.0, mean=(0.0,), std=(1.0,))
@@ -287,7 +287,7 @@ def _write_folder(root, corrupt=True):
 
 
 def test_mixing_pairs_within_each_device_shard_and_moves_nothing_between_devices():
-  # Issue 24 item 8: with one group per device shard, image i mixes only with the mirrored
+  # with one group per device shard, image i mixes only with the mirrored
   # row of its own shard, each shard with its own coefficient (timm's per-GPU Mixup), and
   # the compiled step has no collective; the global mirror needed a collective permute.
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

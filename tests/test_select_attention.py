@@ -168,7 +168,7 @@ class PolicyAttentionTest(chex.TestCase):
 
   @parameterized.parameters((15.0, jnp.float32), (60.0, jnp.float32), (60.0, jnp.bfloat16))
   def test_fused_policy_gradient_stays_exact_when_a_dropped_key_dominates(self, gap, dtype):
-    # Issue 24 item 9: trained ViTs have high-norm tokens whose logits exceed every kept key's.
+    # trained ViTs have high-norm tokens whose logits exceed every kept key's.
     # Dividing by the kept keys' log-sum-exp multiplies the policy gradient by exp(gap) there
     # (2.5e4x the exact form's at a gap of 15, NaN at 60); docs/method.md's eps bounds it.
     q, k, v, pi = self._inputs(seed=23)

@@ -90,12 +90,17 @@ def affine(image, matrix, *, interpolation: str = "bicubic", fill=FILL):
     bottom = image[cy(y0i + 1), cx(x0i)] * (1 - dx) + image[cy(y0i + 1), cx(x0i + 1)] * dx
     out = jnp.clip(jnp.round(top * (1 - dy) + bottom * dy), 0, 255)
   else:
-    taps = jnp.arange(-1, 3)
-    rows = cy(y0i[..., None] + taps)  # (H, W, 4)
-    cols = cx(x0i[..., None] + taps)
-    patch = image[rows[..., :, None], cols[..., None, :]]  # (H, W, 4, 4, C)
+    # Tap by tap on the channel planes (C, H, W): the 4 x 4 neighbourhood is never held at
+    # once, and no array has a small minor dimension (which a TPU pads to its 128 lanes).
+    planes = jnp.moveaxis(image, -1, 0)
     wy, wx = _cubic_weights(dy), _cubic_weights(dx)  # (H, W, 4)
-    out = jnp.einsum("hwi,hwj,hwijc->hwc", wy, wx, patch)
+    out = 0.0
+    for i in range(4):
+      row = 0.0
+      for j in range(4):
+        row = row + wx[..., j] * planes[:, cy(y0i + i - 1), cx(x0i + j - 1)]
+      out = out + wy[..., i] * row
+    out = jnp.moveaxis(out, 0, -1)
     # PIL truncates a double; a float32 sum that should be an integer k may come out as
     # k - 1e-5 (and differently in different compiled forms): truncate k - 1e-3 and up to k.
     out = jnp.floor(jnp.clip(out, 0, 255) + 1e-3)
@@ -114,8 +119,9 @@ def affine(image, matrix, *, interpolation: str = "bicubic", fill=FILL):
 def apply_table(image, table):
   """image (H, W, C) of integer values 0..255, table (256, C) -> table[image[h, w, c], c]."""
   h, w, c = image.shape
-  flat = image.reshape(h * w, c).astype(jnp.int32)
-  return jnp.take_along_axis(table, flat, axis=0).reshape(h, w, c)
+  planes = jnp.moveaxis(image, -1, 0).reshape(c, h * w).astype(jnp.int32)  # (C, H W)
+  out = jnp.take_along_axis(table.T, planes, axis=1)  # each channel's plane through its table
+  return jnp.moveaxis(out.reshape(c, h, w), 0, -1)
 
 
 def _values(image):
@@ -136,9 +142,10 @@ def _auto_contrast_table(image, level, key):
 
 
 # How `histogram` counts: all give the same int32 counts. "scatter" adds 1 per pixel (fast
-# on a CPU; on a GPU one atomic per pixel, which serialises on popular values); "matmul" splits each value into its high and low 4 bits and counts the pairs as one
-# (16, P) @ (P, 16) product of one-hot bf16 matrices with float32 sums, which a GPU or TPU
-# runs on its matrix units without atomics. "auto": scatter on CPU, matmul elsewhere.
+# on a CPU; on a GPU one atomic per pixel, which serialises on popular values); "matmul"
+# splits each value into its high and low 4 bits and counts the pairs as (16, P) @ (P, 16)
+# products of one-hot bf16 matrices with float32 sums (over chunks of pixels), which a GPU or
+# TPU runs on its matrix units without atomics. "auto": scatter on CPU, matmul elsewhere.
 HISTOGRAMS = ("auto", "scatter", "matmul")
 _EXACT_F32 = 2 ** 24  # float32 counts are exact below this
 
@@ -147,11 +154,22 @@ def _histogram_scatter(values):
   return jnp.zeros(256, jnp.int32).at[values].add(1)
 
 
+_HIST_CHUNK = 4096  # values per one-hot product: the one-hots stay small whatever the image
+
+
 def _histogram_matmul(values):
   nibbles = jnp.arange(16, dtype=jnp.int32)
-  high = ((values[:, None] >> 4) == nibbles).astype(jnp.bfloat16)  # (P, 16) one-hot
-  low = ((values[:, None] & 15) == nibbles).astype(jnp.bfloat16)  # (P, 16)
-  counts = jnp.einsum("ph,pl->hl", high, low, preferred_element_type=jnp.float32)
+  n = values.shape[0]
+  chunks = -(-n // _HIST_CHUNK)
+  padded = jnp.pad(values, (0, chunks * _HIST_CHUNK - n), constant_values=-1)  # -1: no bin
+
+  def count(total, chunk):
+    high = ((chunk[:, None] >> 4) == nibbles).astype(jnp.bfloat16)  # (chunk, 16) one-hot
+    low = ((chunk[:, None] & 15) == nibbles).astype(jnp.bfloat16) * (chunk[:, None] >= 0)
+    return total + jnp.einsum("ph,pl->hl", high, low, preferred_element_type=jnp.float32), None
+
+  counts, _ = jax.lax.scan(count, jnp.zeros((16, 16), jnp.float32),
+                           padded.reshape(chunks, _HIST_CHUNK))
   return counts.reshape(256).astype(jnp.int32)  # value 16 h + l counted at [h, l]
 
 
