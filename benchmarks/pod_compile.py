@@ -41,6 +41,7 @@ _setup_env()
 
 import argparse  # noqa: E402  pylint: disable=wrong-import-position
 import json  # noqa: E402  pylint: disable=wrong-import-position
+import math  # noqa: E402  pylint: disable=wrong-import-position
 import re  # noqa: E402  pylint: disable=wrong-import-position
 import time  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -71,10 +72,8 @@ def topology_devices(name: str, chip_config: str | None = None):
   try:
     topo = topologies.get_topology_desc(topology_name=name, platform="tpu", **kw)
   except Exception as e:  # pylint: disable=broad-except  (libtpu missing, unknown topology)
-    if "libtpu" in str(e).lower() or "tpu" in str(e).lower() and not TPU_DIR.is_dir():
-      raise RuntimeError(f"cannot build TPU topology {name!r}: {str(e)[:200]} (is libtpu "
-                         f"installed? bash scripts/setup.sh puts it in {TPU_DIR})") from None
-    raise
+    hint = "" if TPU_DIR.is_dir() else f" (no libtpu: bash scripts/setup.sh puts it in {TPU_DIR})"
+    raise RuntimeError(f"cannot build TPU topology {name!r}: {str(e)[:200]}{hint}") from None
   return list(topo.devices)
 
 
@@ -83,15 +82,9 @@ def hbm_gib(topology: str) -> float:
 
 
 def _shape_bytes(text: str) -> int:
-  return sum(DTYPE_BYTES.get(dt, 4) * (eval_dims(dims)) for dt, dims in
-             re.findall(r"\b([a-z]+\d*(?:e\dm\d(?:fn)?)?)\[([\d,]*)\]", text))
-
-
-def eval_dims(dims: str) -> int:
-  n = 1
-  for d in filter(None, dims.split(",")):
-    n *= int(d)
-  return n
+  """Bytes of every array type in an HLO result type, e.g. "(f32[2,3], bf16[4])"."""
+  return sum(DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in filter(None, dims.split(",")))
+             for dt, dims in re.findall(r"\b([a-z]+\d*(?:e\dm\d(?:fn)?)?)\[([\d,]*)\]", text))
 
 
 def collectives(hlo: str) -> dict[str, dict[str, int]]:

@@ -107,7 +107,7 @@ def golden(name: str) -> dict:
 def opentome_deit(method: str, r: int):
   """OpenToMe's patched timm DeiT at `r` (tests/goldens/<method>/deit.npz: a seeded 64 px,
   patch 8, width 48, depth 6 DeiT of 5 classes) and ours with `method` at `r` on its weights:
-  (our logits, our outputs, their logits)."""
+  (our logits, our outputs, their logits at `r`, their logits at r = 0)."""
   import jax  # pylint: disable=g-import-not-at-top
   from tps_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from tps_jax.models.vit import Model  # pylint: disable=g-import-not-at-top
