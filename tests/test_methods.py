@@ -35,7 +35,15 @@ LAYOUTS = {"tok": dict(pool_type="tok"), "gap": dict(pool_type="gap", layout="bi
            "zero": dict(pool_type="0", layout="big_vision"),
            "gap_scan": dict(pool_type="gap", layout="big_vision", scan=True),
            # every token is the output (a PaliGemma prefix): identity must keep their order
-           "none": dict(pool_type="none", layout="big_vision")}
+           "none": dict(pool_type="none", layout="big_vision"),
+           # timm's families (docs/model.md): DINOv2 with registers and layer scale, CLIP's
+           # pre-norm and quick GELU, MAE's cls token pooled over the patches, registers
+           # without cls
+           "dinov2_reg": dict(pool_type="tok", layout="big_vision", num_registers=4,
+                              layer_scale=0.5),
+           "clip": dict(pool_type="tok", norm_pre=True, gelu="quick", layer_norm_eps=1e-5),
+           "mae": dict(pool_type="gap", class_token=True, fc_norm=True),
+           "reg_gap": dict(pool_type="gap", layout="big_vision", num_registers=2)}
 _DENSE = {}
 
 
@@ -128,12 +136,13 @@ def test_identity_equals_dense(name, layout):
     np.testing.assert_allclose(logits, dense_logits, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["gap", "map"])
+@pytest.mark.parametrize("layout", ["gap", "map", "mae", "reg_gap"])
 @pytest.mark.parametrize("name", REDUCING)
-def test_reduces_cls_free_models_and_each_token_stands_for_the_patches_it_holds(name, layout):
-  """Per image (a method may drop for some images and merge for others): each final token's
-  size is the number of patches that ended in it, and the patches no token holds are the ones
-  dropped; so an image whose patches all ended in some token has tokens standing for all 16."""
+def test_reduces_pooled_models_and_each_token_stands_for_the_patches_it_holds(name, layout):
+  """Per image (a method may drop for some images and merge for others): each final patch
+  token's size is the number of patches that ended in it, and the patches no token holds are
+  the ones dropped; so an image whose patches all ended in some token has tokens standing for
+  all 16. The protected tokens (cls, registers) hold no patch and stay first, unmerged."""
   params, _, dense_out = _dense(layout)
   model = Model(5, reduction=_spec(name, layout, "example"), outputs_2d=True, **SMALL,
                 **LAYOUTS[layout])
@@ -142,7 +151,11 @@ def test_reduces_cls_free_models_and_each_token_stands_for_the_patches_it_holds(
   assert np.isfinite(np.asarray(logits)).all()
   assert out["encoded"].shape[1] < dense_out["encoded"].shape[1]
   sizes, owner = np.asarray(out["sizes"]), np.asarray(out["patch_token"])  # (B, T), (B, 16)
+  p = model.num_prefix
   held = np.stack([np.bincount(o[o >= 0], minlength=sizes.shape[1]) for o in owner])
+  assert (held[:, :p] == 0).all()  # no patch ended in a protected token
+  np.testing.assert_allclose(sizes[:, :p], 1.0)
+  sizes, held = sizes[:, p:], held[:, p:]
   assert held.sum() < owner.size or (held > 1).any()  # something was dropped or merged
   if np.allclose(sizes, np.round(sizes), atol=1e-5):  # sizes count patches
     np.testing.assert_allclose(sizes, held, rtol=1e-5, atol=1e-5)

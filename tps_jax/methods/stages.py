@@ -213,4 +213,4 @@ def tome_new_index(match: ops.ToMeMatch, n: int) -> jax.Array:
              + jnp.einsum("bmn,bm->bn", onehot(match.src), stay + match.dst))
   b_index = jnp.broadcast_to(stay + jnp.arange(nb, dtype=jnp.int32), (b, nb))
   out = jnp.zeros((b, n), jnp.int32)
-  return out.at[:, 0::2].set(a_index).at[:, 1::2].set(b_index)
+  return ops.tome.arrange_index(out.at[:, 0::2].set(a_index).at[:, 1::2].set(b_index), match)

@@ -36,8 +36,9 @@ def _halves(x: jax.Array, match: ops.ToMeMatch):
 def prune_matched(x: jax.Array, match: ops.ToMeMatch) -> jax.Array:
   """x (B, N, C) -> (B, N - r, C): [unmerged A, B], the matched A tokens dropped."""
   a = x[:, ::2]
-  return jnp.concatenate([jnp.take_along_axis(a, match.unmerged[..., None], axis=1),
-                          x[:, 1::2]], axis=1)
+  return ops.tome.arrange(jnp.concatenate(
+      [jnp.take_along_axis(a, match.unmerged[..., None], axis=1), x[:, 1::2]], axis=1),
+      match, x.shape[1])
 
 
 def mlerp_merge(x: jax.Array, match: ops.ToMeMatch, norm_of: str = "destination") -> jax.Array:
@@ -55,7 +56,8 @@ def mlerp_merge(x: jax.Array, match: ops.ToMeMatch, norm_of: str = "destination"
   denom = b_norm if norm_of == "destination" else jnp.linalg.norm(mean, axis=-1)
   fused = mean / denom[..., None] * largest[..., None]
   unmerged = jnp.take_along_axis(a, match.unmerged[..., None], axis=1)
-  return jnp.concatenate([unmerged, fused], axis=1).astype(x.dtype)
+  return ops.tome.arrange(jnp.concatenate([unmerged, fused], axis=1), match,
+                          x.shape[1]).astype(x.dtype)
 
 
 def _dropped_to_minus_one(new_index: jax.Array, match: ops.ToMeMatch) -> jax.Array:
@@ -101,7 +103,7 @@ class ToFu(PerBlockMerge):
     follow = state.owner is not None
 
     def merge(y, size, keys, r=o.r[i]):
-      match = ops.bipartite_soft_matching(keys, r, class_token=ctx.prefix > 0)
+      match = ops.bipartite_soft_matching(keys, r, protected=ctx.prefix)
       y = prune_matched(y, match) if prune else mlerp_merge(y, match, o.norm_of)
       if size is not None:  # what pooling weighs by: pruned tokens' patches are gone
         size = (prune_matched(size[..., None], match)[..., 0] if prune

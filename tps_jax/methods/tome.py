@@ -64,7 +64,7 @@ class ToMe(PerBlockMerge):
     follow = state.owner is not None
 
     def merge(y, size, keys, r=o.r[i]):
-      match = ops.bipartite_soft_matching(keys, r, class_token=ctx.prefix > 0)
+      match = ops.bipartite_soft_matching(keys, r, protected=ctx.prefix)
       return (*ops.merge_wavg(y, size, match),
               stages.tome_new_index(match, y.shape[1]) if follow else None)
 

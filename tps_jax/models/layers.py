@@ -21,15 +21,19 @@ from tps_jax import ops
 from tps_jax.ops.dtypes import upcast
 
 Dtype = Any
-# The two GELUs ViTs use: DeiT / timm (PyTorch's nn.GELU) the exact erf one; big_vision,
-# AugReg and SigLIP flax's default `nn.gelu`, the tanh approximation (6e-4 apart in logits).
-GELUS = ("exact", "tanh")
+# The GELUs ViTs use: DeiT / timm (PyTorch's nn.GELU) the exact erf one; big_vision, AugReg
+# and SigLIP flax's default `nn.gelu`, the tanh approximation (6e-4 apart in logits); OpenAI's
+# CLIP x sigmoid(1.702 x) ("quick").
+GELUS = ("exact", "tanh", "quick")
 
 
 def gelu(x, kind: str = "exact"):
-  """GELU of `kind` ("exact": erf, as PyTorch; "tanh": flax's default approximation)."""
+  """GELU of `kind` ("exact": erf, as PyTorch; "tanh": flax's default approximation;
+  "quick": x sigmoid(1.702 x), OpenAI CLIP's)."""
   if kind not in GELUS:
     raise ValueError(f"unknown gelu {kind!r}; expected one of {GELUS}.")
+  if kind == "quick":
+    return x * jax.nn.sigmoid(jnp.asarray(1.702, x.dtype) * x)
   return nn.gelu(x, approximate=kind == "tanh")
 
 
@@ -226,6 +230,18 @@ class MultiHeadDotProductAttention(nn.Module):
     return self.project(self.attention(*self.qkv(x), bias=bias, policy=policy))
 
 
+class LayerScale(nn.Module):
+  """x * scale, a learned (D,) scale per channel initialised at `init` (Touvron et al.,
+  CaiT, 2021); (..., D) -> (..., D) in x's dtype."""
+  init: float
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.constant(self.init), (x.shape[-1],),
+                       jnp.float32)
+    return x * scale.astype(x.dtype)
+
+
 def drop_path(module: nn.Module, y: jax.Array, rate, deterministic: bool) -> jax.Array:
   """Stochastic depth: zero a residual branch y (B, ...) per example, scale the rest.
 
@@ -242,7 +258,9 @@ class Encoder1DBlock(nn.Module):
 
   `drop_path` > 0 with `deterministic=False` drops each residual branch per
   example, `dropout` > 0 drops activations after the attention and inside and
-  after the MLP, as big_vision does (both rng stream "dropout").
+  after the MLP, as big_vision does (both rng stream "dropout"). `layer_scale` (CaiT's,
+  timm's `init_values`: DeiT III, DINOv2) multiplies each branch by a learned per-channel
+  scale (`LayerScale_0`, `LayerScale_1`) initialised at that value.
   """
   mlp_dim: int
   num_heads: int
@@ -254,6 +272,7 @@ class Encoder1DBlock(nn.Module):
   deterministic: bool = True
   gelu: str = "exact"  # GELUS
   dropout: float = 0.0
+  layer_scale: float | None = None
 
   def setup(self):
     ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
@@ -266,6 +285,12 @@ class Encoder1DBlock(nn.Module):
                                dropout=self.dropout, deterministic=self.deterministic,
                                name="MlpBlock_0")
     self.Dropout_0 = nn.Dropout(rate=self.dropout)
+    if self.layer_scale is not None:
+      self.layer_scales = [LayerScale(self.layer_scale, name=f"LayerScale_{i}") for i in (0, 1)]
+
+  def _scale(self, which: int, y):
+    """y times branch `which`'s layer scale (y itself without layer scale)."""
+    return y if self.layer_scale is None else self.layer_scales[which](y)
 
   def _branch(self, y, rate):
     y = self.Dropout_0(y, self.deterministic)
@@ -277,10 +302,10 @@ class Encoder1DBlock(nn.Module):
     return self.MultiHeadDotProductAttention_0.qkv(self.LayerNorm_0(x))
 
   def _residual(self, x, y, rate=None) -> jax.Array:
-    return x + self._branch(self.MultiHeadDotProductAttention_0.project(y), rate)
+    return x + self._branch(self._scale(0, self.MultiHeadDotProductAttention_0.project(y)), rate)
 
   def _feed(self, x, rate=None) -> jax.Array:
-    y = self.MlpBlock_0(self.LayerNorm_1(x))
+    y = self._scale(1, self.MlpBlock_0(self.LayerNorm_1(x)))
     return x + self._branch(y, rate)
 
   def _scores(self, q, k, v, probe, *, attn=None, bias=None, policy=None) -> AttentionOut:

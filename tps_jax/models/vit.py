@@ -17,12 +17,19 @@ One model runs DeiT / timm, big_vision / AugReg / SigLIP checkpoints alike:
   and MAP weigh each token by the patches it stands for (pooling.py).
 - `layout` (pool "tok"): "deit" (cls has a position embedding: N0 + 1 rows) or
   "big_vision" (position embedding on patches only, then cls).
-- `posemb`: "learn" or "sincos2d"; `gelu`: "exact" (DeiT, timm) or "tanh" (big_vision).
+- `posemb`: "learn" or "sincos2d"; `gelu`: "exact" (DeiT, timm), "tanh" (big_vision) or
+  "quick" (OpenAI's CLIP).
+- timm's and OpenCLIP's ViTs (docs/model.md lists them): `class_token` (a cls token whatever
+  the pooling: MAE pools the patches of a model with one), `num_registers` (DINOv2's register
+  tokens, `registers`, after cls), `layer_scale` (`LayerScale_{0,1}/scale` in each block),
+  `norm_pre` (CLIP's LayerNorm before the blocks), `fc_norm` (the final LayerNorm on the
+  pooled vector instead of the tokens).
 - `scan`: blocks stacked and run by `lax.scan`, each run of blocks between two stages as
   one scan over its slice of the stack (big_vision's layout and rematerialisation).
 
 Tokens a stage may reduce: every patch token, except token 0 of a pool-"0" model, which
-is its readout and is kept, like cls (`num_prefix` protected tokens lead the sequence).
+is its readout and is kept, like cls and registers (`num_prefix` protected tokens lead the
+sequence: cls, registers; GAP pools the patch tokens only, as timm does).
 
 Training vs inference: with `train=True`, learned methods (dtps, dynamicvit) keep all tokens
 and mark decisions with straight-through Gumbel samples (rng stream "gumbel";
@@ -131,8 +138,11 @@ class Encoder(nn.Module):
   policy_form: str = "exact"
   drop_path: float = 0.0
   remat: bool = False
-  prefix: int = 1  # protected tokens leading the sequence (cls, or pool "0"'s token 0)
+  prefix: int = 1  # protected tokens leading the sequence (cls, registers, pool "0"'s token 0)
   has_cls: bool = True  # token 0 is a cls token (no patch)
+  registers: int = 0  # register tokens after cls (no patch)
+  layer_scale: float | None = None  # Encoder1DBlock.layer_scale
+  final_norm: bool = True  # `encoder_norm` on the output tokens (off where timm's fc_norm is)
   gelu: str = "exact"
   dropout: float = 0.0
   scan: bool = False
@@ -147,7 +157,8 @@ class Encoder(nn.Module):
     `lax.scan` over their slice of the stack)."""
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
               layer_norm_eps=self.layer_norm_eps, implementation=self.attention,
-              policy_form=self.policy_form, gelu=self.gelu, dropout=self.dropout)
+              policy_form=self.policy_form, gelu=self.gelu, dropout=self.dropout,
+              layer_scale=self.layer_scale)
     rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
     if not self.scan:
       block_cls = nn.remat(Encoder1DBlock, methods=BLOCK_FUNCTIONS) if self.remat \
@@ -199,13 +210,18 @@ class Encoder(nn.Module):
       return jax.lax.scan(body, x, xs)[0]
     return apply, run
 
+  @property
+  def first(self) -> int:
+    """Patch position of the first reducible token (1 where patch 0 is pool "0"'s readout)."""
+    return self.prefix - int(self.has_cls) - self.registers
+
   def _context(self, train: bool, probe) -> Context:
     red = self.reduction
     if self.remat and not self.scan:  # scan always rematerialises (with remat_policy)
       checkpoint, wrap = jax.checkpoint, nn.remat
     else:
       checkpoint, wrap = (lambda f: f), (lambda cls: cls)
-    return Context(prefix=self.prefix, first=self.prefix - int(self.has_cls),
+    return Context(prefix=self.prefix, first=self.first,
                    num_patches=self.num_patches, has_cls=self.has_cls, train=train,
                    masked=train and red.learned, dtype=self.dtype,
                    gumbel_noise=self.gumbel_noise, checkpoint=checkpoint,
@@ -226,7 +242,8 @@ class Encoder(nn.Module):
         size=(jnp.ones(x.shape[:2], jnp.float32)
               if self.track_sizes or method.tracks_sizes else None),
         live=jnp.ones((b, reducible), jnp.float32) if ctx.masked else None,
-        owner=(jnp.broadcast_to(jnp.arange(n0, dtype=jnp.int32) + int(self.has_cls), (b, n0))
+        owner=(jnp.broadcast_to(jnp.arange(n0, dtype=jnp.int32) + self.prefix - ctx.first,
+                                (b, n0))
                if self.track_owner else None))
     # What the method declares, the encoder holds it to; what it does not, the shapes tell.
     tokens = red.tokens() if red.declares_tokens else None
@@ -254,8 +271,8 @@ class Encoder(nn.Module):
     if not train and _TOKEN_RECORDS:
       _TOKEN_RECORDS[-1][:] = [tuple(seen), tuple(stage_at)]
 
-    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(
-        state.x)
+    x = (nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(
+        state.x) if self.final_norm else state.x)
     live = state.policy(ctx)
     out = {
         "decisions": list(state.decisions),  # per stage (B, N0): 1 where the patch is kept
@@ -306,10 +323,16 @@ class VisionTransformer(nn.Module):
   scan: bool = False  # stacked blocks under lax.scan (big_vision's `scan=True`)
   remat_policy: str = "nothing_saveable"  # jax.checkpoint_policies name, with scan
   outputs_2d: bool = False  # also `pre_logits_2d` / `logits_2d` per grid cell (big_vision)
+  # The ViTs timm and OpenCLIP publish (DeiT III, DINOv2, CLIP, MAE; docs/model.md):
+  class_token: bool | None = None  # a cls token; None: where pool_type is "tok"
+  num_registers: int = 0  # register tokens after cls (DINOv2 reg4): protected, never reduced
+  layer_scale: float | None = None  # per-channel branch scales initialised at this value
+  norm_pre: bool = False  # a LayerNorm `norm_pre` before the blocks (CLIP's ln_pre)
+  fc_norm: bool = False  # the final LayerNorm `fc_norm` on the pooled vector, not the tokens
 
   @property
   def has_cls(self) -> bool:
-    return self.pool_type == "tok"
+    return prefix_tokens(self.pool_type, self.class_token, self.num_registers)[1]
 
   @property
   def has_probe(self) -> bool:
@@ -318,8 +341,8 @@ class VisionTransformer(nn.Module):
 
   @property
   def num_prefix(self) -> int:
-    """Protected tokens leading the sequence: cls, or pool "0"'s readout token 0."""
-    return 1 if self.pool_type in ("tok", "0") else 0
+    """Protected tokens leading the sequence: cls, registers, or pool "0"'s readout token 0."""
+    return prefix_tokens(self.pool_type, self.class_token, self.num_registers)[0]
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -336,7 +359,7 @@ class VisionTransformer(nn.Module):
   @property
   def num_reducible(self) -> int:
     """Tokens a stage may prune (the patch tokens, less pool "0"'s readout token)."""
-    return self.num_patches + int(self.has_cls) - self.num_prefix
+    return self.num_patches - int(self.pool_type == "0")
 
   def plan(self, num_patches: int | None = None) -> Reduction:
     """The Reduction this model runs on `num_patches` patches (its own grid by default)."""
@@ -344,7 +367,7 @@ class VisionTransformer(nn.Module):
       return self.reduction
     n0 = self.num_patches if num_patches is None else num_patches
     return resolve_reduction(self.reduction, depth=self.depth,
-                             num_patches=n0 + int(self.has_cls) - self.num_prefix,
+                             num_patches=n0 - int(self.pool_type == "0"),
                              prefix=self.num_prefix, has_cls=self.has_cls,
                              has_probe=self.has_probe)
 
@@ -392,26 +415,30 @@ class VisionTransformer(nn.Module):
     x = PatchEmbedding(self.width, (ph, pw), dtype=self.dtype, name="embedding")(image)
     b, n0 = x.shape[:2]  # (B, N0, D)
     d = self.width
-    if self.has_cls:  # created before the position table: flax numbers a module's draws in order
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
-      cls = jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype)
+    lead = []  # tokens before the patches: cls, then registers
+    # Created before the position table: flax numbers a module's draws in order.
+    if self.has_cls:
+      lead.append(self.param("cls", nn.initializers.zeros, (1, 1, d)))
+    if self.num_registers:
+      lead.append(self.param("registers", nn.initializers.normal(stddev=1e-6),
+                             (1, self.num_registers, d)))
+    lead = [jnp.broadcast_to(t, (b,) + t.shape[1:]).astype(x.dtype) for t in lead]
+    num_lead = sum(t.shape[1] for t in lead)
+    rows = n0 + num_lead if self.layout == "deit" else n0  # deit: the lead has positions
     if self.posemb == "learn":
-      rows = n0 + 1 if self.has_cls and self.layout == "deit" else n0
       init = (nn.initializers.normal(stddev=0.02) if self.layout == "deit"
               else nn.initializers.normal(stddev=d ** -0.5))  # big_vision's
       pos = self.param("pos_embedding", init, (1, rows, d)).astype(x.dtype)
     else:
       pe = posemb.sincos2d(gh, gw, d, dtype=x.dtype)
-      pos = (jnp.concatenate([jnp.zeros((1, 1, d), x.dtype), pe], axis=1)
-             if self.has_cls and self.layout == "deit" else pe)
-    if self.has_cls:
-      if pos.shape[1] == n0 + 1:
-        x = jnp.concatenate([cls, x], axis=1) + pos
-      else:
-        x = jnp.concatenate([cls, x + pos], axis=1)
+      pos = jnp.concatenate([jnp.zeros((1, rows - n0, d), x.dtype), pe], axis=1)
+    if pos.shape[1] == n0:
+      x = jnp.concatenate(lead + [x + pos], axis=1)
     else:
-      x = x + pos
+      x = jnp.concatenate(lead + [x], axis=1) + pos
     x = nn.Dropout(rate=self.dropout)(x, not train)
+    if self.norm_pre:
+      x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm_pre")(x)
 
     map_head = (pooling.MAPHead(self.num_heads, self.mlp_dim, self.width, dtype=self.dtype,
                                 gelu=self.gelu, layer_norm_eps=self.layer_norm_eps,
@@ -422,7 +449,9 @@ class VisionTransformer(nn.Module):
                          gumbel_noise=self.gumbel_noise, attention=self.attention,
                          policy_form=self.policy_form, drop_path=self.drop_path,
                          remat=self.remat, prefix=self.num_prefix, has_cls=self.has_cls,
-                         gelu=self.gelu, dropout=self.dropout, scan=self.scan,
+                         registers=self.num_registers, layer_scale=self.layer_scale,
+                         final_norm=not self.fc_norm, gelu=self.gelu, dropout=self.dropout,
+                         scan=self.scan,
                          remat_policy=self.remat_policy,
                          track_sizes=self.pool_type in ("gap", "map"),
                          track_owner=self.outputs_2d, ordered=self.pool_type == "none",
@@ -432,11 +461,16 @@ class VisionTransformer(nn.Module):
     weight = enc_out.get("sizes")
     if self.pool_type in ("tok", "0"):
       x = out["head_input"] = x[:, 0]
-    elif self.pool_type == "gap":
-      x = out["head_input"] = pooling.weighted_mean(x, weight)
+    elif self.pool_type == "gap":  # over the patch tokens (cls and registers left out)
+      p = self.num_prefix
+      x = out["head_input"] = pooling.weighted_mean(
+          x[:, p:], weight[:, p:] if weight is not None else None)
     elif self.pool_type == "map":
       x = out["head_input"] = map_head(
           x, weight, ops.attention.POLICY_EPS if train and red.learned else 0.0)
+    if self.fc_norm:
+      x = out["head_input"] = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+                                           name="fc_norm")(x)
     x_2d = None
     if self.outputs_2d:  # each grid cell takes the value of the token its patch ended in
       owner = enc_out["patch_token"]
@@ -507,12 +541,14 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
   if cfg.get("scan") and cfg.get("remat"):
     raise ValueError("scan rematerialises its blocks already (remat_policy); leave remat off.")
   pool = cfg.get("pool_type", "tok")
-  prefix = 1 if pool in ("tok", "0") else 0
+  prefix, has_cls = prefix_tokens(pool, cfg.get("class_token"), cfg.get("num_registers", 0))
+  if cfg.get("fc_norm") and pool in ("none",):
+    raise ValueError("fc_norm normalises a pooled vector; pool_type 'none' has none.")
   if image_size is None:  # the grid comes with each input: keep the spec, check its keys now
     if isinstance(reduction, Reduction):
       raise ValueError("image_size=None takes a reduction spec (a dict or method name), not a "
                        "Reduction resolved for one token count.")
-    _check_spec(reduction, depth=cfg["depth"], prefix=prefix, has_cls=pool == "tok",
+    _check_spec(reduction, depth=cfg["depth"], prefix=prefix, has_cls=has_cls,
                 has_probe=pool == "map")
     return VisionTransformer(num_classes=num_classes, image_size=None, layout=layout,
                              reduction=freeze(reduction), **cfg)
@@ -521,11 +557,26 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
     raise ValueError(f"image_size {image_size} is not a multiple of patch_size "
                      f"{cfg['patch_size']}.")
   num_patches = (size[0] // patch[0]) * (size[1] // patch[1])
-  reducible = num_patches + int(pool == "tok") - prefix
+  reducible = num_patches - int(pool == "0")
   reduction = Reduction.create(reduction, depth=cfg["depth"], num_patches=reducible,
-                               prefix=prefix, has_cls=pool == "tok", has_probe=pool == "map")
+                               prefix=prefix, has_cls=has_cls, has_probe=pool == "map")
   return VisionTransformer(num_classes=num_classes, image_size=image_size, layout=layout,
                            reduction=reduction, **cfg)
+
+
+def prefix_tokens(pool_type: str, class_token: bool | None,
+                  num_registers: int) -> tuple[int, bool]:
+  """(protected tokens leading the sequence, whether token 0 is a cls token) of a model: cls
+  (pool "tok", or `class_token`), then `num_registers` registers, or pool "0"'s readout patch.
+  Raises ValueError for a combination no model has."""
+  has_cls = pool_type == "tok" if class_token is None else bool(class_token)
+  if pool_type == "tok" and not has_cls:
+    raise ValueError("pool_type 'tok' reads out the cls token; class_token=False leaves none.")
+  if int(num_registers) < 0:
+    raise ValueError(f"num_registers must be >= 0, got {num_registers}.")
+  if pool_type == "0" and (has_cls or num_registers):
+    raise ValueError("pool_type '0' reads out patch 0; it takes no cls or register tokens.")
+  return int(has_cls) + int(num_registers) + int(pool_type == "0"), has_cls
 
 
 def _check_spec(spec, *, depth: int, prefix: int, has_cls: bool, has_probe: bool) -> None:

@@ -9,7 +9,7 @@ from tps_jax.ops.squeezing import (HostMatch, cosine_similarity, fuse, match_hos
                                  match_hosts_masked, squeeze, squeeze_masked,
                                  squeeze_masked_with_hosts, squeeze_with_hosts)
 from tps_jax.ops.merge import (MergePlan, max_merge, merge_by_index, merge_plan, normalize,
-                               planned_merge)
+                               planned_merge, protected_first)
 from tps_jax.ops.tome import (ToMeMatch, bipartite_soft_matching, merge_sum, merge_wavg,
                               proportional_attention_bias)
 from tps_jax.ops.pitome import energy_scores, pitome_match

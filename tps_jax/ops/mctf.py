@@ -29,7 +29,8 @@ import jax.numpy as jnp
 
 from tps_jax.ops import validate
 from tps_jax.ops.dtypes import upcast
-from tps_jax.ops.merge import MergePlan, max_merge, merge_plan, normalize, planned_merge
+from tps_jax.ops.merge import (MergePlan, max_merge, merge_plan, normalize, planned_merge,
+                               protected_first)
 
 POOLINGS = ("attn", "size", "mean")  # the authors' pooling_type 1, 0, 3
 
@@ -64,8 +65,9 @@ def mctf_scores(metric: jax.Array, attn: jax.Array | None, size: jax.Array | Non
         raise ValueError(f"{name} must have shape (B, T)={(b, t)} to match metric, got "
                          f"{tuple(v.shape)}.")
       scores = scores * _pair_weight(upcast(jax.lax.stop_gradient(v)), tau)
-  if protected:
-    scores = scores.at[:, :protected].set(-jnp.inf)
+  if protected:  # protected A tokens (even) merge nowhere; protected B tokens take nothing
+    scores = scores.at[:, :(protected + 1) // 2].set(-jnp.inf)
+    scores = scores.at[:, :, :protected // 2].set(-jnp.inf)
   return scores
 
 
@@ -81,14 +83,13 @@ def mctf_match(metric: jax.Array, attn: jax.Array | None, size: jax.Array | None
     r: tokens merged away, a Python int in [0, max_merge(T, protected)].
     tau_sim, tau_info, tau_size: the criteria's temperatures (0 drops one).
     bidirection: merge r // 2 tokens A -> B, then r - r // 2 tokens B -> A.
-    protected: leading tokens that never merge (1: cls; 0: a cls-free model).
+    protected: leading tokens that never merge (1: cls; 0: a cls-free model; cls and
+      registers), which lead the output in their order.
 
   Returns:
     new_index (B, T) int32 in [0, T - r): each token's output position.
   """
   b, t, _ = validate.check_rank("metric", metric, 3, "(B, T, C)")
-  if protected not in (0, 1):  # the authors protect the leading rows of set A (even tokens)
-    raise ValueError(f"MCTF protects 0 or 1 leading token (cls), got protected={protected}.")
   if tau_info and attn is None:
     raise ValueError("MCTF's informativeness (tau_info > 0) needs attn, the attention each "
                      "token receives; pass it or set tau_info=0.")
@@ -124,8 +125,8 @@ def mctf_match(metric: jax.Array, attn: jax.Array | None, size: jax.Array | None
   else:
     pos_b = jnp.broadcast_to(n_unm + jnp.arange(t2, dtype=jnp.int32), (b, t2))
   pos_a = pos_a.at[rows, src].set(take(pos_b, dst))  # a merged A token follows its B host
-  new_index = jnp.zeros((b, t), jnp.int32)
-  return new_index.at[:, ::2].set(pos_a).at[:, 1::2].set(pos_b)
+  new_index = jnp.zeros((b, t), jnp.int32).at[:, ::2].set(pos_a).at[:, 1::2].set(pos_b)
+  return protected_first(new_index, protected, t - r) if protected > 1 else new_index
 
 
 def pooling_weights(attn: jax.Array | None, size: jax.Array | None, pooling: str,

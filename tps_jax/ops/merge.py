@@ -22,6 +22,23 @@ def max_merge(num_tokens: int, protected: int = 1) -> int:
   return (num_tokens - int(protected)) // 2
 
 
+def protected_first(new_index: jax.Array, protected: int, num_out: int) -> jax.Array:
+  """A merge's `new_index` (B, T) in [0, num_out) rearranged so the `protected` leading tokens
+  (cls, registers), which merge with nothing, take outputs 0 .. protected - 1 in their order,
+  and every other output keeps its order after them. Identity for protected <= 1 where
+  token 0 already leads."""
+  if protected <= 0:
+    return new_index
+  b = new_index.shape[0]
+  rows = jnp.arange(b)[:, None]
+  landed = new_index[:, :protected]  # (B, P) where the protected tokens went
+  is_prot = jnp.zeros((b, num_out), jnp.int32).at[rows, landed].set(1)
+  rank = protected + jnp.cumsum(1 - is_prot, axis=1) - 1  # the others, in order, after them
+  target = rank.at[rows, landed].set(jnp.arange(protected, dtype=jnp.int32)[None])
+  moved = jnp.take_along_axis(target, jnp.maximum(new_index, 0), axis=1).astype(jnp.int32)
+  return jnp.where(new_index >= 0, moved, new_index)
+
+
 def normalize(x: jax.Array) -> jax.Array:
   """x / |x| over the last axis (the authors' cosine normalisation; TPS's squeeze adds an eps:
   ops.cosine_similarity)."""

@@ -5,6 +5,10 @@ token finds its most similar B token (cosine of `metric`, e.g. keys averaged
 over heads); the `r` A tokens with the best matches merge into their B match
 by a size-weighted average, the others stay. Every shape is static (`r` is a
 Python int) and the merge is a masked one-hot einsum, not a scatter.
+
+Protected leading tokens (cls; with registers, cls and the registers) neither merge nor
+receive a merge, and lead the merged sequence in their order: with one (cls) that is the
+authors' [unmerged A, B] order; with more, a fixed permutation of it (`arrange`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tps_jax.ops.squeezing import cosine_similarity
 from tps_jax.ops import validate
@@ -26,31 +31,37 @@ class ToMeMatch(NamedTuple):
   unmerged: (B, Na - r) A tokens that stay, in ascending order.
   src:      (B, r) A tokens merged away.
   dst:      (B, r) index into B of each merged token's destination.
+  protected: leading tokens that never merge (a Python int, static).
   """
   unmerged: jax.Array
   src: jax.Array
   dst: jax.Array
+  protected: int = 1
 
 
-def bipartite_soft_matching(metric: jax.Array, r: int, *,
-                            class_token: bool = True) -> ToMeMatch:
+def bipartite_soft_matching(metric: jax.Array, r: int, *, class_token: bool = True,
+                            protected: int | None = None) -> ToMeMatch:
   """Matches `r` A tokens to B tokens.
 
   Args:
     metric: (B, N, Ck) features to compare (no gradient flows through them).
-    r: tokens to merge away, a Python int in [0, max_merge(N, class_token)] (ops.merge).
-    class_token: token 0 is cls and is never merged.
+    r: tokens to merge away, a Python int in [0, max_merge(N, protected)] (ops.merge).
+    class_token: token 0 is cls and is never merged (protected = 1).
+    protected: leading tokens that neither merge nor receive a merge (cls and registers);
+      overrides class_token.
 
   Returns:
     A ToMeMatch; apply it with `merge_wavg` / `merge_sum`.
   """
   b, n, _ = validate.check_rank("metric", metric, 3, "(B, N, Ck)")
-  r = validate.check_count("r", r, 0, max_merge(n, int(class_token)),
-                           f"ToMe on {n} tokens (class_token={class_token})")
+  p = int(class_token) if protected is None else int(protected)
+  r = validate.check_count("r", r, 0, max_merge(n, p),
+                           f"ToMe on {n} tokens ({p} protected)")
   metric = jax.lax.stop_gradient(metric)
   scores = cosine_similarity(metric[:, ::2], metric[:, 1::2])  # (B, Na, Nb)
-  if class_token:
-    scores = scores.at[:, 0, :].set(-jnp.inf)
+  if p:  # protected A tokens (even) merge nowhere; protected B tokens (odd) take nothing
+    scores = scores.at[:, :(p + 1) // 2, :].set(-jnp.inf)
+    scores = scores.at[:, :, :p // 2].set(-jnp.inf)
   node_max = jnp.max(scores, axis=-1)  # (B, Na)
   node_idx = jnp.argmax(scores, axis=-1).astype(jnp.int32)
   na = node_max.shape[1]
@@ -59,7 +70,34 @@ def bipartite_soft_matching(metric: jax.Array, r: int, *,
   src = order[:, :r]
   unmerged = jnp.sort(order[:, r:], axis=-1)
   dst = jnp.take_along_axis(node_idx, src, axis=-1)
-  return ToMeMatch(unmerged, src, dst)
+  return ToMeMatch(unmerged, src, dst, p)
+
+
+def _order(match: ToMeMatch, n: int) -> np.ndarray | None:
+  """The fixed order of the merged outputs ([unmerged A, B]) that puts the protected tokens
+  first, in their order, or None where they lead already (at most one)."""
+  p = match.protected
+  if p <= 1:
+    return None
+  m = n - match.src.shape[1]
+  stay = match.unmerged.shape[1]
+  lead = [t // 2 if t % 2 == 0 else stay + t // 2 for t in range(p)]
+  return np.asarray(lead + sorted(set(range(m)) - set(lead)), np.int32)
+
+
+def arrange(merged: jax.Array, match: ToMeMatch, n: int) -> jax.Array:
+  """Merged tokens (B, N - r, ...) of `n` in [unmerged A, B] order -> protected tokens first."""
+  order = _order(match, n)
+  return merged if order is None else merged[:, order]
+
+
+def arrange_index(new_index: jax.Array, match: ToMeMatch) -> jax.Array:
+  """A new_index (B, N) into [unmerged A, B] -> into `arrange`'s order (-1 stays -1)."""
+  order = _order(match, new_index.shape[1])
+  if order is None:
+    return new_index
+  inverse = jnp.asarray(np.argsort(order).astype(np.int32))
+  return jnp.where(new_index >= 0, inverse[jnp.maximum(new_index, 0)], new_index)
 
 
 def merge_sum(x: jax.Array, match: ToMeMatch) -> jax.Array:
@@ -78,7 +116,8 @@ def merge_sum(x: jax.Array, match: ToMeMatch) -> jax.Array:
   take = lambda idx: jnp.take_along_axis(a_tokens, idx[..., None], axis=1)
   onehot = jax.nn.one_hot(match.dst, b_tokens.shape[1], dtype=b_tokens.dtype)  # (B, r, Nb)
   b_tokens = b_tokens + jnp.einsum("brn,brc->bnc", onehot, take(match.src))
-  return jnp.concatenate([take(match.unmerged), b_tokens], axis=1).astype(x.dtype)
+  return arrange(jnp.concatenate([take(match.unmerged), b_tokens], axis=1), match,
+                 n).astype(x.dtype)
 
 
 def merge_wavg(x: jax.Array, size: jax.Array | None,
