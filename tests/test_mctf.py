@@ -86,8 +86,10 @@ def test_operator_checks_its_arguments_and_protects_cls():
     mctf.mctf_match(x, None, None, 6, tau_info=0.0)  # (11 - 1) // 2 = 5 at most
   with pytest.raises(ValueError, match="needs attn"):
     mctf.mctf_match(x, None, None, 2)
-  with pytest.raises(ValueError, match="protects 0 or 1 leading token"):
-    mctf.mctf_match(x, None, None, 2, tau_info=0.0, protected=2)
+  for p in (2, 5):  # cls and registers: each alone, first, in order; both directions
+    idx = np.asarray(mctf.mctf_match(x, None, None, (11 - p) // 2, tau_info=0.0, protected=p))
+    np.testing.assert_array_equal(idx[:, :p], np.broadcast_to(np.arange(p), (2, p)))
+    assert all((np.bincount(row)[:p] == 1).all() for row in idx)
   with pytest.raises(ValueError, match="attn must have shape"):
     mctf.mctf_match(x, jnp.ones((2, 10)), None, 2)
   with pytest.raises(ValueError, match="unknown MCTF pooling 'max'"):

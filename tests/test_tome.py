@@ -61,6 +61,32 @@ class ToMeTest(chex.TestCase):
     np.testing.assert_allclose(np.sum(size, -1), 65.0, rtol=1e-6)
     np.testing.assert_array_equal(y[:, 0], x[:, 0])
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(2, 5)
+  def test_protected_tokens_lead_untouched_and_the_rest_is_the_one_token_merge(self, p):
+    """cls and registers (p leading tokens) neither merge nor take a merge, and lead the
+    output in their order; the other tokens merge as with p = 1, in the same order."""
+    from tps_jax.methods import stages  # pylint: disable=g-import-not-at-top
+    x = tokens(6, 2, 25, 8)
+    r = tps_jax.max_merge(25, p)
+
+    def f(x):
+      match = tps_jax.bipartite_soft_matching(x, r, protected=p)
+      return (*tps_jax.merge_wavg(x, None, match), stages.tome_new_index(match, 25))
+
+    y, size, new_index = self.variant(f)(x)
+    chex.assert_shape(y, (2, 25 - r, 8))
+    np.testing.assert_array_equal(y[:, :p], x[:, :p])
+    np.testing.assert_array_equal(size[:, :p], 1.0)
+    np.testing.assert_array_equal(new_index[:, :p], np.broadcast_to(np.arange(p), (2, p)))
+    assert all((np.bincount(row)[:p] == 1).all() for row in np.asarray(new_index))
+    np.testing.assert_allclose(np.sum(size, -1), 25.0, rtol=1e-6)
+    for b in range(2):  # every output is the size-weighted mean of the tokens sent to it
+      for o in range(25 - r):
+        sent = np.asarray(new_index[b]) == o
+        np.testing.assert_allclose(y[b, o], np.mean(np.asarray(x[b])[sent], 0), rtol=1e-5,
+                                   atol=1e-6)
+
   def test_max_merge_and_limits(self):
     assert tps_jax.max_merge(197) == 98
     x = tokens(4, 1, 197, 4)
