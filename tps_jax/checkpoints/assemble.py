@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable, Mapping
 
@@ -11,28 +12,56 @@ import jax.numpy as jnp
 import numpy as np
 
 from tps_jax.checkpoints.errors import CheckpointMismatchError
+from tps_jax.models import posemb
 from tps_jax.models.vit import VisionTransformer
 
 FRESH_GROUPS = ("head", "score_heads")
 
 
-def adapt_layout(flat: dict[str, np.ndarray], model: VisionTransformer, source: str) -> None:
-  """Converts between DeiT (cls has a position) and big_vision (patches only) layouts."""
-  if "pos_embedding" not in flat or "cls" not in flat:
+def _is_square(n: int) -> bool:
+  return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def adapt_layout(flat: dict[str, np.ndarray], model: VisionTransformer, source: str, *,
+                 resample: str | None = None) -> None:
+  """The position table in the model's layout and on its grid, in place.
+
+  Layouts: DeiT's (the tokens before the patches, cls and registers, have positions) and
+  big_vision's (patches only; timm's `no_embed_class`). A lead's positions fold into cls and
+  the registers (exact: they are the same for every image); a table without them gains zero
+  rows. `resample` ("linear", big_vision's; "bicubic", timm's; posemb.RESAMPLINGS) moves a
+  table on another square grid to the model's; None: such a table is a named error.
+  """
+  if "pos_embedding" not in flat:
     return
   pos = flat["pos_embedding"]
   n0 = model.num_patches
-  if pos.shape[1] == n0 + 1 and model.layout == "big_vision":
-    # Fold cls's position into cls: exact, since cls is the same for every image.
-    flat["cls"] = flat["cls"] + pos[:, :1]
-    flat["pos_embedding"] = pos[:, 1:]
-  elif pos.shape[1] == n0 and model.layout == "deit":
-    flat["pos_embedding"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
-  elif pos.shape[1] not in (n0, n0 + 1):
+  lead = int(model.has_cls) + model.num_registers  # tokens before the patches
+  rows = pos.shape[1]
+  if rows in (n0, n0 + lead):
+    had = rows - n0
+  elif resample and lead and _is_square(rows - lead):
+    had = lead
+  elif resample and _is_square(rows):
+    had = 0
+  else:
+    before = f" and {lead} tokens before them" if lead else ""
     raise CheckpointMismatchError(
-        f"pos_embedding in the {source} has {pos.shape[1]} positions; this model has {n0} "
-        f"patches ({model.image_size}px / {model.patch_size}); resize the position embedding "
+        f"pos_embedding in the {source} has {rows} positions; this model has {n0} patches "
+        f"({model.image_size}px / {model.patch_size}){before}; resize the position embedding "
         f"or build the model at the checkpoint's image size.")
+  if rows - had != n0:
+    pos = np.concatenate([pos[:, :had], posemb.resample(pos[:, had:], model.grid,
+                                                         method=resample)], axis=1)
+  if had and model.layout == "big_vision":
+    if "cls" in flat and model.has_cls:
+      flat["cls"] = flat["cls"] + pos[:, :1]
+    if "registers" in flat and model.num_registers:
+      flat["registers"] = flat["registers"] + pos[:, int(model.has_cls):had]
+    pos = pos[:, had:]
+  elif not had and lead and model.layout == "deit":
+    pos = np.concatenate([np.zeros_like(pos[:, :1]).repeat(lead, axis=1), pos], axis=1)
+  flat["pos_embedding"] = pos
 
 
 def _dummy_image(model: VisionTransformer) -> jax.Array:

@@ -204,22 +204,6 @@ def _restore(source, *, scan: bool, fold_cls: bool) -> dict:
   return tree
 
 
-def _resample_to(pos: np.ndarray, model: VisionTransformer) -> np.ndarray:
-  """A position table (patches, or cls first then patches) on the model's patch grid, as
-  `load` resamples it (linear, big_vision's)."""
-  n0 = model.num_patches
-  lead = int(not _is_square(pos.shape[1]) and _is_square(pos.shape[1] - 1))  # cls's row first
-  patches = pos[:, lead:]
-  if patches.shape[1] == n0:
-    return pos
-  patches = posemb_lib.resample(patches, posemb_lib.grid_of(n0))
-  return np.concatenate([pos[:, :lead], patches], axis=1)
-
-
-def _is_square(n: int) -> bool:
-  return int(np.sqrt(n)) ** 2 == n
-
-
 def _plain_tree(tree) -> dict:
   """A (frozen) params tree as nested plain dicts of the same arrays."""
   return _tree({k: v for k, v in _flat(dict(tree)).items()})
@@ -243,7 +227,5 @@ def from_big_vision(source: str | os.PathLike | Mapping, model: VisionTransforme
   flat = {k: np.asarray(v) for k, v in _flat(tree).items()}
   if "head" in set(fresh):
     flat = {k: v for k, v in flat.items() if not k.startswith("head/")}
-  if "pos_embedding" in flat:
-    flat["pos_embedding"] = _resample_to(flat["pos_embedding"], model)
-  adapt_layout(flat, model, "npz")
+  adapt_layout(flat, model, "npz", resample="linear")
   return assemble(flat, model, fresh=fresh, rng=rng, source="npz")

@@ -1,7 +1,8 @@
 """Position embeddings of a ViT's patch grid: learned, or fixed 2-D sine-cosine; resampling.
 
   pe = sincos2d(h, w, width)          # (1, h w, width), big_vision's / MoCo v3's fixed table
-  pe = resample(old, (h, w))          # a learned table moved to another grid (bilinear)
+  pe = resample(old, (h, w))          # a learned table moved to another grid (big_vision's
+                                      # linear; method="bicubic": timm's, antialiased)
 """
 
 from __future__ import annotations
@@ -37,15 +38,27 @@ def grid_of(num: int) -> tuple[int, int]:
   return side, side
 
 
+RESAMPLINGS = ("linear", "bicubic")
+
+
 def resample(old: np.ndarray, grid: tuple[int, int],
-             old_grid: tuple[int, int] | None = None) -> np.ndarray:
-  """(1, h w, D) learned table -> (1, H W, D) on another grid, by linear interpolation of
-  each channel (big_vision's "high-res fine-tuning": scipy.ndimage.zoom, order 1)."""
+             old_grid: tuple[int, int] | None = None, method: str = "linear") -> np.ndarray:
+  """(1, h w, D) learned table -> (1, H W, D) on another grid, each channel interpolated:
+  "linear" as big_vision's high-res fine-tuning (scipy.ndimage.zoom, order 1), "bicubic" as
+  timm's loader (PyTorch's antialiased bicubic; `jax.image.resize` computes the same
+  Keys a = -0.5 filter, widened when shrinking)."""
   import scipy.ndimage  # pylint: disable=g-import-not-at-top (jax depends on scipy)
+  if method not in RESAMPLINGS:
+    raise ValueError(f"unknown resampling {method!r}; expected one of {RESAMPLINGS}.")
   old = np.asarray(old)
   h, w = old_grid or grid_of(old.shape[1])
   if (h, w) == tuple(grid):
     return old
   table = old.reshape(h, w, -1)
+  if method == "bicubic":
+    import jax  # pylint: disable=g-import-not-at-top
+    out = jax.image.resize(table.astype(np.float32), (grid[0], grid[1], table.shape[-1]),
+                           "bicubic", antialias=True)
+    return np.asarray(out).astype(old.dtype).reshape(1, grid[0] * grid[1], -1)
   zoom = (grid[0] / h, grid[1] / w, 1)
   return scipy.ndimage.zoom(table, zoom, order=1).reshape(1, grid[0] * grid[1], -1)
