@@ -36,14 +36,13 @@ LAYOUTS = {"tok": dict(pool_type="tok"), "gap": dict(pool_type="gap", layout="bi
            "gap_scan": dict(pool_type="gap", layout="big_vision", scan=True),
            # every token is the output (a PaliGemma prefix): identity must keep their order
            "none": dict(pool_type="none", layout="big_vision"),
-           # timm's families (docs/model.md): DINOv2 with registers and layer scale, CLIP's
-           # pre-norm and quick GELU, MAE's cls token pooled over the patches, registers
-           # without cls
-           "dinov2_reg": dict(pool_type="tok", layout="big_vision", num_registers=4,
-                              layer_scale=0.5),
-           "clip": dict(pool_type="tok", norm_pre=True, gelu="quick", layer_norm_eps=1e-5),
-           "mae": dict(pool_type="gap", class_token=True, fc_norm=True),
+           # registers without cls (timm's families with them, DINOv2's, MAE's cls pooled
+           # out: test_timm_families.py, which runs every method on each)
            "reg_gap": dict(pool_type="gap", layout="big_vision", num_registers=2)}
+# Layouts whose tokens carry sizes, checked patch by patch after each method's example.
+POOLED = {"gap": LAYOUTS["gap"], "map": LAYOUTS["map"], "reg_gap": LAYOUTS["reg_gap"],
+          "mae": dict(pool_type="gap", class_token=True, fc_norm=True)}
+_KW = {**LAYOUTS, **POOLED}
 _DENSE = {}
 
 
@@ -57,7 +56,7 @@ def _geometry(model):
 
 def _spec(name, layout, kind):
   """The method's `example` or `identity` spec for the small model of `layout`."""
-  probe = Model(5, **SMALL, **LAYOUTS[layout])
+  probe = Model(5, **SMALL, **_KW[layout])
   geo = methods.Geometry(probe.depth, probe.num_reducible, probe.num_prefix, probe.has_cls,
                          probe.has_probe)
   return getattr(methods.get(name), kind)(geo)
@@ -66,7 +65,7 @@ def _spec(name, layout, kind):
 def _dense(layout):
   """The dense model's parameters (a non-zero head) and logits, once per layout."""
   if layout not in _DENSE:
-    model = Model(5, **SMALL, **LAYOUTS[layout])
+    model = Model(5, **SMALL, **_KW[layout])
     params = jax.jit(model.init)(jax.random.key(0), _images())["params"]
     params = jax.tree.map(lambda a: a if a.any() else 0.3 * jax.random.normal(
         jax.random.key(5), a.shape), params)
@@ -136,7 +135,7 @@ def test_identity_equals_dense(name, layout):
     np.testing.assert_allclose(logits, dense_logits, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["gap", "map", "mae", "reg_gap"])
+@pytest.mark.parametrize("layout", list(POOLED))
 @pytest.mark.parametrize("name", REDUCING)
 def test_reduces_pooled_models_and_each_token_stands_for_the_patches_it_holds(name, layout):
   """Per image (a method may drop for some images and merge for others): each final patch
@@ -145,7 +144,7 @@ def test_reduces_pooled_models_and_each_token_stands_for_the_patches_it_holds(na
   all 16. The protected tokens (cls, registers) hold no patch and stay first, unmerged."""
   params, _, dense_out = _dense(layout)
   model = Model(5, reduction=_spec(name, layout, "example"), outputs_2d=True, **SMALL,
-                **LAYOUTS[layout])
+                **_KW[layout])
   logits, out = jax.jit(lambda p, x: model.apply({"params": p}, x))(
       _params_for(model, params), _images())
   assert np.isfinite(np.asarray(logits)).all()
