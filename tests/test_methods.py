@@ -35,12 +35,12 @@ LAYOUTS = {"tok": dict(pool_type="tok"), "gap": dict(pool_type="gap", layout="bi
            "zero": dict(pool_type="0", layout="big_vision"),
            "gap_scan": dict(pool_type="gap", layout="big_vision", scan=True),
            # every token is the output (a PaliGemma prefix): identity must keep their order
-           "none": dict(pool_type="none", layout="big_vision"),
-           # registers without cls (timm's families with them, DINOv2's, MAE's cls pooled
-           # out: test_timm_families.py, which runs every method on each)
-           "reg_gap": dict(pool_type="gap", layout="big_vision", num_registers=2)}
-# Layouts whose tokens carry sizes, checked patch by patch after each method's example.
-POOLED = {"gap": LAYOUTS["gap"], "map": LAYOUTS["map"], "reg_gap": LAYOUTS["reg_gap"],
+           "none": dict(pool_type="none", layout="big_vision")}
+# Layouts whose tokens carry sizes, checked patch by patch after each method's example; with
+# registers without cls and MAE's cls pooled out (test_timm_families.py runs every method on
+# the timm families' layouts: cls and registers, MAE's, SigLIP's).
+POOLED = {"gap": LAYOUTS["gap"], "map": LAYOUTS["map"],
+          "reg_gap": dict(pool_type="gap", layout="big_vision", num_registers=2),
           "mae": dict(pool_type="gap", class_token=True, fc_norm=True)}
 _KW = {**LAYOUTS, **POOLED}
 _DENSE = {}

@@ -14,7 +14,7 @@ __all__ = ("HostMatch", "MergePlan", "POLICY_FORMS", "ToMeMatch", "attention_row
            "match_hosts_masked", "max_merge", "mctf_match", "mctf_merge", "mctf_scores",
            "merge_by_index", "merge_plan", "merge_rows", "merge_sum", "merge_wavg",
            "normalize", "pitome_match", "planned_merge", "policy_attention", "policy_softmax",
-           "pooling_weights", "proportional_attention_bias", "squeeze", "squeeze_masked",
+           "pooling_weights", "proportional_attention_bias", "protected_first", "squeeze", "squeeze_masked",
            "squeeze_masked_with_hosts", "squeeze_with_hosts", "topk_split")
 
 

@@ -188,6 +188,11 @@ def from_torch_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike,
   sd = _strip_prefix(unwrap(state_dict), "module.")
   sd = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
         for k, v in sd.items()}
+  if getattr(model, "gelu", "exact") == "tanh" and "attn_pool.latent" not in sd:
+    raise ValueError("timm's ViTs use the exact (erf) GELU (only some of its SigLIP towers the "
+                     "tanh one), but this model has gelu='tanh' (big_vision's default); build "
+                     "it with gelu='exact', or from the name with "
+                     "tps_jax.models.timm_names.model_kwargs (logits differ by about 6e-4).")
   if any(k.startswith("visual.") for k in sd):
     sd = from_openclip(sd)
   if "patch_embed.proj.weight" in sd and "patch_embed.proj.bias" not in sd:  # CLIP: no bias
