@@ -11,7 +11,7 @@ big_vision's own ViT (`benchmarks.big_vision_inference`, the JAX anchor). The JS
 written after every row (`--append` keeps an earlier file's other rows), so a run cut
 short keeps what it measured. Writes JSON to benchmarks/results/.
 
-  python -m benchmarks.throughput [--models Ti/16 S/16] [--batches 32 1]
+  python -m benchmarks.throughput [--models Ti/16 S/16] [--batch 1 8 64 256]
       [--dtypes float32 bfloat16] [--methods none dtps ...] [--repeats 5]
       [--no-timm] [--append] [--deadline_s S] [--out F] [--trace none dtps]
       [--xla_option xla_gpu_enable_cudnn_layer_norm=true ...] [--param_dtype bfloat16]
@@ -19,6 +19,10 @@ short keeps what it measured. Writes JSON to benchmarks/results/.
 
 A row made with --xla_option, --param_dtype or --model_kw names them (`VARIANT_FIELDS`), sits
 beside the plain row and never serves as the dense baseline.
+
+Over several batch sizes the run ends with a sweep table per model and dtype: each method's
+speed-up over dense at each batch, and whether it beats dense at batch 1 and 8 (`verdicts` in
+the JSON), where per-call overheads, not the tokens, set the time.
 """
 
 from __future__ import annotations
@@ -153,10 +157,40 @@ def _compare(rows: list[dict]) -> None:
     r["vs_timm"] = r["img_per_s"] / max(timm) if timm else float("nan")
 
 
+def verdicts(rows: list[dict]) -> dict:
+  """{"model dtype": {method: {batch: speed-up over dense}}} of the plain rows (`_compare`
+  filled them)."""
+  out: dict = {}
+  for r in rows:
+    if r.get("impl", "tps_jax") != "tps_jax" or any(r.get(f) for f in VARIANT_FIELDS):
+      continue
+    group = out.setdefault(f"{r['model']} {r['dtype']}", {})
+    group.setdefault(r["method"], {})[str(r["batch"])] = round(r["speedup_vs_dense"], 3)
+  return out
+
+
+def print_sweep(found: dict) -> None:
+  """The sweep table: per method, the speed-up over dense at each batch; at batch 1 and 8
+  whether it beats dense."""
+  for group, by_method in found.items():
+    batches = sorted({int(b) for v in by_method.values() for b in v})
+    if len(batches) < 2:
+      continue
+    print(f"\nsweep {group}: speed-up over dense by batch")
+    print(f"  {'method':<18}" + "".join(f"{'b' + str(b):>9}" for b in batches)
+          + "  beats dense at b1 / b8")
+    for method, by_batch in by_method.items():
+      cells = "".join(f"{by_batch.get(str(b), float('nan')):>9.2f}" for b in batches)
+      says = " / ".join("yes" if by_batch.get(b, 0) > 1 else "no" if b in by_batch else "-"
+                        for b in ("1", "8"))
+      print(f"  {method:<18}{cells}  {says}")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", nargs="+", default=["Ti/16", "S/16"])
-  parser.add_argument("--batches", nargs="+", type=int, default=[32, 1])
+  parser.add_argument("--batches", "--batch", nargs="+", type=int, default=[32, 1],
+                      help="batch sizes, e.g. --batch 1 8 64 256 (a sweep: see `verdicts`)")
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--methods", nargs="+",
                       default=["none", *(m for m in methods.names() if methods.get(m).reduces)],
@@ -204,7 +238,8 @@ def main(argv=None):
     fresh = {_key(r) for r in rows}
     all_rows = [r for r in old if _key(r) not in fresh] + rows
     _compare(all_rows)
-    common.write_json("throughput", {"args": vars(args), "rows": all_rows}, args.out)
+    common.write_json("throughput", {"args": vars(args), "rows": all_rows,
+                                     "verdicts": verdicts(all_rows)}, args.out)
     return all_rows
 
   # The reference rows first, each from a subprocess, before this process initialises the GPU
@@ -245,6 +280,7 @@ def main(argv=None):
   common.print_table(all_rows, ["impl", "model", "batch", "dtype", "method", *VARIANT_FIELDS,
                                 "gmacs", "img_per_s", "ms_per_batch", "speedup_vs_dense",
                                 "vs_timm"])
+  print_sweep(verdicts(all_rows))
 
 
 if __name__ == "__main__":
