@@ -65,10 +65,14 @@ MODELS = {
 }
 
 
-def topology_devices(name: str, chip_config: str | None = None):
-  """The devices of a TPU topology such as "v5e:16x16" (libtpu, no TPU needed)."""
+def topology_devices(name: str, chip_config: str | None = None, slices: int = 1):
+  """The devices of a TPU topology such as "v5e:16x16" (libtpu, no TPU needed); `slices` > 1
+  gives that many slices of it, joined by the data-center network (each device's
+  `slice_index`)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   kw = {"chip_config_name": chip_config} if chip_config else {}
+  if slices > 1:
+    kw["num_slices"] = slices
   try:
     topo = topologies.get_topology_desc(topology_name=name, platform="tpu", **kw)
   except Exception as e:  # pylint: disable=broad-except  (libtpu missing, unknown topology)
@@ -125,10 +129,11 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
   return out
 
 
-def build_config(model: str, method: str, batch: int, mesh: dict, *, teacher: bool,
-                 augment: bool, remat: bool):
+def build_config(model: str, method: str, batch: int, mesh, *, teacher: bool,
+                 augment: bool, remat: bool, dcn=None):
   """The ImageNet recipe (configs/imagenet.py) at this model, method and batch, on synthetic
-  input (the step is the same; no dataset needed)."""
+  input (the step is the same; no dataset needed). `mesh`: {axis: size} or [(axis, size)], in
+  order; `dcn`: each axis's factor across slices (config.mesh_dcn)."""
   from configs import imagenet  # pylint: disable=g-import-not-at-top
   variant, fields = MODELS[model]
   arg = f"variant={variant},method={method},batch={batch},remat={remat}"
@@ -147,7 +152,10 @@ def build_config(model: str, method: str, batch: int, mesh: dict, *, teacher: bo
   c.input.dataset = "synthetic"
   c.input.source_kw = dict(num_classes=1000, image_size=c.model.get("image_size", 224))
   c.total_steps = 1000
-  c.mesh = dict(mesh)
+  with c.ignore_type():  # the recipe's mesh is the older dict form
+    c.mesh = list(mesh.items()) if isinstance(mesh, dict) else list(mesh)
+  if dcn:
+    c.mesh_dcn = list(dcn.items()) if isinstance(dcn, dict) else list(dcn)
   if not augment:
     c.input.preprocess.randaugment = None
   return c
@@ -155,7 +163,7 @@ def build_config(model: str, method: str, batch: int, mesh: dict, *, teacher: bo
 
 def compile_step(config, devices, *, teacher: bool):
   """(compiled, seconds) of Run's train step, every argument abstract on `devices`."""
-  from tps_jax.trainer import loop, sharding  # pylint: disable=g-import-not-at-top
+  from tps_jax.trainer import loop  # pylint: disable=g-import-not-at-top
   run = loop.Run(config, devices=devices)
   if teacher:  # the teacher's model and parameters as load_teacher builds them, abstract
     from tps_jax.models.vit import build_model  # pylint: disable=g-import-not-at-top
@@ -164,7 +172,7 @@ def compile_step(config, devices, *, teacher: bool):
                               mixed_precision=config.get("mixed_precision", False))
     shapes = jax.eval_shape(lambda: run.teacher.init(
         jax.random.key(0), loop._dummy(run.teacher))["params"])  # pylint: disable=protected-access
-    shard = sharding.tree_shardings(shapes, run.mesh, run.min_shard_size)
+    shard = run.layout.tree(shapes, prefix="params")
     run.teacher_params = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shard)
   run.compile()
@@ -211,13 +219,16 @@ def main(argv=None):
   p.add_argument("--models", nargs="+", default=["S"], choices=sorted(MODELS))
   p.add_argument("--methods", nargs="+", default=["none"])
   p.add_argument("--batch", type=int, default=4096)
-  p.add_argument("--mesh", default="data=-1,fsdp=1", help="mesh axes, e.g. data=-1,fsdp=16")
+  p.add_argument("--mesh", default="data=-1,fsdp=1",
+                  help="mesh axes in order, e.g. data=-1,fsdp=16 (any names)")
+  p.add_argument("--slices", type=int, default=1, help="slices of the topology (multi-slice)")
+  p.add_argument("--dcn", default="", help="each axis's factor across slices, e.g. data=2")
   p.add_argument("--teacher", action="store_true", help="fine-tuning with the dense teacher")
   p.add_argument("--no-augment", dest="augment", action="store_false")
   p.add_argument("--remat", action="store_true")
   p.add_argument("--out", help="JSON rows")
   args = p.parse_args(argv)
-  devices = topology_devices(args.topology, args.chip_config)
+  devices = topology_devices(args.topology, args.chip_config, args.slices)
   rows = []
   print(f"{args.topology}: {len(devices)} chips, {hbm_gib(args.topology):.0f} GiB HBM each")
   print("| model | method | batch | mesh | args GiB | temps GiB | peak GiB | fits | TFLOP/chip "
@@ -227,10 +238,11 @@ def main(argv=None):
     for method in args.methods:
       teacher = args.teacher and method != "none"
       cfg = build_config(model, method, args.batch, parse_mesh(args.mesh), teacher=teacher,
-                         augment=args.augment, remat=args.remat)
+                         augment=args.augment, remat=args.remat,
+                         dcn=parse_mesh(args.dcn) or None)
       compiled, seconds = compile_step(cfg, devices, teacher=teacher)
       r = row(compiled, seconds, args.topology, model=model, method=method, batch=args.batch,
-              mesh=args.mesh, teacher=teacher, augment=args.augment, remat=args.remat,
+              mesh=args.mesh, slices=args.slices, dcn=args.dcn, teacher=teacher, augment=args.augment, remat=args.remat,
               chips=len(devices), jax=jax.__version__)
       rows.append(r)
       coll = ", ".join(f"{k} {v['count']} / {v['bytes'] / GiB:.2f}"

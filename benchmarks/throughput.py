@@ -61,12 +61,13 @@ VARIANT_FIELDS = ("xla_options", "param_dtype", "model_kw")
 
 def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_size: int,
         trace_dir: str | None = None, xla_options: dict | None = None,
-        param_dtype: str | None = None, model_kw: dict | None = None):
+        param_dtype: str | None = None, model_kw: dict | None = None, min_images: int = 0):
   """One row; with `trace_dir`, also three traced calls summarised by kernel (`kernels`) and
   the optimised HLO (gzipped text, where the trace's fusion names are defined).
   `xla_options`: XLA compiler options for this row's compile (named in the row);
   `param_dtype`: the parameters are cast to it before the compile; `model_kw`: more `Model`
-  fields (each named in the row)."""
+  fields (each named in the row); `min_images`: at least this many images timed in all (more
+  calls than `repeats` at a small batch, whose single calls are short and noisy)."""
   model = Model(1000, variant=variant, image_size=image_size, reduction=example(method),
                 dtype=jnp.dtype(dtype), **(model_kw or {}))
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
@@ -76,10 +77,11 @@ def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_s
   images = evaluation.random_images(model, batch)
   fwd = evaluation.forward(model).lower(params["params"], images).compile(
       compiler_options=xla_options or None)
+  repeats = max(repeats, -(-min_images // batch))
   rate = evaluation.speed(fwd, params["params"], images, repeats=repeats)["images_per_s"]
   row = {"impl": "tps_jax", "model": variant, "batch": batch, "dtype": dtype,
          "method": method, "gmacs": evaluation.cost(model)["gmacs"], "img_per_s": rate,
-         "ms_per_batch": 1e3 * batch / rate}
+         "ms_per_batch": 1e3 * batch / rate, "repeats": repeats}
   if xla_options:
     row["xla_options"] = options_label(xla_options)
   if param_dtype:
@@ -181,8 +183,8 @@ def print_sweep(found: dict) -> None:
           + "  beats dense at b1 / b8")
     for method, by_batch in by_method.items():
       cells = "".join(f"{by_batch.get(str(b), float('nan')):>9.2f}" for b in batches)
-      says = " / ".join("yes" if by_batch.get(b, 0) > 1 else "no" if b in by_batch else "-"
-                        for b in ("1", "8"))
+      says = "(the baseline)" if method == "none" else " / ".join(
+          "yes" if by_batch.get(b, 0) > 1 else "no" if b in by_batch else "-" for b in ("1", "8"))
       print(f"  {method:<18}{cells}  {says}")
 
 
@@ -197,7 +199,10 @@ def main(argv=None):
                       help="registered names or module paths (my_pkg.my_method, mine.py); "
                            "default: the dense model and every registered reducing method")
   parser.add_argument("--image-size", type=int, default=224)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=5, help="timed calls per row, at least")
+  parser.add_argument("--min_images", type=int, default=0,
+                      help="time at least this many images per row (more calls at a small "
+                           "batch: e.g. 64 makes 64 calls at batch 1)")
   parser.add_argument("--out", default=None)
   parser.add_argument("--timm", action=argparse.BooleanOptionalAction, default=True,
                       help="timm + torch.compile reference rows (GPU only)")
@@ -266,7 +271,7 @@ def main(argv=None):
             break
           row = run(variant, batch, dtype, method, args.repeats, args.image_size,
                     args.trace_dir if method in args.trace else None, dict(args.xla_option),
-                    args.param_dtype, dict(args.model_kw))
+                    args.param_dtype, dict(args.model_kw), args.min_images)
           rows.append(row)
           save()
           made = " ".join(str(row[f]) for f in VARIANT_FIELDS if f in row)

@@ -1,6 +1,7 @@
 """The real train step compiled for a TPU pod topology on this CPU (libtpu's deviceless
 compile, benchmarks/pod_compile.py): FSDP shards the state, reduce-scatters the gradients, and
-the step's peak memory stays under a stated budget.
+the step's peak memory stays under a stated budget; a mesh over two slices lays its data axis
+across them.
 
 It runs in a subprocess (libtpu is loaded from .tpu/, which scripts/setup.sh installs, and only
 there: loaded in every test process it would print its start-up complaints everywhere)."""
@@ -32,6 +33,17 @@ for name, mesh in (("data", {"data": 4, "fsdp": 1}), ("fsdp", {"data": 2, "fsdp"
   state = sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
               for a in __import__("jax").tree.leaves(run.abstract_state))
   rows[name] = {**pc.row(compiled, seconds, "v5e:2x2"), "state_bytes": state}
+# Two slices of it (8 chips): the data axis spans them, each fsdp group stays in one slice.
+from tps_jax.trainer import sharding
+two = pc.topology_devices("v5e:2x2", slices=2)
+mesh = sharding.make_mesh([("data", -1), ("fsdp", 2)], devices=two, dcn=[("data", 2)])
+grid = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+rows["slices"] = {"shape": dict(mesh.shape), "fsdp_in_one_slice": bool(
+    (grid == grid[:, :1]).all()), "slices_on_data": sorted(set(grid[:, 0].tolist()))}
+try:
+  sharding.make_mesh([("data", -1), ("fsdp", 2)], devices=two)
+except ValueError as e:
+  rows["slices"]["without_dcn"] = str(e)
 json.dump(rows, sys.stdout)
 """
 PEAK_BUDGET_MIB = 48  # the fsdp step's peak per chip (measured about 29 MiB)
@@ -58,3 +70,8 @@ def test_fsdp_train_step_for_a_tpu_topology_shards_reduce_scatters_and_fits():
   assert fsdp["collectives"].get("all-gather", {}).get("count", 0) >= 1, fsdp["collectives"]
   assert fsdp["peak_gib"] * 1024 < PEAK_BUDGET_MIB, fsdp
   assert fsdp["fits"] and fsdp["tflops_per_chip"] > 0
+  # A multi-slice mesh: the hybrid layout puts the data axis across the slices.
+  slices = rows["slices"]
+  assert slices["shape"] == {"data": 4, "fsdp": 2} and slices["fsdp_in_one_slice"], slices
+  assert slices["slices_on_data"] == [0, 1], slices
+  assert "span 2 slices; say how each mesh axis splits" in slices["without_dcn"], slices

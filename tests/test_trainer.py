@@ -68,13 +68,27 @@ def test_steps_lower_the_loss_and_trace_once():
   assert int(state["step"]) == 25 and all(np.isfinite(losses))
 
 
+# big_vision's form: named axes, a regex strategy, logical activation rules. The MLP's first
+# kernel is split over "model" along its output; the batch over data x fsdp, not "model".
+NAMED = dict(mesh=[("data", 2), ("fsdp", 2), ("model", 2)],
+             sharding_strategy=[(".*/(bias|scale)", "replicate"),
+                                (".*MlpBlock_0/Dense_0/kernel", "shard(dim=-1, axis='model')"),
+                                (".*", "fsdp(axis='fsdp', min_size=4096)")],
+             sharding_rules=[("act_batch", ("data", "fsdp"))])
+
+
 def test_eight_devices_data_by_fsdp_match_one_device():
   overrides = {"model.width": 64, "model.mlp_dim": 256, "mesh.min_shard_size": 4096}
   results = {}
   for name, mesh in (("one", dict(data=1, fsdp=1, num_devices=1)),
-                     ("eight", dict(data=2, fsdp=4))):
+                     ("eight", dict(data=2, fsdp=4)), ("named", NAMED)):
     config = _config("tiny,method=dtps,batch=32", **overrides)
-    config.mesh = {**mesh, "min_shard_size": 4096}
+    if name == "named":
+      with config.ignore_type():  # the recipe's mesh is the older dict form
+        for key, value in mesh.items():
+          config[key] = value
+    else:
+      config.mesh = {**mesh, "min_shard_size": 4096}
     run, state = _prepare(config)
     for batch in _batches(run, 3):
       state, m = run.train_step(state, batch, None)
@@ -92,14 +106,70 @@ def test_eight_devices_data_by_fsdp_match_one_device():
   # nu, the same shape) is split over fsdp like it.
   moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.shape == (64, 256)]
   assert len(moments) >= 2 and all(x.sharding.spec == jax.P(None, "fsdp") for x in moments)
+  # The named layout trains the same, its strategy by path, its batch over data x fsdp, and
+  # the model's activations constrained to it (one constraint per block at least).
+  loss, params, state, run = results["named"]
+  assert loss == pytest.approx(results["one"][0], rel=1e-5)
+  chex.assert_trees_all_close(results["one"][1], params, atol=2e-5, rtol=1e-4)
+  block = state["params"]["Transformer"]["encoderblock_0"]
+  assert block["MlpBlock_0"]["Dense_0"]["kernel"].sharding.spec == jax.P(None, "model")
+  assert block["MlpBlock_0"]["Dense_1"]["kernel"].sharding.spec == jax.P("fsdp")
+  assert block["MlpBlock_0"]["Dense_1"]["bias"].sharding.spec == jax.P()
+  assert run.data_sharding.spec == jax.P(("data", "fsdp"))
+  forward = lambda p, x: run.model.apply({"params": p}, x)
+  images = jax.device_put(jnp.zeros((32, 28, 28, 1)), run.data_sharding)
+  constraint = "sharding_constraint"  # Shardy's op (sdy.sharding_constraint)
+  traced = jax.jit(run.layout.trace(forward)).lower(state["params"], images).as_text()
+  assert traced.count(constraint) >= run.model.depth + 1, traced.count(constraint)
+  assert '"data", "fsdp"' in traced  # act_batch's axes
+  plain = jax.jit(forward).lower(state["params"], images).as_text()
+  assert constraint not in plain  # outside a layout the model constrains nothing
 
 
 def test_rules_and_mesh_errors():
   assert sharding.spec_for((384, 1536), 4) == jax.P(None, "fsdp")
   assert sharding.spec_for((384,), 4) == jax.P()
   assert sharding.spec_for((7, 7777), 4, min_size=1) == jax.P()  # nothing divides
-  with pytest.raises(ValueError, match="fsdp=3 does not divide the 8 devices"):
+  with pytest.raises(ValueError, match="'fsdp': 3} does not divide the 8 devices"):
     sharding.make_mesh(fsdp=3)
+  mesh = sharding.make_mesh([("data", -1), ("fsdp", 2), ("model", 2)])
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "model": 2}
+  for axes, message in (([("data", -1), ("fsdp", -1)], "more than one axis of size -1"),
+                        ([("data", 4), ("data", 2)], "names an axis twice"),
+                        ([("data", 16)], "does not divide the 8 devices"),
+                        ([("data", 2), ("fsdp", 2)], "covers 4 devices, but there are 8"),
+                        (["data"], "list of .axis name, size. pairs")):
+    with pytest.raises(ValueError, match=message):
+      sharding.make_mesh(axes)
+  with pytest.raises(ValueError, match="spans 2 slices, but the devices lie in 1"):
+    sharding.make_mesh([("data", -1)], dcn=[("data", 2)])
+  with pytest.raises(ValueError, match="names axes .'fsdp'. that the mesh .'data'. lacks"):
+    sharding.make_mesh([("data", -1)], dcn=[("fsdp", 2)])
+  # Strategies: by regex on the path, first match; each bad one named before any step.
+  strategy = [(".*bias", "replicate"), (".*emb.*", "shard(dim=-1, axis='model')"),
+              (".*", "fsdp(axis=('data', 'fsdp'), min_size=64)")]
+  spec = lambda path, shape: sharding.spec_for_path(path, shape, strategy, mesh)
+  assert spec("params/head/bias", (64,)) == jax.P()
+  assert spec("params/embedding/kernel", (4, 4, 1, 64)) == jax.P(None, None, None, "model")
+  assert spec("opt_state/0/mu/head/kernel", (64, 10)) == jax.P(("data", "fsdp"))
+  assert spec("params/cls", (1, 1, 6)) == jax.P()  # under min_size
+  for text, message in (("split", "unknown sharding strategy 'split'"),
+                        ("fsdp(axis=fsdp)", "arguments are key=value literals"),
+                        ("shard(axis='model')", "shard needs dim="),
+                        ("fsdp(dims=1)", r"fsdp takes \['axis', 'min_size'\], not \['dims'\]")):
+    with pytest.raises(ValueError, match=message):
+      sharding.parse_strategy(text)
+  with pytest.raises(ValueError, match="names axes .'tensor'.; the mesh has"):
+    sharding.spec_for_path("params/x", (64, 64), [(".*", "shard(dim=0, axis='tensor')")], mesh)
+  for key, value, message in (
+      ("sharding_rules", [("act_batch", "tensor")], "maps 'act_batch' to axes .'tensor'."),
+      ("sharding_strategy", [("(", "replicate")], r"regex '\(':"),
+      ("mesh", {"data": -1, "tensor": 2}, "unknown keys .'tensor'.")):
+    config = _config("tiny")
+    with config.ignore_type():
+      config[key] = value
+    with pytest.raises(ValueError, match=message):
+      loop.Run(config)
   with pytest.raises(ValueError, match="does not divide over the 8 devices"):
     loop.Run(_config("tiny,batch=12"))
   # The evaluation batch is checked at the start, not at the first evaluation.

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 from tps_jax import ops
 from tps_jax.methods import Block, Context, Reduction, TokenState, declares, freeze
-from tps_jax.models import pooling, posemb
+from tps_jax.models import logical, pooling, posemb
 from tps_jax.models.layers import (BLOCK_FUNCTIONS, GELUS, IMPLEMENTATIONS, Encoder1DBlock,
                                    PatchEmbedding)
 
@@ -171,7 +171,7 @@ class Encoder(nn.Module):
 
       def run(a, e, x, policy, bias):
         for i in range(a, e):
-          x = blocks[i](x, policy=policy, bias=bias)
+          x = logical.constrain(blocks[i](x, policy=policy, bias=bias))
         return x
       return apply, run
 
@@ -203,7 +203,7 @@ class Encoder(nn.Module):
         params, i, rate = inp
         y = block.apply({"params": params}, x, policy, rate if self.drop_path else None, bias,
                         rngs=rngs_for(i))
-        return y, None
+        return logical.constrain(y), None
       body = jax.checkpoint(body, policy=policy_fn, prevent_cse=False)
       xs = (jax.tree.map(lambda t: t[a:e], stack), jnp.arange(a, e),
             jnp.asarray(rates[a:e], jnp.float32))
@@ -259,6 +259,7 @@ class Encoder(nn.Module):
         seen.append((attn, block.mlp_tokens or (left if block.attention_tokens is None
                                                 else attn), left))
         stage_at += [i - 1] * (len(state.decisions) - stages_before)
+        state = state.replace(x=logical.constrain(state.x))
       else:  # a run of blocks the method does not act at, up to the next it does
         e = next((j for j in range(i + 1, self.depth) if method.acts_at(opts, j)), self.depth)
         state = state.replace(x=run(i, e, state.x, state.policy(ctx),
@@ -436,7 +437,7 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate(lead + [x + pos], axis=1)
     else:
       x = jnp.concatenate(lead + [x], axis=1) + pos
-    x = nn.Dropout(rate=self.dropout)(x, not train)
+    x = logical.constrain(nn.Dropout(rate=self.dropout)(x, not train))
     if self.norm_pre:
       x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm_pre")(x)
 

@@ -172,10 +172,9 @@ class Run:
     """devices: the mesh's devices (default every device; e.g. a TPU topology's, to compile
     the step for a pod from this machine: benchmarks/pod_compile.py)."""
     self.config = config
-    mesh_cfg = _to_dict(config.get("mesh", {}))
-    self.min_shard_size = mesh_cfg.pop("min_shard_size", 2**14)
-    self.mesh = sharding.make_mesh(**mesh_cfg, devices=devices)
-    self.data_sharding = sharding.batch_sharding(self.mesh)
+    self.layout = sharding.from_config(config, devices=devices)
+    self.mesh = self.layout.mesh
+    self.data_sharding = self.layout.batch()
     self.source, self.preprocess = _input(config)
     inp = config.input
     self.num_classes = config.get("num_classes") or self.source.num_classes
@@ -212,7 +211,7 @@ class Run:
     self.tx, self.schedule = optim.make_optimizer(abstract_params, total_steps=self.total_steps,
                                                   **opt)
     abstract = jax.eval_shape(self._make_state, abstract_params)
-    self.state_shardings = sharding.tree_shardings(abstract, self.mesh, self.min_shard_size)
+    self.state_shardings = self.layout.tree(abstract)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         self.state_shardings)
@@ -248,7 +247,7 @@ class Run:
     # Parameters are float32 whatever the compute dtype, so the teacher itself says what to load.
     params = checkpoints.load_params(teacher_cfg.checkpoint, self.teacher)
     self.teacher_params = jax.device_put(
-        params, sharding.tree_shardings(params, self.mesh, self.min_shard_size))
+        params, self.layout.tree(params, prefix="params"))
 
   def compile(self):
     cfg = self.config
@@ -257,16 +256,16 @@ class Run:
                               teacher=self.teacher, preprocess=self.preprocess,
                               batch_sharding=self.data_sharding,
                               param_shardings=self.state_shardings["params"])
-    teacher_sh = (sharding.tree_shardings(self.teacher_params, self.mesh, self.min_shard_size)
+    teacher_sh = (self.layout.tree(self.teacher_params, prefix="params")
                   if self.teacher_params is not None else None)
-    repl = sharding.replicated(self.mesh)
-    self.train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.data_sharding,
+    repl = self.layout.replicated()
+    self.train_step = jax.jit(self.layout.trace(step_fn), in_shardings=(self.state_shardings, self.data_sharding,
                                                      teacher_sh),
                               out_shardings=(self.state_shardings, repl), donate_argnums=0)
     self.compile_eval()
 
   def compile_eval(self):
-    repl = sharding.replicated(self.mesh)
+    repl = self.layout.replicated()
     self.eval_step = jax.jit(evaluation.make_eval_step(self.eval_model, self.preprocess),
                              in_shardings=(self.state_shardings["params"], self.data_sharding),
                              out_shardings=(repl, repl))
