@@ -21,8 +21,8 @@ A row made with --xla_option, --param_dtype or --model_kw names them (`VARIANT_F
 beside the plain row and never serves as the dense baseline.
 
 Over several batch sizes the run ends with a sweep table per model and dtype: each method's
-speed-up over dense at each batch, and whether it beats dense at batch 1 and 8 (`verdicts` in
-the JSON), where per-call overheads, not the tokens, set the time.
+speed-up over dense at each batch (`verdicts` in the JSON), and whether it beats dense at
+batch 1 and 8, where per-call overheads, not the tokens, set the time.
 """
 
 from __future__ import annotations

@@ -137,3 +137,24 @@ def test_every_method_reduces_it_and_keeps_it_whole_at_keep_one(family):
       else:
         assert np.isfinite(np.asarray(logits)).all(), (name, family)
         assert out["encoded"].shape[1] < dense_out["encoded"].shape[1], (name, family)
+
+
+def test_the_settings_read_from_timm_names_and_the_unknown_ones_named():
+  kw = timm_names.model_kwargs
+  assert kw("vit_base_patch14_reg4_dinov2.lvd142m") == dict(
+      variant="B/14", layout="big_vision", gelu="exact", pool_type="tok", layer_norm_eps=1e-6,
+      image_size=518, layer_scale=1e-5, num_registers=4)
+  assert kw("vit_large_patch14_clip_quickgelu_336")["gelu"] == "quick"
+  assert kw("vit_so400m_patch14_siglip_384")["gelu"] == "exact"  # as timm builds each
+  assert kw("vit_so400m_patch16_siglip_256")["gelu"] == "tanh"
+  gap = kw("vit_base_patch32_siglip_gap_256")
+  assert (gap["pool_type"], gap["gelu"], gap.get("fc_norm")) == ("gap", "tanh", None)
+  mae = kw("vit_large_patch16_224.mae", global_pool="avg")
+  assert (mae["pool_type"], mae["class_token"], mae["fc_norm"]) == ("gap", True, True)
+  assert kw("deit3_base_patch16_384", image_size=224)["image_size"] == 224
+  with pytest.raises(ValueError, match="unknown timm ViT name 'vit_giant_patch14_dinov2'"):
+    kw("vit_giant_patch14_dinov2")
+  with pytest.raises(ValueError, match="unknown timm ViT family 'sam'"):
+    kw("vit_base_patch16_sam_224")
+  with pytest.raises(ValueError, match="expected 'avg' or its own pooling, 'map'"):
+    kw("vit_base_patch16_siglip_224", global_pool="token")

@@ -65,7 +65,7 @@ class ToMeTest(chex.TestCase):
   @parameterized.parameters(2, 5)
   def test_protected_tokens_lead_untouched_and_the_rest_is_the_one_token_merge(self, p):
     """cls and registers (p leading tokens) neither merge nor take a merge, and lead the
-    output in their order; the other tokens merge as with p = 1, in the same order."""
+    output in their order; every output is the mean of the tokens the index sends to it."""
     from tps_jax.methods import stages  # pylint: disable=g-import-not-at-top
     x = tokens(6, 2, 25, 8)
     r = tps_jax.max_merge(25, p)

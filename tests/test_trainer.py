@@ -1,6 +1,7 @@
 """The trainer: loss goes down, one trace per step, sharding, multi-process, resume, errors."""
 
 import json
+import re
 import shutil
 import os
 import signal
@@ -121,7 +122,7 @@ def test_eight_devices_data_by_fsdp_match_one_device():
   constraint = "sharding_constraint"  # Shardy's op (sdy.sharding_constraint)
   traced = jax.jit(run.layout.trace(forward)).lower(state["params"], images).as_text()
   assert traced.count(constraint) >= run.model.depth + 1, traced.count(constraint)
-  assert '"data", "fsdp"' in traced  # act_batch's axes
+  assert re.search(r'sharding_constraint[^\n]*\[\{"data", "fsdp"\}, \{\}, \{\}\]', traced)
   plain = jax.jit(forward).lower(state["params"], images).as_text()
   assert constraint not in plain  # outside a layout the model constrains nothing
 
@@ -153,6 +154,8 @@ def test_rules_and_mesh_errors():
   assert spec("params/embedding/kernel", (4, 4, 1, 64)) == jax.P(None, None, None, "model")
   assert spec("opt_state/0/mu/head/kernel", (64, 10)) == jax.P(("data", "fsdp"))
   assert spec("params/cls", (1, 1, 6)) == jax.P()  # under min_size
+  with pytest.raises(ValueError, match="dim 1 is out of range for its shape .64,."):
+    sharding.spec_for_path("params/b", (64,), [(".*", "shard(dim=1, axis='model')")], mesh)
   for text, message in (("split", "unknown sharding strategy 'split'"),
                         ("fsdp(axis=fsdp)", "arguments are key=value literals"),
                         ("shard(axis='model')", "shard needs dim="),

@@ -188,13 +188,22 @@ def from_torch_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike,
   sd = _strip_prefix(unwrap(state_dict), "module.")
   sd = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
         for k, v in sd.items()}
-  if getattr(model, "gelu", "exact") == "tanh" and "attn_pool.latent" not in sd:
+  if any(k.startswith("visual.trunk.") for k in sd):
+    raise CheckpointMismatchError(
+        "an OpenCLIP tower built on a timm model (keys visual.trunk.*): load the timm model's "
+        "own state dict (those keys without 'visual.trunk.') with its timm name's settings.")
+  if any(k.startswith("visual.") for k in sd):
+    sd = from_openclip(sd)
+  gelu = getattr(model, "gelu", "exact")
+  if gelu == "tanh" and "cls_token" in sd:  # timm's tanh towers are SigLIP's, without cls
     raise ValueError("timm's ViTs use the exact (erf) GELU (only some of its SigLIP towers the "
                      "tanh one), but this model has gelu='tanh' (big_vision's default); build "
                      "it with gelu='exact', or from the name with "
                      "tps_jax.models.timm_names.model_kwargs (logits differ by about 6e-4).")
-  if any(k.startswith("visual.") for k in sd):
-    sd = from_openclip(sd)
+  if gelu == "quick" and "norm_pre.weight" not in sd:
+    raise ValueError("gelu='quick' is OpenAI CLIP's, but this state dict has no norm_pre (no "
+                     "CLIP tower); build the model from its timm name "
+                     "(tps_jax.models.timm_names.model_kwargs).")
   if "patch_embed.proj.weight" in sd and "patch_embed.proj.bias" not in sd:  # CLIP: no bias
     sd["patch_embed.proj.bias"] = np.zeros(sd["patch_embed.proj.weight"].shape[0], np.float32)
   fresh = set(fresh)

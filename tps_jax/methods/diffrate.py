@@ -236,9 +236,13 @@ class DiffRateSearch(Method):
 
   def options(self, spec, geo):
     check_keys(self.name, spec, ())
-    if not geo.has_cls or geo.prefix != 1:
+    if not geo.has_cls:
       raise ValueError("DiffRate's search scores tokens by cls attention: the model needs a "
                        "cls token (pool_type 'tok').")
+    if geo.prefix != 1:
+      raise ValueError(f"DiffRate's search (the authors') protects cls alone; this model has "
+                       f"{geo.prefix} protected tokens (registers): search on a model without "
+                       f"them.")
     return SearchOptions()
 
   def acts_at(self, o, i):

@@ -203,7 +203,8 @@ def decide_masked(x: jax.Array, keep: jax.Array, live: jax.Array, *, squeeze: bo
 
 def tome_new_index(match: ops.ToMeMatch, n: int) -> jax.Array:
   """Where each of `n` tokens goes under a ToMe match: A tokens (even positions) that stay
-  come first in order, then the B tokens (odd), a merged A token into its B destination."""
+  come first in order, then the B tokens (odd), a merged A token into its B destination; with
+  several protected tokens, they lead in their order (ops.tome.arrange_index)."""
   b = match.src.shape[0]
   na, nb = (n + 1) // 2, n // 2
   stay = match.unmerged.shape[1]

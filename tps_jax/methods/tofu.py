@@ -34,7 +34,8 @@ def _halves(x: jax.Array, match: ops.ToMeMatch):
 
 
 def prune_matched(x: jax.Array, match: ops.ToMeMatch) -> jax.Array:
-  """x (B, N, C) -> (B, N - r, C): [unmerged A, B], the matched A tokens dropped."""
+  """x (B, N, C) -> (B, N - r, C): [unmerged A, B] (protected tokens first: ops.tome.arrange),
+  the matched A tokens dropped."""
   a = x[:, ::2]
   return ops.tome.arrange(jnp.concatenate(
       [jnp.take_along_axis(a, match.unmerged[..., None], axis=1), x[:, 1::2]], axis=1),

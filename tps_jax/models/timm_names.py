@@ -18,6 +18,7 @@ forward by tests/test_timm_families.py):
                                   global_pool="avg" builds its fine-tuning form: GAP over the
                                   patches (cls kept but not read) with fc_norm
   vit_*_siglip_*                  SigLIP: MAP head, no cls (its GELU as timm builds it)
+  vit_*_siglip_gap_*              SigLIP's GAP form: the mean of the normalised tokens, no cls
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from typing import Any
 # in it).
 _SIZES = {"tiny": "Ti", "small": "S", "medium": "M", "base": "B", "large": "L", "huge": "H",
           "so400m": "So400m"}
-# timm's SigLIP models built with `act_layer='gelu_tanh'` (the rest use the exact GELU).
-_SIGLIP_TANH = re.compile(r"vit_(base_patch32_siglip_256|large_patch16_siglip_512|"
-                          r"so400m_patch16_siglip_(256|384|512)|\w+siglip2\w*|"
-                          r"\w+_siglip_gap\w*)")
+# timm's SigLIP models built with `act_layer='gelu_tanh'`, MAP and GAP alike (timm 1.0.15; the
+# rest use the exact GELU).
+_SIGLIP_TANH = re.compile(r"vit_(base_patch32_siglip(_gap)?_256|large_patch16_siglip(_gap)?_512|"
+                          r"so400m_patch16_siglip(_gap)?_\d+)")
 
 
 def model_kwargs(name: str, *, global_pool: str | None = None,
@@ -65,14 +66,16 @@ def model_kwargs(name: str, *, global_pool: str | None = None,
     kw.update(norm_pre=True, layer_norm_eps=1e-5, gelu="quick" if "quickgelu" in rest
               else "exact")
   elif "siglip" in rest:
-    kw.update(pool_type="map", layout="big_vision",
+    kw.update(pool_type="gap" if "siglip_gap" in rest else "map", layout="big_vision",
               gelu="tanh" if _SIGLIP_TANH.fullmatch(base) else "exact")
   elif rest:
     raise ValueError(f"unknown timm ViT family {rest!r} in {name!r}; see docs/model.md.")
   if global_pool == "avg":
     kw.update(pool_type="gap", class_token=kw["pool_type"] == "tok", fc_norm=True)
-  elif global_pool not in (None, "token" if kw["pool_type"] == "tok" else "map"):
-    raise ValueError(f"global_pool {global_pool!r} is not read for {name!r}; expected 'avg' "
-                     f"or its own pooling.")
+  else:
+    own = {"tok": "token", "map": "map", "gap": "avg"}[kw["pool_type"]]
+    if global_pool not in (None, own):
+      raise ValueError(f"global_pool {global_pool!r} is not read for {name!r}; expected "
+                       f"'avg' or its own pooling, {own!r}.")
   kw.update(overrides)
   return kw

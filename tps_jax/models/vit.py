@@ -15,8 +15,9 @@ One model runs DeiT / timm, big_vision / AugReg / SigLIP checkpoints alike:
 - `pool_type`: "tok" (a cls token; the DeiT default), "gap" (mean of the tokens), "map"
   (attention pooling), "0" (token 0, a patch), "none" (every token). After a reduction GAP
   and MAP weigh each token by the patches it stands for (pooling.py).
-- `layout` (pool "tok"): "deit" (cls has a position embedding: N0 + 1 rows) or
-  "big_vision" (position embedding on patches only, then cls).
+- `layout`: "deit" (the tokens before the patches, cls and registers, have position
+  embeddings: N0 + 1 + R rows) or "big_vision" (position embedding on the patches only, then
+  cls and registers lead).
 - `posemb`: "learn" or "sincos2d"; `gelu`: "exact" (DeiT, timm), "tanh" (big_vision) or
   "quick" (OpenAI's CLIP).
 - timm's and OpenCLIP's ViTs (docs/model.md lists them): `class_token` (a cls token whatever

@@ -13,7 +13,8 @@ authors' [unmerged A, B] order; with more, a fixed permutation of it (`arrange`)
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +26,17 @@ from tps_jax.ops.merge import max_merge
 from tps_jax.ops.dtypes import upcast
 
 
-class ToMeMatch(NamedTuple):
-  """Indices into set A (even tokens) and set B (odd tokens).
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("unmerged", "src", "dst"), meta_fields=("protected",))
+@dataclasses.dataclass(frozen=True)
+class ToMeMatch:
+  """Indices into set A (even tokens) and set B (odd tokens); a pytree whose `protected` is
+  static, so a match crosses jit, scan and remat whole.
 
   unmerged: (B, Na - r) A tokens that stay, in ascending order.
   src:      (B, r) A tokens merged away.
   dst:      (B, r) index into B of each merged token's destination.
-  protected: leading tokens that never merge (a Python int, static).
+  protected: leading tokens that never merge (a Python int).
   """
   unmerged: jax.Array
   src: jax.Array
@@ -101,7 +106,8 @@ def arrange_index(new_index: jax.Array, match: ToMeMatch) -> jax.Array:
 
 
 def merge_sum(x: jax.Array, match: ToMeMatch) -> jax.Array:
-  """Applies a match by summing: x (B, N, C) -> (B, N - r, C), [unmerged A, B].
+  """Applies a match by summing: x (B, N, C) -> (B, N - r, C), [unmerged A, B] (the protected
+  tokens first where more than one: `arrange`).
 
   Accumulates in float32 and returns `x`'s dtype.
   """

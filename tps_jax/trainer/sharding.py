@@ -155,7 +155,12 @@ def make_mesh(axes: Sequence | None = None, *, devices=None, num_devices: int = 
       raise ValueError(f"the devices span {len(slices)} slices; say how each mesh axis splits "
                        f"across them with mesh_dcn, e.g. [('data', {len(slices)})].")
     return jax.make_mesh(sizes, names, devices=devices, axis_types=types)
-  dcn = dict((str(a), int(s)) for a, s in dcn)
+  try:
+    dcn = dict((str(a), int(s)) for a, s in dcn)
+  except (TypeError, ValueError):
+    raise ValueError(f"mesh_dcn is a list of (axis name, slices) pairs, got {dcn!r}.") from None
+  if any(s < 1 for s in dcn.values()):
+    raise ValueError(f"mesh_dcn sizes are positive, got {dcn}.")
   unknown = sorted(set(dcn) - set(names))
   if unknown:
     raise ValueError(f"mesh_dcn names axes {unknown} that the mesh {list(names)} lacks.")
@@ -235,8 +240,12 @@ def spec_for_path(path: str, shape: tuple[int, ...], strategy: Iterable[tuple[st
     axis = axis if isinstance(axis, str) else tuple(axis)
     if kind == "fsdp":
       return spec_for(shape, _axis_size(mesh, axis), int(kw.get("min_size", 2**14)), axis)
-    dim = int(kw["dim"]) % max(len(shape), 1) if shape else 0
-    if not shape or shape[dim] % _axis_size(mesh, axis):
+    dim = int(kw["dim"])
+    if not -len(shape) <= dim < len(shape):
+      raise ValueError(f"sharding strategy {text!r} for {path}: dim {dim} is out of range for "
+                       f"its shape {shape}; narrow the regex.")
+    dim %= len(shape)
+    if shape[dim] % _axis_size(mesh, axis):
       logging.warning("shard: dimension %d of %s (%s) does not divide over %s; replicated.",
                       dim, path, shape, axis)
       return P()
@@ -286,7 +295,13 @@ def from_config(config, *, devices=None) -> Layout:
                        f"{list(mesh.axis_names)}.")
   if not any(n == BATCH_AXIS for n, _ in rules):
     rules = ((BATCH_AXIS, tuple(mesh.axis_names)),) + rules
-  return Layout(mesh, strategy, rules)
+  layout = Layout(mesh, strategy, rules)
+  unsplit = [a for a in mesh.axis_names if a not in layout.batch_axes and mesh.shape[a] > 1]
+  if unsplit and jax.process_count() > 1:  # each process loads its own rows of the batch
+    raise ValueError(f"config.sharding_rules leaves the batch whole over {unsplit}; with "
+                     f"{jax.process_count()} processes each loads its own rows, so act_batch "
+                     f"must span every axis larger than 1.")
+  return layout
 
 
 # The older functions, over a (data, fsdp) mesh.
