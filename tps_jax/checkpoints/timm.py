@@ -53,9 +53,9 @@ def from_openclip(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def _dense(out, prefix, w, transpose=True):
-  """A torch Linear's (out, in) weight or bias into a flax Dense at `prefix`."""
-  out[prefix] = w.T if transpose and w.ndim == 2 else w
+def _dense(out, key, w):
+  """A torch Linear's (out, in) weight or its bias into a flax Dense's leaf `key`."""
+  out[key] = w.T if w.ndim == 2 else w
 
 
 def _torch_to_flat(sd: Mapping[str, np.ndarray], model: VisionTransformer) -> dict[str, np.ndarray]:
@@ -156,8 +156,8 @@ def _map_block(out, prefix, rest, w, d, h, hd, name, unexpected):
   elif rest == "attn.proj.bias":
     out[f"{attn}/out/bias"] = w
   elif m := re.fullmatch(r"mlp\.fc([12])\.(weight|bias)", rest):
-    dense = f"{prefix}/MlpBlock_0/Dense_{int(m.group(1)) - 1}/"
-    out[dense + ("kernel" if m.group(2) == "weight" else "bias")] = w.T if w.ndim == 2 else w
+    _dense(out, f"{prefix}/MlpBlock_0/Dense_{int(m.group(1)) - 1}/"
+           f"{'kernel' if m.group(2) == 'weight' else 'bias'}", w)
   elif m := re.fullmatch(r"ls([12])\.gamma", rest):
     out[f"{prefix}/LayerScale_{int(m.group(1)) - 1}/scale"] = w
   else:

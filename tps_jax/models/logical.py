@@ -15,7 +15,6 @@ import flax.linen as nn
 
 BATCH, LENGTH, EMBED = "act_batch", "act_len", "act_emb"
 TOKENS = (BATCH, LENGTH, EMBED)  # (B, N, D) token sequences
-POOLED = (BATCH, EMBED)  # (B, D) one vector per image
 
 
 def constrain(x, axes=TOKENS):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -56,7 +57,6 @@ def resample(old: np.ndarray, grid: tuple[int, int],
     return old
   table = old.reshape(h, w, -1)
   if method == "bicubic":
-    import jax  # pylint: disable=g-import-not-at-top
     out = jax.image.resize(table.astype(np.float32), (grid[0], grid[1], table.shape[-1]),
                            "bicubic", antialias=True)
     return np.asarray(out).astype(old.dtype).reshape(1, grid[0] * grid[1], -1)

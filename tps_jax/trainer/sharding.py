@@ -34,8 +34,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tps_jax.models import logical
+
 AXES = ("data", "fsdp")  # the older dict form's axes
-BATCH_AXIS = "act_batch"
+BATCH_AXIS = logical.BATCH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,19 +304,3 @@ def from_config(config, *, devices=None) -> Layout:
                      f"{jax.process_count()} processes each loads its own rows, so act_batch "
                      f"must span every axis larger than 1.")
   return layout
-
-
-# The older functions, over a (data, fsdp) mesh.
-def batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(tuple(mesh.axis_names)))
-
-
-def replicated(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def tree_shardings(tree, mesh, min_size: int = 2**14):
-  """NamedShardings for every leaf by the fsdp rule over the mesh's "fsdp" axis."""
-  fsdp = mesh.shape.get("fsdp", 1)
-  return jax.tree.map(lambda x: NamedSharding(mesh, spec_for(tuple(x.shape), fsdp, min_size)),
-                      tree)
