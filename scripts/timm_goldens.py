@@ -16,7 +16,10 @@ dict (`sd:<name>`, timm's names; OpenCLIP's for "openclip"), the logits (`logits
 projected embedding for CLIP towers) and the normalised tokens (`features`,
 `forward_features`). "dinov2_resampled" holds a DINOv2 state dict for a 5 x 5 grid and the
 logits of timm's model at 4 x 4 after timm's own loader resampled its position table
-(`checkpoint_filter_fn`: bicubic, antialiased). No timm or OpenCLIP code is committed here.
+(`checkpoint_filter_fn`: bicubic, antialiased); "dinov2_patch16" a DINOv2 patch-14 state dict
+and the logits of the same model at patch 16 (64 px, the same 4 x 4 grid) after that loader
+resampled its patch kernel (FlexiViT's pseudo-inverse resize). No timm or OpenCLIP code is
+committed here.
 
 torchvision's CUDA build lacks its operators on a CPU-only torch; timm imports it only for
 names, so its operator registration is skipped here.
@@ -45,6 +48,9 @@ FAMILIES = {
     "clip_laion": ("vit_base_patch16_clip_224", dict(img_size=64, num_classes=16)),
     "mae": ("vit_base_patch16_224.mae", dict(img_size=64, num_classes=10, global_pool="avg")),
     "siglip": ("vit_base_patch16_siglip_224", dict(img_size=64, num_classes=10)),
+    "siglip_gap": ("vit_base_patch16_siglip_gap_224", dict(img_size=64, num_classes=10)),
+    # DINOv2 giant's packed SwiGLU MLP at width 32: fc1 (170, 32), fc2 (32, 85)
+    "dinov2_giant": ("vit_giant_patch14_dinov2", dict(img_size=56, num_classes=10)),
 }
 
 
@@ -123,6 +129,17 @@ def main() -> None:
   with torch.no_grad():
     logits = small(images)
   _save("dinov2_resampled", timm_name, kwargs, images, big.state_dict(), logits, None)
+
+  # DINOv2's patch-14 kernel in a patch-16 model: timm's loader resamples the kernel.
+  big = timm.create_model(timm_name, pretrained=False, **{**SMALL, **over})
+  _redraw(torch, big, 13)
+  kwargs = {**SMALL, **over, "img_size": 64, "patch_size": 16}
+  small = timm.create_model(timm_name, pretrained=False, **kwargs).eval()
+  small.load_state_dict(checkpoint_filter_fn(big.state_dict(), small))
+  images = _images(torch, 64, 13)
+  with torch.no_grad():
+    logits = small(images)
+  _save("dinov2_patch16", timm_name, kwargs, images, big.state_dict(), logits, None)
 
   # OpenCLIP's own tower (OpenAI's layout: quick GELU, no patch bias, ln_pre, a projection).
   tower = open_clip.transformer.VisionTransformer(

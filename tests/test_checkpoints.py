@@ -224,3 +224,37 @@ def test_a_damaged_orbax_step_is_named(damage, tmp_path):
                      match=r"checkpoints/1 is corrupt: its metadata cannot be read") as e:
     runs.read_params(step)
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["linear", "bicubic"])
+def test_a_resampled_patch_kernel_gives_each_upsampled_patch_its_token(method):
+  """FlexiViT's pseudo-inverse resize: a patch upsampled to the new patch size, embedded with
+  the resampled kernel, gives the old patch's token (exactly, as the resize is injective)."""
+  from tps_jax.checkpoints.patch_kernel import resample_patch_kernel, resize_matrix
+  rng = np.random.default_rng(0)
+  kernel = rng.normal(size=(4, 4, 3, 5)).astype(np.float32)
+  new = resample_patch_kernel(kernel, (6, 6), method=method)
+  patches = rng.normal(size=(7, 4, 4, 3)).astype(np.float32)
+  up = jax.image.resize(patches, (7, 6, 6, 3), "linear" if method == "linear" else "cubic")
+  np.testing.assert_allclose(np.einsum("nhwc,hwcd->nd", up, new),
+                             np.einsum("nhwc,hwcd->nd", patches, kernel), rtol=1e-4, atol=1e-4)
+  assert resample_patch_kernel(kernel, (4, 4)) is kernel
+  with pytest.raises(ValueError, match="unknown resampling 'nearest'"):
+    resize_matrix((4, 4), (6, 6), "nearest")
+
+
+def test_a_big_vision_npz_of_another_patch_size_loads_its_kernel_resampled(tmp_path):
+  """A patch-8 checkpoint into a patch-16 model on the same grid: the kernel is resampled
+  (bilinear, as big_vision's FlexiViT), everything else loads as it is."""
+  from tps_jax.checkpoints.patch_kernel import resample_patch_kernel
+  small = Model(10, width=32, depth=1, num_heads=2, patch_size=8, image_size=32,
+                layout="big_vision", pool_type="gap")
+  params = jax.jit(small.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  path = tmp_path / "p8.npz"
+  np.savez(path, **checkpoints.to_flat(params))
+  big = Model(10, width=32, depth=1, num_heads=2, patch_size=16, image_size=64,
+              layout="big_vision", pool_type="gap")
+  loaded = checkpoints.from_big_vision(str(path), big)
+  np.testing.assert_allclose(loaded["embedding"]["kernel"], resample_patch_kernel(
+      np.asarray(params["embedding"]["kernel"]), (16, 16), method="linear"), rtol=1e-6)
+  np.testing.assert_array_equal(loaded["pos_embedding"], params["pos_embedding"])

@@ -33,15 +33,17 @@ SETTINGS = [("Ti", "dtps", {"keep_ratio": 0.7}), ("Ti", "tome", {"r": 8}),
             ("Ti", "mctf", {"r": 8}),
             ("small", "mctf", {"r": 4, "one_step_ahead": 0, "bidirection": False}),
             ("small", "mctf", {"r": 0.3, "locations": (3, 6), "one_step_ahead": 2,
-                               "pooling": "mean"})]
+                               "pooling": "mean"}),
+            ("swiglu", "dtps", {"keep_ratio": 0.7})]  # DINOv2 giant's MLP: D x M, then M / 2 x D
 SMALL = dict(width=96, depth=8, num_heads=3, mlp_dim=384, patch_size=4, image_size=28,
              channels=1)
 
 
 @pytest.mark.parametrize("geometry,method,kw", SETTINGS)
 def test_matches_the_traced_matmuls(geometry, method, kw):
+  more = dict(mlp="swiglu") if geometry == "swiglu" else {}
   m = (Model(1000, variant="Ti/16", reduction=dict(method=method, **kw)) if geometry == "Ti"
-       else Model(10, reduction=dict(method=method, **kw), **SMALL))
+       else Model(10, reduction=dict(method=method, **kw), **SMALL, **more))
   assert flops.macs(m) == pytest.approx(flops.matmul_macs(m), rel=0.001)
 
 

@@ -20,7 +20,8 @@ from tps_jax.models import timm_names
 from tps_jax.models.vit import Model
 
 GOLDENS = ROOT / "tests" / "goldens" / "timm"
-FAMILIES = ("deit3", "dinov2", "dinov2_reg4", "clip_openai", "clip_laion", "mae", "siglip")
+FAMILIES = ("deit3", "dinov2", "dinov2_reg4", "dinov2_giant", "clip_openai", "clip_laion", "mae",
+            "siglip", "siglip_gap")
 REDUCING = tuple(n for n in CONTRACT_METHODS if methods.get(n).reduces)
 
 
@@ -31,13 +32,14 @@ def _golden(family):
   return g, sd, json.loads(str(g["kwargs"]))
 
 
-def _model(name, kwargs, reduction=None):
-  """Our model for timm's `name` at the golden's sizes."""
+def _model(name, kwargs, sd, reduction=None):
+  """Our model for timm's `name` at the golden's sizes (the MLP's width as its state dict's)."""
   kw = timm_names.model_kwargs(name, global_pool=kwargs.get("global_pool"),
                                image_size=kwargs["img_size"], width=kwargs["embed_dim"],
                                depth=kwargs["depth"], num_heads=kwargs["num_heads"],
-                               mlp_dim=4 * kwargs["embed_dim"], reduction=reduction)
-  return Model(kwargs["num_classes"], **kw)
+                               mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0],
+                               patch_size=kwargs.get("patch_size"), reduction=reduction)
+  return Model(kwargs["num_classes"], **{k: v for k, v in kw.items() if v is not None})
 
 
 def _rel(a, b):
@@ -55,7 +57,7 @@ def _nhwc(images):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loads_and_equals_timm(family):
   g, sd, kwargs = _golden(family)
-  model = _model(str(g["name"]), kwargs)
+  model = _model(str(g["name"]), kwargs, sd)
   params = checkpoints.from_torch_state_dict(sd, model)
   logits, out = _apply(model, params, _nhwc(g["images"]))
   assert _rel(logits, g["logits"]) <= 1e-4, _rel(logits, g["logits"])
@@ -68,7 +70,17 @@ def test_a_checkpoint_on_another_grid_resamples_as_timm():
   loader (checkpoint_filter_fn) resamples it."""
   g, sd, kwargs = _golden("dinov2_resampled")
   assert sd["pos_embed"].shape[1] == 1 + 25
-  model = _model(str(g["name"]), kwargs)
+  model = _model(str(g["name"]), kwargs, sd)
+  logits, _ = _apply(model, checkpoints.from_torch_state_dict(sd, model), _nhwc(g["images"]))
+  assert _rel(logits, g["logits"]) <= 1e-4, _rel(logits, g["logits"])
+
+
+def test_a_checkpoint_of_another_patch_size_resamples_its_kernel_as_timm():
+  """DINOv2's patch-14 kernel into a patch-16 model (64 px, the same 4 x 4 grid): FlexiViT's
+  pseudo-inverse resize, bicubic and antialiased, as timm's loader (checkpoint_filter_fn)."""
+  g, sd, kwargs = _golden("dinov2_patch16")
+  assert sd["patch_embed.proj.weight"].shape[-2:] == (14, 14) and kwargs["patch_size"] == 16
+  model = _model(str(g["name"]), kwargs, sd)
   logits, _ = _apply(model, checkpoints.from_torch_state_dict(sd, model), _nhwc(g["images"]))
   assert _rel(logits, g["logits"]) <= 1e-4, _rel(logits, g["logits"])
 
@@ -87,7 +99,7 @@ def test_an_openclip_state_dict_loads_and_equals_openclip():
 
 def test_a_missing_or_misshapen_tensor_is_named():
   g, sd, kwargs = _golden("dinov2_reg4")
-  model = _model(str(g["name"]), kwargs)
+  model = _model(str(g["name"]), kwargs, sd)
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match="missing.*encoderblock_1/LayerScale_1/scale"):
     checkpoints.from_torch_state_dict({k: v for k, v in sd.items()
@@ -121,7 +133,7 @@ LAYOUTS = ("dinov2_reg4", "mae")  # cls + registers; cls pooled out
 @pytest.mark.parametrize("family", LAYOUTS)
 def test_every_method_reduces_it_and_keeps_it_whole_at_keep_one(family):
   g, sd, kwargs = _golden(family)
-  dense = _model(str(g["name"]), kwargs)
+  dense = _model(str(g["name"]), kwargs, sd)
   params = checkpoints.from_torch_state_dict(sd, dense)
   images = _nhwc(g["images"])
   dense_logits, dense_out = _apply(dense, params, images)
@@ -129,7 +141,7 @@ def test_every_method_reduces_it_and_keeps_it_whole_at_keep_one(family):
   for name in REDUCING:
     method = methods.get(name)
     for kind in ("identity", "example"):
-      model = _model(str(g["name"]), kwargs, reduction=getattr(method, kind)(geo))
+      model = _model(str(g["name"]), kwargs, sd, reduction=getattr(method, kind)(geo))
       logits, out = _apply(model, _with_new_parts(model, params), images)
       if kind == "identity":
         np.testing.assert_allclose(logits, dense_logits, rtol=1e-4, atol=1e-5,
@@ -152,8 +164,12 @@ def test_the_settings_read_from_timm_names_and_the_unknown_ones_named():
   mae = kw("vit_large_patch16_224.mae", global_pool="avg")
   assert (mae["pool_type"], mae["class_token"], mae["fc_norm"]) == ("gap", True, True)
   assert kw("deit3_base_patch16_384", image_size=224)["image_size"] == 224
-  with pytest.raises(ValueError, match="unknown timm ViT name 'vit_giant_patch14_dinov2'"):
-    kw("vit_giant_patch14_dinov2")
+  giant = kw("vit_giant_patch14_reg4_dinov2.lvd142m")
+  assert (giant["variant"], giant["num_heads"], giant["mlp_dim"], giant["mlp"]) == (
+      "g-opt/14", 24, 8192, "swiglu")
+  assert kw("vit_giant_patch14_clip_224")["variant"] == "g/14"  # 1408 wide, GELU MLP
+  with pytest.raises(ValueError, match="unknown timm ViT name 'vit_gigantic_patch14_clip_224'"):
+    kw("vit_gigantic_patch14_clip_224")
   with pytest.raises(ValueError, match="unknown timm ViT family 'sam'"):
     kw("vit_base_patch16_sam_224")
   with pytest.raises(ValueError, match="expected 'avg' or its own pooling, 'map'"):

@@ -48,7 +48,7 @@ def breakdown(model: VisionTransformer) -> dict[str, int]:
   d, m = model.width, model.mlp_dim
   red = model.plan()
   method, opts = red.impl, red.options
-  dims = methods.Dims(d, m, model.num_heads)
+  dims = model.dims
   ph, pw = ((model.patch_size,) * 2 if isinstance(model.patch_size, int)
             else tuple(model.patch_size))
   out_d = (d if model.rep_size is True else int(model.rep_size)) if model.rep_size else d

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tps_jax.checkpoints.errors import CheckpointMismatchError
+from tps_jax.checkpoints.patch_kernel import resample_patch_kernel
 from tps_jax.models import posemb
 from tps_jax.models.vit import VisionTransformer
 
@@ -24,14 +25,21 @@ def _is_square(n: int) -> bool:
 
 def adapt_layout(flat: dict[str, np.ndarray], model: VisionTransformer, source: str, *,
                  resample: str | None = None) -> None:
-  """The position table in the model's layout and on its grid, in place.
+  """The position table in the model's layout and on its grid, and the patch kernel at the
+  model's patch size, in place.
 
   Layouts: DeiT's (the tokens before the patches, cls and registers, have positions) and
   big_vision's (patches only; timm's `no_embed_class`). A lead's positions fold into cls and
   the registers (exact: they are the same for every image); a table without them gains zero
   rows. `resample` ("linear", big_vision's; "bicubic", timm's; posemb.RESAMPLINGS) moves a
-  table on another square grid to the model's; None: such a table is a named error.
+  table on another square grid to the model's, and a patch kernel of another size to the
+  model's (FlexiViT's pseudo-inverse resize, checkpoints.patch_kernel); None: either is a
+  named error (the kernel's by `assemble`).
   """
+  kernel = flat.get("embedding/kernel")
+  patch = tuple(np.broadcast_to(model.patch_size, (2,)))
+  if resample and kernel is not None and np.ndim(kernel) == 4 and kernel.shape[:2] != patch:
+    flat["embedding/kernel"] = resample_patch_kernel(kernel, patch, method=resample)
   if "pos_embedding" not in flat:
     return
   pos = flat["pos_embedding"]

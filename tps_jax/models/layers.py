@@ -25,6 +25,10 @@ Dtype = Any
 # and SigLIP flax's default `nn.gelu`, the tanh approximation (6e-4 apart in logits); OpenAI's
 # CLIP x sigmoid(1.702 x) ("quick").
 GELUS = ("exact", "tanh", "quick")
+# The MLPs: "gelu", Dense -> GELU -> Dense; "swiglu", the packed SwiGLU of DINOv2's giant
+# models (timm's `SwiGLUPacked`): Dense_0 (D, M) gives two halves a, b of M / 2 each, then
+# silu(a) * b -> Dense_1 (M / 2, D).
+MLPS = ("gelu", "swiglu")
 
 
 def gelu(x, kind: str = "exact"):
@@ -38,18 +42,24 @@ def gelu(x, kind: str = "exact"):
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> (dropout) -> Dense, (B, N, D) -> (B, N, D)."""
+  """Dense -> GELU -> (dropout) -> Dense, (B, N, D) -> (B, N, D); with `kind` "swiglu" the
+  packed SwiGLU (MLPS): `mlp_dim` is Dense_0's width, twice the gated width."""
   mlp_dim: int
   dtype: Dtype = jnp.float32
   gelu: str = "exact"  # GELUS
   dropout: float = 0.0
   deterministic: bool = True
+  kind: str = "gelu"  # MLPS
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
-    x = gelu(x, self.gelu)
+    if self.kind == "swiglu":
+      a, b = jnp.split(x, 2, axis=-1)
+      x = nn.silu(a) * b
+    else:
+      x = gelu(x, self.gelu)
     x = nn.Dropout(rate=self.dropout)(x, self.deterministic)
     return nn.Dense(d, dtype=self.dtype, name="Dense_1")(x)
 
@@ -273,6 +283,7 @@ class Encoder1DBlock(nn.Module):
   gelu: str = "exact"  # GELUS
   dropout: float = 0.0
   layer_scale: float | None = None
+  mlp: str = "gelu"  # MLPS
 
   def setup(self):
     ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
@@ -283,7 +294,7 @@ class Encoder1DBlock(nn.Module):
     self.LayerNorm_1 = ln("LayerNorm_1")
     self.MlpBlock_0 = MlpBlock(self.mlp_dim, dtype=self.dtype, gelu=self.gelu,
                                dropout=self.dropout, deterministic=self.deterministic,
-                               name="MlpBlock_0")
+                               kind=self.mlp, name="MlpBlock_0")
     self.Dropout_0 = nn.Dropout(rate=self.dropout)
     if self.layer_scale is not None:
       self.layer_scales = [LayerScale(self.layer_scale, name=f"LayerScale_{i}") for i in (0, 1)]

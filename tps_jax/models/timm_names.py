@@ -10,7 +10,8 @@ forward by tests/test_timm_families.py):
 
   deit_* / vit_*_patch*_{224,384} timm's ViT and DeiT: cls with a position, exact GELU
   deit3_*                         DeiT III: layer scale, position table on the patches only
-  vit_*_patch14_dinov2            DINOv2: layer scale, patch 14 (518 px checkpoints)
+  vit_*_patch14_dinov2            DINOv2: layer scale, patch 14 (518 px checkpoints); giant:
+                                  width 1536, 24 heads, packed SwiGLU MLP (mlp_dim 8192)
   vit_*_patch14_reg4_dinov2       DINOv2 with 4 registers, position table on the patches only
   vit_*_clip_*                    CLIP / OpenCLIP: norm_pre, LayerNorm eps 1e-5; "quickgelu"
                                   in the name (OpenAI's weights): quick GELU
@@ -26,10 +27,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-# timm's size words -> our variants (models/vit.py's table; DINOv2 giant's SwiGLU MLP is not
-# in it).
+# timm's size words -> our variants (models/vit.py's table; timm's giant is g, 1408 wide, as
+# its CLIP giant; DINOv2's giant is g-opt's width and depth with its own heads and MLP).
 _SIZES = {"tiny": "Ti", "small": "S", "medium": "M", "base": "B", "large": "L", "huge": "H",
-          "so400m": "So400m"}
+          "so400m": "So400m", "giant": "g"}
 # timm's SigLIP models built with `act_layer='gelu_tanh'`, MAP and GAP alike (timm 1.0.15; the
 # rest use the exact GELU).
 _SIGLIP_TANH = re.compile(r"vit_(base_patch32_siglip(_gap)?_256|large_patch16_siglip(_gap)?_512|"
@@ -60,6 +61,8 @@ def model_kwargs(name: str, *, global_pool: str | None = None,
     kw.update(layout="big_vision", layer_scale=1e-6)
   elif "dinov2" in rest:
     kw.update(layer_scale=1e-5, image_size=518)
+    if size == "giant":  # timm: mlp_ratio 2.66667 * 2, SwiGLUPacked (fc1 (1536, 8192))
+      kw.update(variant=f"g-opt/{patch}", num_heads=24, mlp_dim=8192, mlp="swiglu")
     if rest.startswith("reg"):
       kw.update(num_registers=int(re.match(r"reg(\d+)", rest).group(1)), layout="big_vision")
   elif "clip" in rest:

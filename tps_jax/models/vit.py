@@ -24,7 +24,7 @@ One model runs DeiT / timm, big_vision / AugReg / SigLIP checkpoints alike:
   the pooling: MAE pools the patches of a model with one), `num_registers` (DINOv2's register
   tokens, `registers`, after cls), `layer_scale` (`LayerScale_{0,1}/scale` in each block),
   `norm_pre` (CLIP's LayerNorm before the blocks), `fc_norm` (the final LayerNorm on the
-  pooled vector instead of the tokens).
+  pooled vector instead of the tokens), `mlp` ("swiglu": DINOv2 giant's packed SwiGLU).
 - `scan`: blocks stacked and run by `lax.scan`, each run of blocks between two stages as
   one scan over its slice of the stack (big_vision's layout and rematerialisation).
 
@@ -50,10 +50,11 @@ import jax
 import jax.numpy as jnp
 
 from tps_jax import ops
-from tps_jax.methods import Block, Context, Reduction, TokenState, declares, freeze
+from tps_jax.methods import (Block, Context, Dims, Reduction, TokenState, declares,
+                             freeze)
 from tps_jax.models import logical, pooling, posemb
-from tps_jax.models.layers import (BLOCK_FUNCTIONS, GELUS, IMPLEMENTATIONS, Encoder1DBlock,
-                                   PatchEmbedding)
+from tps_jax.models.layers import (BLOCK_FUNCTIONS, GELUS, IMPLEMENTATIONS, MLPS,
+                                   Encoder1DBlock, PatchEmbedding)
 
 # Width, depth, MLP width and heads by name: big_vision's table (Zhai et al. 2021, Table 2;
 # SigLIP's So400m), which holds DeiT's Ti / S / B.
@@ -143,6 +144,7 @@ class Encoder(nn.Module):
   has_cls: bool = True  # token 0 is a cls token (no patch)
   registers: int = 0  # register tokens after cls (no patch)
   layer_scale: float | None = None  # Encoder1DBlock.layer_scale
+  mlp: str = "gelu"  # layers.MLPS
   final_norm: bool = True  # `encoder_norm` on the output tokens (off where timm's fc_norm is)
   gelu: str = "exact"
   dropout: float = 0.0
@@ -159,7 +161,7 @@ class Encoder(nn.Module):
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
               layer_norm_eps=self.layer_norm_eps, implementation=self.attention,
               policy_form=self.policy_form, gelu=self.gelu, dropout=self.dropout,
-              layer_scale=self.layer_scale)
+              layer_scale=self.layer_scale, mlp=self.mlp)
     rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]
     if not self.scan:
       block_cls = nn.remat(Encoder1DBlock, methods=BLOCK_FUNCTIONS) if self.remat \
@@ -331,6 +333,7 @@ class VisionTransformer(nn.Module):
   layer_scale: float | None = None  # per-channel branch scales initialised at this value
   norm_pre: bool = False  # a LayerNorm `norm_pre` before the blocks (CLIP's ln_pre)
   fc_norm: bool = False  # the final LayerNorm `fc_norm` on the pooled vector, not the tokens
+  mlp: str = "gelu"  # layers.MLPS: "swiglu" is DINOv2 giant's packed SwiGLU (mlp_dim = 2 x gated)
 
   @property
   def has_cls(self) -> bool:
@@ -357,6 +360,13 @@ class VisionTransformer(nn.Module):
   def num_patches(self) -> int:
     gh, gw = self.grid
     return gh * gw
+
+  @property
+  def dims(self) -> Dims:
+    """The block sizes MACs are counted with; a SwiGLU MLP (D x M, then M / 2 x D) counts as
+    a GELU MLP of width 3 M / 4."""
+    mlp = self.mlp_dim if self.mlp == "gelu" else 3 * self.mlp_dim // 4
+    return Dims(self.width, mlp, self.num_heads)
 
   @property
   def num_reducible(self) -> int:
@@ -452,6 +462,7 @@ class VisionTransformer(nn.Module):
                          policy_form=self.policy_form, drop_path=self.drop_path,
                          remat=self.remat, prefix=self.num_prefix, has_cls=self.has_cls,
                          registers=self.num_registers, layer_scale=self.layer_scale,
+                         mlp=self.mlp,
                          final_norm=not self.fc_norm, gelu=self.gelu, dropout=self.dropout,
                          scan=self.scan,
                          remat_policy=self.remat_policy,
@@ -526,7 +537,7 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
     cfg["gelu"] = "tanh" if layout == "big_vision" else "exact"
   checks = (("policy_form", ops.POLICY_FORMS, "exact"), ("attention", IMPLEMENTATIONS, "auto"),
             ("pool_type", POOL_TYPES, "tok"), ("posemb", POSEMBS, "learn"),
-            ("gelu", GELUS, "exact"))
+            ("gelu", GELUS, "exact"), ("mlp", MLPS, "gelu"))
   for key, allowed, default in checks:
     if str(cfg.get(key, default)) not in allowed:
       raise ValueError(f"unknown {key} {cfg[key]!r}; expected one of {allowed}.")
@@ -536,6 +547,8 @@ def Model(num_classes: int | None = None, *, variant: str | None = None,  # noqa
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}.")
   patch = _pair(cfg["patch_size"])
   cfg["patch_size"] = patch[0] if patch[0] == patch[1] else patch
+  if cfg.get("mlp") == "swiglu" and cfg["mlp_dim"] % 2:
+    raise ValueError(f"mlp 'swiglu' splits mlp_dim in two halves; {cfg['mlp_dim']} is odd.")
   if cfg["width"] % cfg["num_heads"]:
     raise ValueError(f"width {cfg['width']} is not divisible by num_heads {cfg['num_heads']}.")
   if cfg.get("posemb") == "sincos2d" and cfg["width"] % 4:

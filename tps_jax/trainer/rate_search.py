@@ -76,7 +76,7 @@ def search_forward(model: VisionTransformer, params, arch, images):
   for prune_kept, merge_kept in kept:
     macs = macs + 4 * macs_n * d * d + 2 * macs_n * macs_n * d
     macs_n = ops.diffrate.ste_min(macs_n, prune_kept, merge_kept)
-    macs = macs + 2 * macs_n * d * model.mlp_dim
+    macs = macs + 2 * macs_n * d * model.dims.mlp_dim
   return logits, macs, kept
 
 
