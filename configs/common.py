@@ -58,6 +58,13 @@ def takes_knobs(method: str) -> bool:
   return type(methods.get(method)).spec is not methods.Method.spec
 
 
+def merge_r(num_patches: int, depth: int, r: int = 13) -> int:
+  """ToMe's merges per block: `r` (13, the paper's at 196 patches and 12 blocks) capped where a
+  deeper model's last block could not merge that many (every block merges at most half of
+  its tokens: N >= (depth + 1) r), e.g. 7 for ViT-L/16 at 224 px."""
+  return max(1, min(r, num_patches // (depth + 1)))
+
+
 def reduction(method: str, keep: float, locations=(3, 6, 9), r: int = 0,
               score: str = "auto", *, model=None) -> dict | None:
   """config.model.reduction for a recipe's method argument.

@@ -18,7 +18,8 @@ The rest follows timm: RandAugment samples its warps bicubic and fills with the
 mean colour, and mixup / CutMix draw one coefficient per device's batch, as per
 GPU (docs/input.md). The evaluation batch (1024) divides over 1 to 1024 devices
 in powers of two.
-`remat=True` rematerialises every block; `policy_form` picks the dtps/dynamicvit
+ToMe merges `r` tokens a block: 13 (the paper's) where the depth allows, else the most that
+every block can (7 for L). `remat=True` rematerialises every block; `policy_form` picks the dtps/dynamicvit
 training attention (exact, deferred, or the fused approximation log_bias).
 """
 
@@ -30,7 +31,7 @@ DROP_PATH = {"Ti": 0.0, "S": 0.1, "B": 0.1, "L": 0.1}
 def get_config(arg=None):
   arg = common.parse_arg(arg, variant="S", method="none", keep=0.7, init="", data_dir="",
                          batch=1024, epochs=0.0, fsdp=1, bf16=True, remat=False, seed=0,
-                         r=13, policy_form="exact")
+                         r=0, policy_form="exact")
   if arg.variant not in DROP_PATH:
     raise ValueError(f"unknown DeiT variant {arg.variant!r}; expected one of {sorted(DROP_PATH)}.")
   c = common.base()
@@ -39,8 +40,9 @@ def get_config(arg=None):
   c.mixed_precision = arg.bf16
   c.model = dict(variant=f"{arg.variant}/16", image_size=224, layout="deit",
                  drop_path=DROP_PATH[arg.variant], remat=arg.remat, policy_form=arg.policy_form)
-  c.model.reduction = common.reduction(arg.method, arg.keep, (3, 6, 9), arg.r,
-                                       model=c.model)
+  depth = {"Ti": 12, "S": 12, "B": 12, "L": 24}[arg.variant]
+  c.model.reduction = common.reduction(arg.method, arg.keep, (3, 6, 9),
+                                       arg.r or common.merge_r(196, depth), model=c.model)
   c.input.dataset = "imagenet2012"
   c.input.data_dir = arg.data_dir or None
   c.input.train_split = "train"
