@@ -1,7 +1,8 @@
-"""Parameters from any checkpoint: timm / DeiT / the authors' TPS, big_vision .npz, our runs.
+"""Parameters from any checkpoint: timm / DeiT / OpenCLIP / Hugging Face / the authors' TPS,
+big_vision .npz, our runs.
 
   params = checkpoints.load_params(path, model)  # any kind below, told apart by its form
-  params = checkpoints.from_torch_state_dict(state_dict_or_path, model)   # timm.py
+  params = checkpoints.from_torch_state_dict(state_dict_or_path, model)   # timm.py (hf.py)
   params = checkpoints.from_big_vision(path, model)                        # big_vision.py
   params = checkpoints.runs.read_params(workdir)                           # runs.py (ours)
 
@@ -39,7 +40,8 @@ def load_params(path: str | os.PathLike, model: VisionTransformer, *,
   Args:
     path: a directory (a tps_jax workdir: its newest intact step; or one Orbax step of it);
       an `.npz` with "a/b/c" keys (ours, `params.npz`, or big_vision / AugReg); or an
-      `.npz` / `.safetensors` / `.pth` with "a.b.c" keys (a timm / DeiT / TPS state dict).
+      `.npz` / `.safetensors` / `.pth` with "a.b.c" keys (a timm / DeiT / OpenCLIP / Hugging
+      Face transformers / TPS state dict).
     model: the VisionTransformer to load into.
     fresh: parts to initialise anew instead ("head", "score_heads").
     rng: the seed of the fresh parts.

@@ -1,11 +1,13 @@
-"""timm / DeiT / OpenCLIP / the authors' TPS PyTorch state dicts -> our parameters.
+"""timm / DeiT / OpenCLIP / Hugging Face / the authors' TPS PyTorch state dicts -> our
+parameters.
 
 timm's names (`cls_token`, `reg_token`, `pos_embed`, `patch_embed.proj`, `norm_pre`,
 `blocks.{i}.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}`, `norm`,
 `fc_norm`, `attn_pool.{latent,q,kv,proj,norm,mlp}`, `head`) cover DeiT, DeiT III, DINOv2
 (with registers), CLIP, MAE and SigLIP; an OpenCLIP / OpenAI CLIP state dict
-(`visual.conv1`, `visual.transformer.resblocks.{i}...`, `visual.proj`) is renamed to them
-first. A position table on another grid is resampled as timm does (bicubic, antialiased).
+(`visual.conv1`, `visual.transformer.resblocks.{i}...`, `visual.proj`) and a Hugging Face
+transformers one (checkpoints.hf) are renamed to them first. A position table on another grid
+is resampled as the checkpoint's own library does (timm: bicubic, antialiased).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import jax
 import numpy as np
 
+from tps_jax.checkpoints import hf
 from tps_jax.checkpoints.assemble import adapt_layout, assemble
 from tps_jax.checkpoints.errors import CheckpointMismatchError
 from tps_jax.checkpoints.files import load_state_dict, unwrap
@@ -84,6 +87,11 @@ def _torch_to_flat(sd: Mapping[str, np.ndarray], model: VisionTransformer) -> di
         out["embedding/bias"] = w
       elif name in ("norm.weight", "norm.bias"):
         out["Transformer/encoder_norm/" + ("scale" if name.endswith("weight") else "bias")] = w
+      elif m := re.fullmatch(r"pre_logits\.fc\.(weight|bias)", name):  # a representation layer
+        if not model.rep_size:
+          unexpected.append(f"{name} (a pre-logits layer: build the model with rep_size=True)")
+          continue
+        _dense(out, f"pre_logits/{'kernel' if m.group(1) == 'weight' else 'bias'}", w)
       elif name == "head.weight":
         out["head/kernel"] = w.T
       elif name == "head.bias":
@@ -167,7 +175,7 @@ def _map_block(out, prefix, rest, w, d, h, hd, name, unexpected):
 def from_torch_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike,
                           model: VisionTransformer, *, fresh: Iterable[str] = (),
                           rng: jax.Array | None = None) -> dict:
-  """A timm / DeiT / OpenCLIP / authors'-TPS state dict -> params for `model`.
+  """A timm / DeiT / OpenCLIP / Hugging Face / authors'-TPS state dict -> params for `model`.
 
   Args:
     state_dict: a mapping of "a.b.c" names to arrays (torch tensors too), or a `.pth`,
@@ -192,8 +200,12 @@ def from_torch_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike,
     raise CheckpointMismatchError(
         "an OpenCLIP tower built on a timm model (keys visual.trunk.*): load the timm model's "
         "own state dict (those keys without 'visual.trunk.') with its timm name's settings.")
+  resample = "bicubic"
   if any(k.startswith("visual.") for k in sd):
     sd = from_openclip(sd)
+  elif hf.is_transformers(sd):
+    resample = hf.resampling(sd)
+    sd = hf.to_timm(sd, head="head" not in set(fresh))
   gelu = getattr(model, "gelu", "exact")
   if gelu == "tanh" and "cls_token" in sd:  # timm's tanh towers are SigLIP's, without cls
     raise ValueError("timm's ViTs use the exact (erf) GELU (only some of its SigLIP towers the "
@@ -212,5 +224,5 @@ def from_torch_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike,
   if "score_heads" in fresh:
     sd = {k: v for k, v in sd.items() if not k.startswith("score_predictor.")}
   flat = _torch_to_flat(sd, model)
-  adapt_layout(flat, model, "state dict", resample="bicubic")
+  adapt_layout(flat, model, "state dict", resample=resample)
   return assemble(flat, model, fresh=fresh, rng=rng, source="state dict")

@@ -2,7 +2,8 @@
 
   pe = sincos2d(h, w, width)          # (1, h w, width), big_vision's / MoCo v3's fixed table
   pe = resample(old, (h, w))          # a learned table moved to another grid (big_vision's
-                                      # linear; method="bicubic": timm's, antialiased)
+                                      # linear; method="bicubic": timm's, antialiased;
+                                      # "bicubic_no_antialias": Hugging Face's)
 """
 
 from __future__ import annotations
@@ -39,7 +40,23 @@ def grid_of(num: int) -> tuple[int, int]:
   return side, side
 
 
-RESAMPLINGS = ("linear", "bicubic")
+RESAMPLINGS = ("linear", "bicubic", "bicubic_no_antialias")
+
+
+def _torch_bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+  """(n_out, n_in): PyTorch's bicubic interpolation without antialiasing (align_corners
+  False: source x = (i + 1/2) n_in / n_out - 1/2; Keys' kernel with a = -0.75; taps outside
+  the grid clamped to its edge)."""
+  x = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+  x0 = np.floor(x).astype(int)
+  t = x - x0
+  near = lambda d: ((a + 2) * d - (a + 3)) * d * d + 1  # |d| <= 1
+  far = lambda d: ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 < |d| < 2
+  weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+  taps = np.clip(x0[:, None] + np.arange(-1, 3)[None], 0, n_in - 1)
+  out = np.zeros((n_out, n_in))
+  np.add.at(out, (np.repeat(np.arange(n_out), 4), taps.reshape(-1)), weights.reshape(-1))
+  return out
 
 
 def resample(old: np.ndarray, grid: tuple[int, int],
@@ -47,7 +64,8 @@ def resample(old: np.ndarray, grid: tuple[int, int],
   """(1, h w, D) learned table -> (1, H W, D) on another grid, each channel interpolated:
   "linear" as big_vision's high-res fine-tuning (scipy.ndimage.zoom, order 1), "bicubic" as
   timm's loader (PyTorch's antialiased bicubic; `jax.image.resize` computes the same
-  Keys a = -0.5 filter, widened when shrinking)."""
+  Keys a = -0.5 filter, widened when shrinking), "bicubic_no_antialias" as Hugging Face
+  transformers' ViTs interpolate theirs (PyTorch's plain bicubic, a = -0.75)."""
   import scipy.ndimage  # pylint: disable=g-import-not-at-top (jax depends on scipy)
   if method not in RESAMPLINGS:
     raise ValueError(f"unknown resampling {method!r}; expected one of {RESAMPLINGS}.")
@@ -56,6 +74,10 @@ def resample(old: np.ndarray, grid: tuple[int, int],
   if (h, w) == tuple(grid):
     return old
   table = old.reshape(h, w, -1)
+  if method == "bicubic_no_antialias":
+    rows, cols = _torch_bicubic_matrix(h, grid[0]), _torch_bicubic_matrix(w, grid[1])
+    out = np.einsum("Hh,hwd,Ww->HWd", rows, table.astype(np.float64), cols)
+    return out.astype(old.dtype).reshape(1, grid[0] * grid[1], -1)
   if method == "bicubic":
     out = jax.image.resize(table.astype(np.float32), (grid[0], grid[1], table.shape[-1]),
                            "bicubic", antialias=True)

@@ -1,0 +1,115 @@
+"""The ViTs people load from Hugging Face, against transformers' own forward.
+
+tests/goldens/hf/ (scripts/hf_goldens.py) holds, per family, transformers' model built from its
+config class at small sizes with seeded weights: its config, its state dict in transformers 5's
+names and as `save_pretrained` writes it to the Hub, inputs, outputs and tokens. Each loads
+through `checkpoints.load_params` / `from_torch_state_dict` into the `Model` that
+`hf_config.model_kwargs` builds from the config, and equals transformers' forward (relative
+error <= 1e-4, float32); the DINOv2 families run at a grid other than their table's, which
+transformers interpolates (plainly for DINOv2, antialiased with registers).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from tps_jax import checkpoints
+from tps_jax.checkpoints import hf
+from tps_jax.models import hf_config
+from tps_jax.models.vit import Model
+
+GOLDENS = ROOT / "tests" / "goldens" / "hf"
+FAMILIES = {"clip": 16, "siglip": 0, "dinov2": 0, "dinov2_reg": 0, "dinov2_swiglu": 0,
+            "vit": 10}  # family -> the model's outputs (0: the pooled vector)
+
+
+def _golden(family):
+  with np.load(GOLDENS / f"{family}.npz") as z:
+    g = {k: z[k] for k in z.files}
+  part = lambda tag: {k[len(tag):]: v for k, v in g.items() if k.startswith(tag)}
+  return g, part("sd:"), part("hub:"), json.loads(str(g["config"]))
+
+
+def _model(family, config, images, **kw):
+  return Model(FAMILIES[family], **hf_config.model_kwargs(config, image_size=images.shape[-1],
+                                                          **kw))
+
+
+def _rel(a, b):
+  return float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
+
+
+def _check(family, model, params, g):
+  images = jnp.asarray(np.transpose(g["images"], (0, 2, 3, 1)))
+  logits, out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
+  output = logits if FAMILIES[family] else out["pre_logits"]
+  assert _rel(output, g["output"]) <= 1e-4, (family, _rel(output, g["output"]))
+  assert _rel(out["encoded"], g["features"]) <= 1e-4, family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loads_and_equals_transformers(family):
+  g, sd, hub, config = _golden(family)
+  model = _model(family, config, g["images"])
+  _check(family, model, checkpoints.from_torch_state_dict(sd, model), g)
+  if hub:  # the Hub's names (DINOv2's packed SwiGLU, ViT's intermediate / output) load alike
+    _check(family, model, checkpoints.from_torch_state_dict(hub, model), g)
+
+
+def test_a_hub_safetensors_file_loads_through_load_params(tmp_path):
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  g, _, hub, config = _golden("dinov2_reg")
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  save_file(hub, str(tmp_path / "model.safetensors"))
+  model = Model(0, **hf_config.model_kwargs(tmp_path, image_size=56))
+  _check("dinov2_reg", model, checkpoints.load_params(tmp_path / "model.safetensors", model), g)
+
+
+def test_the_settings_read_from_configs_and_the_unknown_ones_named(tmp_path):
+  kw = hf_config.model_kwargs
+  clip = kw({"model_type": "clip", "vision_config": {
+      "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+      "intermediate_size": 4096, "patch_size": 14, "image_size": 336, "hidden_act": "quick_gelu"}})
+  assert (clip["gelu"], clip["norm_pre"], clip["layer_norm_eps"], clip["image_size"]) == (
+      "quick", True, 1e-5, 336)
+  siglip = kw({"model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh",
+               "layer_norm_eps": 1e-6, "vision_use_head": False})
+  assert (siglip["gelu"], siglip["pool_type"], siglip["layout"]) == ("tanh", "none", "big_vision")
+  giant = kw({"model_type": "dinov2", "hidden_size": 1536, "num_hidden_layers": 40,
+              "num_attention_heads": 24, "mlp_ratio": 4, "use_swiglu_ffn": True,
+              "layerscale_value": 1.0, "layer_norm_eps": 1e-6})
+  assert (giant["mlp"], giant["mlp_dim"]) == ("swiglu", 8192)  # timm's vit_giant_patch14_dinov2
+  with pytest.raises(ValueError, match="unknown transformers model_type 'swin'"):
+    kw({"model_type": "swin"})
+  with pytest.raises(ValueError, match="unknown hidden_act 'relu'"):
+    kw({"model_type": "vit", "hidden_act": "relu"})
+  with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+    kw(tmp_path)
+
+
+def test_what_does_not_fit_is_named():
+  g, sd, _, config = _golden("dinov2")
+  model = _model("dinov2", config, g["images"])
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="block 1's attention weight lacks"):
+    checkpoints.from_torch_state_dict(
+        {k: v for k, v in sd.items() if k != "encoder.layer.1.attention.k_proj.weight"}, model)
+  classifier = {"classifier.weight": np.zeros((10, 64), np.float32),
+                "classifier.bias": np.zeros(10, np.float32)}
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="Dinov2ForImageClassification"):
+    checkpoints.from_torch_state_dict({**sd, **classifier}, model)
+  fresh = checkpoints.from_torch_state_dict({**sd, **classifier}, _model(
+      "dinov2", config, g["images"]).clone(num_classes=10), fresh=("head",))
+  assert fresh["head"]["kernel"].shape == (32, 10)
+  g, sd, _, config = _golden("vit")
+  pooler = {"vit.pooler.dense.weight": np.eye(32, dtype=np.float32),
+            "vit.pooler.dense.bias": np.zeros(32, np.float32)}
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="build the model with rep_size"):
+    checkpoints.from_torch_state_dict({**sd, **pooler}, _model("vit", config, g["images"]))
+  with_pooler = _model("vit", config, g["images"], rep_size=True)
+  params = checkpoints.from_torch_state_dict({**sd, **pooler}, with_pooler)
+  np.testing.assert_array_equal(params["pre_logits"]["kernel"], np.eye(32))
+  assert hf.is_transformers(sd) and not hf.is_transformers({"patch_embed.proj.weight": 0})
