@@ -113,3 +113,46 @@ def test_what_does_not_fit_is_named():
   params = checkpoints.from_torch_state_dict({**sd, **pooler}, with_pooler)
   np.testing.assert_array_equal(params["pre_logits"]["kernel"], np.eye(32))
   assert hf.is_transformers(sd) and not hf.is_transformers({"patch_embed.proj.weight": 0})
+
+
+def _hub_dir(path, config, sd):
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  path.mkdir()
+  (path / "config.json").write_text(json.dumps(config))
+  save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path / "model.safetensors"))
+  return path
+
+
+def test_hub_directories_of_timm_and_transformers_models_load_whole(tmp_path):
+  """`from_pretrained`: the model from config.json (timm's `architecture` or transformers'
+  `model_type`), its classes from the checkpoint's head, the weights from the directory."""
+  g, _, hub, config = _golden("vit")  # ViTForImageClassification: 10 classes
+  model, params = checkpoints.from_pretrained(_hub_dir(tmp_path / "vit", config, hub))
+  assert model.num_classes == 10 and model.layer_norm_eps == 1e-12
+  _check("vit", model, params, g)
+  g, sd, _, config = _golden("siglip")  # no head: the pooled vector, 0 classes
+  model, params = checkpoints.from_pretrained(_hub_dir(tmp_path / "siglip", config, sd))
+  assert model.num_classes == 0
+  _check("siglip", model, params, g)
+  model, params = checkpoints.from_pretrained(tmp_path / "vit", num_classes=3,
+                                              reduction="etps")  # a new head, a method
+  assert params["head"]["kernel"].shape == (32, 3) and model.plan().impl.name == "etps"
+  with np.load(ROOT / "tests" / "goldens" / "timm" / "dinov2_reg4.npz") as z:
+    timm_sd = {k[3:]: z[k] for k in z.files if k.startswith("sd:")}
+    images, logits = z["images"], z["logits"]
+  timm_config = {"architecture": "vit_small_patch14_reg4_dinov2", "num_classes": 10,
+                 "global_pool": "token", "pretrained_cfg": {"tag": "lvd142m",
+                                                            "input_size": [3, 56, 56]}}
+  model, params = checkpoints.from_pretrained(  # timm's name gives S: the golden's sizes
+      _hub_dir(tmp_path / "timm", timm_config, timm_sd), width=32, depth=2, num_heads=2,
+      mlp_dim=128)
+  assert (model.num_registers, model.image_size, model.num_classes) == (4, 56, 10)
+  out, _ = jax.jit(lambda p, x: model.apply({"params": p}, x))(
+      params, jnp.asarray(np.transpose(images, (0, 2, 3, 1))))
+  assert _rel(out, logits) <= 1e-4
+  (tmp_path / "bare").mkdir()
+  with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+    checkpoints.from_pretrained(tmp_path / "bare")
+  (tmp_path / "bare" / "config.json").write_text("{}")
+  with pytest.raises(ValueError, match="names neither a timm model"):
+    checkpoints.from_pretrained(tmp_path / "bare")

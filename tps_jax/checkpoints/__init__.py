@@ -5,6 +5,7 @@ big_vision .npz, our runs.
   params = checkpoints.from_torch_state_dict(state_dict_or_path, model)   # timm.py (hf.py)
   params = checkpoints.from_big_vision(path, model)                        # big_vision.py
   params = checkpoints.runs.read_params(workdir)                           # runs.py (ours)
+  model, params = checkpoints.from_pretrained(hub_dir, reduction="tome")   # pretrained.py
 
 Each returns a params tree for `model.apply({"params": params}, ...)`, checks every shape
 against the model (`assemble`), and reports missing, unexpected and mismatched keys by name
@@ -25,11 +26,12 @@ from tps_jax.checkpoints.assemble import FRESH_GROUPS, adapt_layout, assemble, t
 from tps_jax.checkpoints.big_vision_npz import from_big_vision
 from tps_jax.checkpoints.errors import CheckpointCorruptError, CheckpointMismatchError
 from tps_jax.checkpoints.files import load_state_dict
+from tps_jax.checkpoints.pretrained import from_pretrained
 from tps_jax.checkpoints.timm import from_torch_state_dict
 from tps_jax.models.vit import VisionTransformer
 
 __all__ = ("CheckpointCorruptError", "CheckpointMismatchError", "FRESH_GROUPS", "adapt_layout",
-           "assemble", "from_big_vision", "from_torch_state_dict", "load_params",
+           "assemble", "from_big_vision", "from_pretrained", "from_torch_state_dict", "load_params",
            "load_state_dict", "runs", "to_flat")
 
 
