@@ -144,10 +144,10 @@ def build_config(model: str, method: str, batch: int, mesh, *, teacher: bool,
   if fields:  # the recipe's stages scaled to this depth (3 / 6 / 9 of 12)
     from configs import common  # pylint: disable=g-import-not-at-top
     from tps_jax.methods import scored  # pylint: disable=g-import-not-at-top
-    from tps_jax.models.vit import build_model, decode_variant  # pylint: disable=g-import-not-at-top
+    from tps_jax.models import vit  # pylint: disable=g-import-not-at-top
     model_cfg = {k: v for k, v in c.model.items() if k != "reduction"}
-    depth = fields.get("depth") or decode_variant(fields["variant"])["depth"]
-    patches = build_model(model_cfg, 1, reduction=None).num_patches
+    depth = fields.get("depth") or vit.decode_variant(fields["variant"])["depth"]
+    patches = vit.build_model(model_cfg, 1, reduction=None).num_patches
     c.model.reduction = common.reduction(method, 0.7, scored.default_locations(depth),
                                          common.merge_r(patches, depth), model=model_cfg)
   c.input.dataset = "synthetic"

@@ -19,8 +19,8 @@ mean colour, and mixup / CutMix draw one coefficient per device's batch, as per
 GPU (docs/input.md). The evaluation batch (1024) divides over 1 to 1024 devices
 in powers of two.
 ToMe merges `r` tokens a block: 13 (the paper's) where the depth allows, else the most that
-every block can (7 for L). `remat=True` rematerialises every block; `policy_form` picks the dtps/dynamicvit
-training attention (exact, deferred, or the fused approximation log_bias).
+every block can (7 for L). `remat=True` rematerialises every block; `policy_form` picks the
+dtps/dynamicvit training attention (exact, deferred, or the fused approximation log_bias).
 """
 
 from configs import common

@@ -156,3 +156,44 @@ def test_hub_directories_of_timm_and_transformers_models_load_whole(tmp_path):
   (tmp_path / "bare" / "config.json").write_text("{}")
   with pytest.raises(ValueError, match="names neither a timm model"):
     checkpoints.from_pretrained(tmp_path / "bare")
+
+
+def _logits(model, params, images):
+  return jax.jit(lambda p, x: model.apply({"params": p}, x)[0])(params, images)
+
+
+def test_openclip_hub_directories_load_whole(tmp_path):
+  """OpenCLIP's: its own tower from vision_cfg (the projection as the head), or a timm model
+  it is built on (`timm_model_name`, weights under visual.trunk.)."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  with np.load(ROOT / "tests" / "goldens" / "timm" / "openclip.npz") as z:
+    sd = {k[3:]: z[k] for k in z.files if k.startswith("sd:")}
+    images, logits = jnp.asarray(np.transpose(z["images"], (0, 2, 3, 1))), z["logits"]
+  own = tmp_path / "own"
+  own.mkdir()
+  (own / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+      "embed_dim": 16, "quick_gelu": True, "text_cfg": {"width": 8},
+      "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16,
+                     "patch_size": 16}}}))
+  save_file(sd, str(own / "open_clip_model.safetensors"))
+  model, params = checkpoints.from_pretrained(own)
+  assert (model.num_classes, model.gelu, model.num_heads) == (16, "quick", 2)
+  assert _rel(_logits(model, params, images), logits) <= 1e-4
+  with np.load(ROOT / "tests" / "goldens" / "timm" / "siglip.npz") as z:
+    trunk = {"visual.trunk." + k[3:]: z[k] for k in z.files if k.startswith("sd:")}
+    images, logits = jnp.asarray(np.transpose(z["images"], (0, 2, 3, 1))), z["logits"]
+  built = tmp_path / "trunk"
+  built.mkdir()
+  config = {"model_cfg": {"embed_dim": 32, "vision_cfg": {
+      "image_size": 64, "timm_model_name": "vit_base_patch16_siglip_224", "timm_pool": "map",
+      "timm_proj": "none"}}}
+  (built / "open_clip_config.json").write_text(json.dumps(config))
+  save_file({**trunk, "text.positional_embedding": np.zeros((4, 4), np.float32)},
+            str(built / "open_clip_model.safetensors"))
+  model, params = checkpoints.from_pretrained(built, width=32, depth=2, num_heads=2, mlp_dim=128)
+  assert model.pool_type == "map" and model.num_classes == 10  # the golden's head
+  assert _rel(_logits(model, params, images), logits) <= 1e-4
+  config["model_cfg"]["vision_cfg"] = {"layers": 2, "ls_init_value": 0.1}
+  (built / "open_clip_config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=r"vision_cfg keys \['ls_init_value'\] are not read"):
+    checkpoints.from_pretrained(built)

@@ -38,7 +38,8 @@ _TOP = {
     "visual_projection.weight": "head.weight", "classifier.weight": "head.weight",
     "classifier.bias": "head.bias",
 }
-_TOP_PREFIX = (("pre_layrnorm.", "norm_pre."), ("post_layernorm.", "norm."), ("layernorm.", "norm."),
+_TOP_PREFIX = (("pre_layrnorm.", "norm_pre."), ("post_layernorm.", "norm."),
+               ("layernorm.", "norm."),
                ("head.attention.out_proj.", "attn_pool.proj."),
                ("head.layernorm.", "attn_pool.norm."), ("head.mlp.", "attn_pool.mlp."),
                ("pooler.dense.", "pre_logits.fc."))

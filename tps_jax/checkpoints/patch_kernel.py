@@ -1,6 +1,6 @@
 """A patch-embedding kernel moved to another patch size (FlexiViT's pseudo-inverse resize).
 
-  new = resample_patch_kernel(kernel, (16, 16), method="bicubic")   # (14, 14, C, D) -> (16, 16, C, D)
+  new = resample_patch_kernel(kernel, (16, 16), method="bicubic")  # (14, 14, C, D) -> (16, 16, ...)
 
 Resizing an image by a factor and embedding it with the resized kernel should give the token
 the old kernel gives the old image. With R the resize as a matrix on flattened patches (old
