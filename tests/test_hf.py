@@ -130,6 +130,7 @@ def test_hub_directories_of_timm_and_transformers_models_load_whole(tmp_path):
   model, params = checkpoints.from_pretrained(_hub_dir(tmp_path / "vit", config, hub))
   assert model.num_classes == 10 and model.layer_norm_eps == 1e-12
   _check("vit", model, params, g)
+  _check("vit", model, checkpoints.load_params(tmp_path / "vit", model), g)  # the same dir
   g, sd, _, config = _golden("siglip")  # no head: the pooled vector, 0 classes
   model, params = checkpoints.from_pretrained(_hub_dir(tmp_path / "siglip", config, sd))
   assert model.num_classes == 0

@@ -26,7 +26,7 @@ from tps_jax.checkpoints.assemble import FRESH_GROUPS, adapt_layout, assemble, t
 from tps_jax.checkpoints.big_vision_npz import from_big_vision
 from tps_jax.checkpoints.errors import CheckpointCorruptError, CheckpointMismatchError
 from tps_jax.checkpoints.files import load_state_dict
-from tps_jax.checkpoints.pretrained import from_pretrained
+from tps_jax.checkpoints.pretrained import from_pretrained, hub_state_dict, is_hub_directory
 from tps_jax.checkpoints.timm import from_torch_state_dict
 from tps_jax.models.vit import VisionTransformer
 
@@ -40,7 +40,8 @@ def load_params(path: str | os.PathLike, model: VisionTransformer, *,
   """Parameters for `model` from a checkpoint of any kind this library reads.
 
   Args:
-    path: a directory (a tps_jax workdir: its newest intact step; or one Orbax step of it);
+    path: a directory (a tps_jax workdir: its newest intact step; or one Orbax step of it; or
+      a downloaded Hub directory, as `from_pretrained` reads);
       an `.npz` with "a/b/c" keys (ours, `params.npz`, or big_vision / AugReg); or an
       `.npz` / `.safetensors` / `.pth` with "a.b.c" keys (a timm / DeiT / OpenCLIP / Hugging
       Face transformers / TPS state dict).
@@ -54,6 +55,8 @@ def load_params(path: str | os.PathLike, model: VisionTransformer, *,
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"checkpoint {path} does not exist.")
+  if is_hub_directory(path):  # a downloaded Hub directory into a model built elsewhere
+    return from_torch_state_dict(hub_state_dict(path), model, fresh=fresh, rng=rng)
   if path.is_dir():  # assemble ignores (and re-initialises) the `fresh` groups itself
     return assemble(runs.read_params(path), model, fresh=fresh, rng=rng,
                     source=f"checkpoint {path}")

@@ -76,6 +76,21 @@ def read_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
   raise FileNotFoundError(f"no weights in {directory}: expected one of {WEIGHTS}.")
 
 
+def is_hub_directory(path: pathlib.Path) -> bool:
+  """A downloaded Hub directory: a config and weights, as `from_pretrained` reads."""
+  return (path.is_dir() and any((path / n).exists() for n in ("config.json",
+                                                                "open_clip_config.json"))
+          and any((path / n).exists() for n in WEIGHTS))
+
+
+def hub_state_dict(directory: pathlib.Path) -> dict[str, np.ndarray]:
+  """A Hub directory's weights, an OpenCLIP tower built on timm as timm's state dict."""
+  sd = read_weights(directory)
+  if any(k.startswith(_TRUNK) for k in sd):  # built on timm: its weights are timm's
+    sd = {k[len(_TRUNK):]: v for k, v in sd.items() if k.startswith(_TRUNK)}
+  return sd
+
+
 def _head_outputs(sd: dict[str, Any]) -> int:
   """The checkpoint's classes (or projection width): its head's rows, in timm's names."""
   if any(k.startswith("visual.") for k in sd):
@@ -119,18 +134,14 @@ def from_pretrained(path: str | os.PathLike, *, num_classes: int | None = None,
   """
   directory = pathlib.Path(path)
   config_path, openclip = directory / "config.json", directory / "open_clip_config.json"
-  sd = None
   if openclip.exists() and not config_path.exists():
     kw = _openclip_kwargs(json.loads(openclip.read_text()))
-    sd = read_weights(directory)
-    if any(k.startswith(_TRUNK) for k in sd):  # built on timm: its weights are timm's
-      sd = {k[len(_TRUNK):]: v for k, v in sd.items() if k.startswith(_TRUNK)}
   elif not config_path.exists():
     raise FileNotFoundError(f"{config_path} does not exist: give a downloaded Hub directory.")
   else:
     kw = model_kwargs(json.loads(config_path.read_text()))
   kw.update(overrides)
-  sd = read_weights(directory) if sd is None else sd
+  sd = hub_state_dict(directory)
   own = _head_outputs(sd)
   classes = own if num_classes is None else num_classes
   model = Model(classes, **kw)
