@@ -20,6 +20,8 @@
 #   7  the largest batches (dense, dtps; remat off and on), Equalize's histogram by method
 #   8  one process timing dense and dtps_fused train steps with kernel breakdowns (and dense's
 #      optimised HLO), and dense with cuDNN's LayerNorm and with cuBLAS in place of Triton GEMMs
+#   9  every registered method's inference at batch 256, then at batch 1 and 8 (issue 45's
+#      breadth: ToFu, VisionZip, DCT and any method added since), each row beside dense
 # Set TPS_JAX_COMMIT=<this commit> in the command: the tree travels without .git.
 # A DeiT-S train step compiles in about 80 s, an inference graph in 10-30 s.
 # The rows accumulate in benchmarks/results/{train_step,throughput}_gpu.json (--append):
@@ -83,7 +85,7 @@ back() {  # back PATHS...: pack RUNS (those matching PARAM_RUNS with their param
   for r in "$@"; do [ -e "$r" ] && paths+=("$r"); done
   [ ${#paths[@]} -gt 0 ] && tar -cf - "${paths[@]}" | split -b 15M - "$OUT/back.tar.part-"
 }
-case "${1:?phase 1 to 8}" in
+case "${1:?phase 1 to 9}" in
   1)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/log.txt"
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
@@ -136,6 +138,9 @@ case "${1:?phase 1 to 8}" in
     timeout 340 python3 -m benchmarks.train_step_profile --specs "$SPECS" --trace 0,1 \
       --hlo 0 --out "$PROF" 2>&1 | tail -12
     [ -d "$PROF" ] && tar -czf "$OUT/prof.tgz" -C /tmp prof ;;
-  *) echo "phase must be 1 to 8" >&2; exit 2 ;;
+  9)
+    infer 170 --batches 256 --no-timm --deadline_s 150
+    infer 170 --batches 1 8 --min_images 64 --no-timm --deadline_s 150 ;;
+  *) echo "phase must be 1 to 9" >&2; exit 2 ;;
 esac
 [ -f "$RESULT" ] && cp "$RESULT" "$OUT/train_step_gpu.json"
