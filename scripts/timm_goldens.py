@@ -100,6 +100,20 @@ def _save(name: str, timm_name: str, kwargs: dict, images, sd, logits, features)
   print(f"{name}: {timm_name} logits {tuple(logits.shape)}, {len(sd)} tensors")
 
 
+def _through_timms_loader(torch, timm, family, timm_name, source, kwargs, size, seed) -> None:
+  """A checkpoint of `timm_name` built with `source` loaded into one built with `kwargs` by
+  timm's own loader; saved with the checkpoint's state dict and the loaded model's logits."""
+  from timm.models.vision_transformer import checkpoint_filter_fn  # pylint: disable=g-import-not-at-top
+  big = timm.create_model(timm_name, pretrained=False, **{**SMALL, **source})
+  _redraw(torch, big, seed)
+  small = timm.create_model(timm_name, pretrained=False, **kwargs).eval()
+  small.load_state_dict(checkpoint_filter_fn(big.state_dict(), small))
+  images = _images(torch, size, seed)
+  with torch.no_grad():
+    logits = small(images)
+  _save(family, timm_name, kwargs, images, big.state_dict(), logits, None)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--site", default="/tmp/hf", help="where torch (and friends) live")
@@ -117,29 +131,13 @@ def main() -> None:
       logits = model.forward_head(features)
     _save(family, timm_name, kwargs, images, model.state_dict(), logits, features)
 
-  # DINOv2 at another grid: timm's loader resamples the position table (5 x 5 -> 4 x 4).
+  # DINOv2 through timm's own loader (checkpoint_filter_fn) into another model: its table
+  # from a 5 x 5 grid to 4 x 4, and its patch-14 kernel into a patch-16 model (same grid).
   timm_name, over = FAMILIES["dinov2"]
-  big = timm.create_model(timm_name, pretrained=False, **{**SMALL, **over, "img_size": 70})
-  _redraw(torch, big, 11)
-  kwargs = {**SMALL, **over}
-  small = timm.create_model(timm_name, pretrained=False, **kwargs).eval()
-  from timm.models.vision_transformer import checkpoint_filter_fn  # pylint: disable=g-import-not-at-top
-  small.load_state_dict(checkpoint_filter_fn(big.state_dict(), small))
-  images = _images(torch, 56, 11)
-  with torch.no_grad():
-    logits = small(images)
-  _save("dinov2_resampled", timm_name, kwargs, images, big.state_dict(), logits, None)
-
-  # DINOv2's patch-14 kernel in a patch-16 model: timm's loader resamples the kernel.
-  big = timm.create_model(timm_name, pretrained=False, **{**SMALL, **over})
-  _redraw(torch, big, 13)
-  kwargs = {**SMALL, **over, "img_size": 64, "patch_size": 16}
-  small = timm.create_model(timm_name, pretrained=False, **kwargs).eval()
-  small.load_state_dict(checkpoint_filter_fn(big.state_dict(), small))
-  images = _images(torch, 64, 13)
-  with torch.no_grad():
-    logits = small(images)
-  _save("dinov2_patch16", timm_name, kwargs, images, big.state_dict(), logits, None)
+  _through_timms_loader(torch, timm, "dinov2_resampled", timm_name, {**over, "img_size": 70},
+                        {**SMALL, **over}, 56, 11)
+  _through_timms_loader(torch, timm, "dinov2_patch16", timm_name, over,
+                        {**SMALL, **over, "img_size": 64, "patch_size": 16}, 64, 13)
 
   # OpenCLIP's own tower (OpenAI's layout: quick GELU, no patch bias, ln_pre, a projection).
   tower = open_clip.transformer.VisionTransformer(
