@@ -24,6 +24,7 @@ dtps/dynamicvit training attention (exact, deferred, or the fused approximation 
 """
 
 from configs import common
+from tps_jax.models import vit
 
 DROP_PATH = {"Ti": 0.0, "S": 0.1, "B": 0.1, "L": 0.1}
 
@@ -40,9 +41,10 @@ def get_config(arg=None):
   c.mixed_precision = arg.bf16
   c.model = dict(variant=f"{arg.variant}/16", image_size=224, layout="deit",
                  drop_path=DROP_PATH[arg.variant], remat=arg.remat, policy_form=arg.policy_form)
-  depth = {"Ti": 12, "S": 12, "B": 12, "L": 24}[arg.variant]
+  depth = vit.decode_variant(arg.variant)["depth"]
   c.model.reduction = common.reduction(arg.method, arg.keep, (3, 6, 9),
-                                       arg.r or common.merge_r(196, depth), model=c.model)
+                                       arg.r or common.merge_r((224 // 16) ** 2, depth),
+                                       model=c.model)
   c.input.dataset = "imagenet2012"
   c.input.data_dir = arg.data_dir or None
   c.input.train_split = "train"

@@ -89,6 +89,14 @@ def test_the_settings_read_from_configs_and_the_unknown_ones_named(tmp_path):
     kw({"model_type": "vit", "hidden_act": "relu"})
   with pytest.raises(FileNotFoundError, match="config.json does not exist"):
     kw(tmp_path)
+  # What a saved config leaves out is the config class's default: a two-tower model's short
+  # vision_config (CLIP: patch 32, quick GELU, eps 1e-5; SigLIP: the tanh GELU, eps 1e-6).
+  short = kw({"model_type": "clip", "vision_config": {"hidden_size": 1024}})
+  assert (short["patch_size"], short["gelu"], short["layer_norm_eps"], short["width"]) == (
+      32, "quick", 1e-5, 1024)
+  short = kw({"model_type": "siglip", "vision_config": {"patch_size": 14}})
+  assert (short["gelu"], short["layer_norm_eps"], short["pool_type"]) == ("tanh", 1e-6, "map")
+  assert kw({"model_type": "dinov2_with_registers"})["num_registers"] == 4
 
 
 def test_what_does_not_fit_is_named():
@@ -99,11 +107,14 @@ def test_what_does_not_fit_is_named():
         {k: v for k, v in sd.items() if k != "encoder.layer.1.attention.k_proj.weight"}, model)
   classifier = {"classifier.weight": np.zeros((10, 64), np.float32),
                 "classifier.bias": np.zeros(10, np.float32)}
-  with pytest.raises(checkpoints.CheckpointMismatchError, match="Dinov2ForImageClassification"):
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="Dinov2 / CLIP / Siglip ForImage"):
     checkpoints.from_torch_state_dict({**sd, **classifier}, model)
   fresh = checkpoints.from_torch_state_dict({**sd, **classifier}, _model(
       "dinov2", config, g["images"]).clone(num_classes=10), fresh=("head",))
   assert fresh["head"]["kernel"].shape == (32, 10)
+  _, clip, _, _ = _golden("clip")  # CLIPForImageClassification: the mean before the norm
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="ForImageClassification head"):
+    checkpoints.from_torch_state_dict({**clip, **classifier}, model)
   g, sd, _, config = _golden("vit")
   pooler = {"vit.pooler.dense.weight": np.eye(32, dtype=np.float32),
             "vit.pooler.dense.bias": np.zeros(32, np.float32)}
@@ -148,15 +159,33 @@ def test_hub_directories_of_timm_and_transformers_models_load_whole(tmp_path):
       _hub_dir(tmp_path / "timm", timm_config, timm_sd), width=32, depth=2, num_heads=2,
       mlp_dim=128)
   assert (model.num_registers, model.image_size, model.num_classes) == (4, 56, 10)
-  out, _ = jax.jit(lambda p, x: model.apply({"params": p}, x))(
-      params, jnp.asarray(np.transpose(images, (0, 2, 3, 1))))
-  assert _rel(out, logits) <= 1e-4
+  assert _rel(_logits(model, params, jnp.asarray(np.transpose(images, (0, 2, 3, 1)))),
+              logits) <= 1e-4
+  with np.load(ROOT / "tests" / "goldens" / "timm" / "siglip_gap.npz") as z:  # "avg": its own
+    timm_sd = {k[3:]: z[k] for k in z.files if k.startswith("sd:")}
+    images, logits = jnp.asarray(np.transpose(z["images"], (0, 2, 3, 1))), z["logits"]
+  timm_config = {"architecture": "vit_base_patch16_siglip_gap_224", "global_pool": "avg",
+                 "pretrained_cfg": {"input_size": [3, 64, 64]}}
+  model, params = checkpoints.from_pretrained(
+      _hub_dir(tmp_path / "gap", timm_config, timm_sd), width=32, depth=2, num_heads=2,
+      mlp_dim=128)
+  assert (model.pool_type, model.fc_norm) == ("gap", False)
+  assert _rel(_logits(model, params, images), logits) <= 1e-4
+  # A ViTModel's pooler (Dense + tanh on cls) loads as rep_size's pre_logits.
+  g, _, hub, config = _golden("vit")
+  pooler = {"vit.pooler.dense.weight": np.eye(32, dtype=np.float32),
+            "vit.pooler.dense.bias": np.zeros(32, np.float32)}
+  model, params = checkpoints.from_pretrained(_hub_dir(tmp_path / "pooled", config,
+                                                       {**hub, **pooler}))
+  assert model.rep_size is True and params["pre_logits"]["kernel"].shape == (32, 32)
+  # A folder without a config naming a model (a tps_jax workdir's config.json names none) is
+  # no Hub directory: load_params reads it as a workdir.
   (tmp_path / "bare").mkdir()
-  with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+  with pytest.raises(FileNotFoundError, match="holds no config.json naming a timm model"):
     checkpoints.from_pretrained(tmp_path / "bare")
-  (tmp_path / "bare" / "config.json").write_text("{}")
-  with pytest.raises(ValueError, match="names neither a timm model"):
-    checkpoints.from_pretrained(tmp_path / "bare")
+  (tmp_path / "bare" / "config.json").write_text(json.dumps({"model": {"variant": "S/16"}}))
+  np.savez(tmp_path / "bare" / "model.safetensors", x=np.zeros(1))
+  assert not checkpoints.is_hub_directory(tmp_path / "bare")
 
 
 def _logits(model, params, images):
@@ -194,6 +223,10 @@ def test_openclip_hub_directories_load_whole(tmp_path):
   model, params = checkpoints.from_pretrained(built, width=32, depth=2, num_heads=2, mlp_dim=128)
   assert model.pool_type == "map" and model.num_classes == 10  # the golden's head
   assert _rel(_logits(model, params, images), logits) <= 1e-4
+  del config["model_cfg"]["vision_cfg"]["timm_proj"]  # OpenCLIP's default: a linear projection
+  (built / "open_clip_config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="timm_proj 'linear' and timm_pool 'map' is not read"):
+    checkpoints.from_pretrained(built)
   config["model_cfg"]["vision_cfg"] = {"layers": 2, "ls_init_value": 0.1}
   (built / "open_clip_config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match=r"vision_cfg keys \['ls_init_value'\] are not read"):

@@ -39,7 +39,9 @@ def adapt_layout(flat: dict[str, np.ndarray], model: VisionTransformer, source: 
   kernel = flat.get("embedding/kernel")
   patch = tuple(np.broadcast_to(model.patch_size, (2,)))
   if resample and kernel is not None and np.ndim(kernel) == 4 and kernel.shape[:2] != patch:
-    flat["embedding/kernel"] = resample_patch_kernel(kernel, patch, method=resample)
+    # big_vision's (linear) or timm's (bicubic, antialiased), whose transformers has none
+    flat["embedding/kernel"] = resample_patch_kernel(
+        kernel, patch, method="linear" if resample == "linear" else "bicubic")
   if "pos_embedding" not in flat:
     return
   pos = flat["pos_embedding"]

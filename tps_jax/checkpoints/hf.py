@@ -86,14 +86,17 @@ def to_timm(sd: Mapping[str, np.ndarray], *, head: bool = True) -> dict[str, np.
   """A transformers state dict (numpy arrays) in timm's names; keys it does not know keep
   their names (the loader then names them as unexpected). `head=False` leaves the classifier
   or projection out (it is initialised anew)."""
-  sd = _strip_tower(sd)
   if not head:
     sd = {k: v for k, v in sd.items() if not k.startswith(("classifier.", "visual_projection."))}
-  width = np.shape(sd.get("embeddings.patch_embeddings.projection.weight", [[0]]))[0]
-  if np.shape(sd.get("classifier.weight", [[0]]))[-1] == 2 * width > 0:
+  if "classifier.weight" in sd and not any(k.startswith("vit.") for k in sd):
+    # DINOv2's classifier reads cls and the patch mean (2 x width inputs), CLIP's and SigLIP's
+    # the mean of the tokens before the final norm: heads this model does not have
     raise CheckpointMismatchError(
-        "a Dinov2ForImageClassification head reads cls and the patch tokens' mean (2 x width "
-        "inputs), which this model's head does not; load its backbone with fresh=('head',).")
+        "a Dinov2 / CLIP / Siglip ForImageClassification head pools the tokens otherwise than "
+        "this model's head; load the backbone without it: fresh=('head',) "
+        "(checkpoints.load_params / from_torch_state_dict), or from_pretrained(..., "
+        "num_classes=0 or a new count).")
+  sd = _strip_tower(sd)
   out, qkv, glu = {}, {}, {}
   for key, w in sd.items():
     if _LEFT_OUT.match(key):

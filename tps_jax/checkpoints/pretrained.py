@@ -26,38 +26,14 @@ from typing import Any
 import numpy as np
 
 from tps_jax.checkpoints.files import load_state_dict
-from tps_jax.checkpoints.hf import is_transformers, to_timm
-from tps_jax.checkpoints.timm import from_openclip, from_torch_state_dict
-from tps_jax.models import hf_config, timm_names
+from tps_jax.checkpoints.timm import from_torch_state_dict
+from tps_jax.models import hf_config, openclip_config, timm_names
 from tps_jax.models.vit import Model, VisionTransformer
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-           "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-# OpenCLIP's own tower: the vision_cfg keys read (any other is a named error)
-_OPENCLIP_KEYS = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size"}
-_TRUNK = "visual.trunk."
-
-
-def _openclip_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-  """`Model`'s keyword arguments from an `open_clip_config.json`."""
-  model_cfg = config.get("model_cfg", config)
-  v = dict(model_cfg.get("vision_cfg") or {})
-  if v.get("timm_model_name"):
-    if v.get("timm_proj", "none") not in ("none", None) or v.get("timm_pool") == "avg":
-      raise ValueError(f"OpenCLIP's timm tower {v['timm_model_name']!r} with timm_proj "
-                       f"{v.get('timm_proj')!r} / timm_pool {v.get('timm_pool')!r} is not read; "
-                       "towers without a projection (timm_proj 'none') are.")
-    return timm_names.model_kwargs(v["timm_model_name"], image_size=v.get("image_size", 224))
-  other = sorted(set(v) - _OPENCLIP_KEYS)
-  if other:
-    raise ValueError(f"OpenCLIP vision_cfg keys {other} are not read; a plain ViT tower "
-                     f"takes {sorted(_OPENCLIP_KEYS)}.")
-  width = v.get("width", 768)
-  return dict(width=width, depth=v.get("layers", 12), num_heads=width // v.get("head_width", 64),
-              mlp_dim=int(width * v.get("mlp_ratio", 4.0)), patch_size=v.get("patch_size", 16),
-              image_size=v.get("image_size", 224), layout="deit", pool_type="tok",
-              norm_pre=True, layer_norm_eps=1e-5,
-              gelu="quick" if model_cfg.get("quick_gelu") else "exact")
+           "pytorch_model.bin.index.json", "open_clip_model.safetensors",
+           "open_clip_pytorch_model.bin")
+_TRUNK = "visual.trunk."  # an OpenCLIP tower built on a timm model
 
 
 def read_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
@@ -76,11 +52,25 @@ def read_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
   raise FileNotFoundError(f"no weights in {directory}: expected one of {WEIGHTS}.")
 
 
+def _config(path: pathlib.Path) -> dict[str, Any] | None:
+  """A Hub directory's config (OpenCLIP's as {"open_clip": ...}), or None where there is none
+  that names a model."""
+  if (path / "config.json").exists():
+    try:
+      config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError:
+      return None
+    return config if "architecture" in config or "model_type" in config else None
+  if (path / "open_clip_config.json").exists():
+    return {"open_clip": json.loads((path / "open_clip_config.json").read_text())}
+  return None
+
+
 def is_hub_directory(path: pathlib.Path) -> bool:
-  """A downloaded Hub directory: a config and weights, as `from_pretrained` reads."""
-  return (path.is_dir() and any((path / n).exists() for n in ("config.json",
-                                                                "open_clip_config.json"))
-          and any((path / n).exists() for n in WEIGHTS))
+  """A downloaded Hub directory: a config naming a model (not a tps_jax workdir's) and
+  weights, as `from_pretrained` reads."""
+  return (path.is_dir() and any((path / n).exists() for n in WEIGHTS)
+          and _config(path) is not None)
 
 
 def hub_state_dict(directory: pathlib.Path) -> dict[str, np.ndarray]:
@@ -92,31 +82,28 @@ def hub_state_dict(directory: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _head_outputs(sd: dict[str, Any]) -> int:
-  """The checkpoint's classes (or projection width): its head's rows, in timm's names."""
-  if any(k.startswith("visual.") for k in sd):
-    sd = from_openclip(sd)
-  elif is_transformers(sd):
-    sd = to_timm(sd)
-  return int(np.shape(sd["head.weight"])[0]) if "head.weight" in sd else 0
+  """The checkpoint's classes (or projection width): its head's rows, 0 without one."""
+  for key in ("head.weight", "classifier.weight", "visual_projection.weight"):
+    if key in sd:
+      return int(np.shape(sd[key])[0])
+  return int(np.shape(sd["visual.proj"])[1]) if "visual.proj" in sd else 0
 
 
 def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-  """`Model`'s keyword arguments from a timm or transformers `config.json`."""
+  """`Model`'s keyword arguments from a Hub directory's config (`_config`)."""
+  if "open_clip" in config:
+    return openclip_config.model_kwargs(config["open_clip"])
   if "architecture" in config:  # timm
     pretrained = config.get("pretrained_cfg") or {}
     name = config["architecture"] + (f".{pretrained['tag']}" if pretrained.get("tag") else "")
-    # "avg" pools the patches (MAE's fine-tuning form); any other is the family's own
-    kw = timm_names.model_kwargs(name, global_pool="avg" if config.get("global_pool") == "avg"
-                                 else None)
+    kw = timm_names.model_kwargs(name)
+    if config.get("global_pool") == "avg" and kw["pool_type"] != "gap":  # MAE's fine-tuning
+      kw = timm_names.model_kwargs(name, global_pool="avg")
     if pretrained.get("input_size"):
-      kw["image_size"] = tuple(pretrained["input_size"][-2:])
-      if kw["image_size"][0] == kw["image_size"][1]:
-        kw["image_size"] = kw["image_size"][0]
+      h, w = pretrained["input_size"][-2:]
+      kw["image_size"] = h if h == w else (h, w)
     return kw
-  if "model_type" in config:  # transformers
-    return hf_config.model_kwargs(config)
-  raise ValueError("config.json names neither a timm model ('architecture') nor a "
-                   "transformers one ('model_type').")
+  return hf_config.model_kwargs(config)
 
 
 def from_pretrained(path: str | os.PathLike, *, num_classes: int | None = None,
@@ -133,15 +120,17 @@ def from_pretrained(path: str | os.PathLike, *, num_classes: int | None = None,
     read) or CheckpointMismatchError (naming the keys).
   """
   directory = pathlib.Path(path)
-  config_path, openclip = directory / "config.json", directory / "open_clip_config.json"
-  if openclip.exists() and not config_path.exists():
-    kw = _openclip_kwargs(json.loads(openclip.read_text()))
-  elif not config_path.exists():
-    raise FileNotFoundError(f"{config_path} does not exist: give a downloaded Hub directory.")
-  else:
-    kw = model_kwargs(json.loads(config_path.read_text()))
-  kw.update(overrides)
+  config = _config(directory)
+  if config is None:
+    raise FileNotFoundError(
+        f"{directory} holds no config.json naming a timm model ('architecture') or a "
+        "transformers one ('model_type'), nor an open_clip_config.json: give a downloaded Hub "
+        "directory.")
+  kw = model_kwargs(config)
   sd = hub_state_dict(directory)
+  if any(k.endswith("pooler.dense.weight") for k in sd):  # ViTModel's pooler: Dense + tanh
+    kw["rep_size"] = True
+  kw.update(overrides)
   own = _head_outputs(sd)
   classes = own if num_classes is None else num_classes
   model = Model(classes, **kw)

@@ -200,14 +200,15 @@ def from_torch_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike,
     raise CheckpointMismatchError(
         "an OpenCLIP tower built on a timm model (keys visual.trunk.*): load the timm model's "
         "own state dict (those keys without 'visual.trunk.') with its timm name's settings.")
-  resample = "bicubic"
+  resample, transformers = "bicubic", hf.is_transformers(sd)
   if any(k.startswith("visual.") for k in sd):
     sd = from_openclip(sd)
-  elif hf.is_transformers(sd):
+  elif transformers:
     resample = hf.resampling(sd)
     sd = hf.to_timm(sd, head="head" not in set(fresh))
   gelu = getattr(model, "gelu", "exact")
-  if gelu == "tanh" and "cls_token" in sd:  # timm's tanh towers are SigLIP's, without cls
+  # timm's tanh towers are SigLIP's, without cls (transformers' config says its GELU)
+  if gelu == "tanh" and "cls_token" in sd and not transformers:
     raise ValueError("timm's ViTs use the exact (erf) GELU (only some of its SigLIP towers the "
                      "tanh one), but this model has gelu='tanh' (big_vision's default); build "
                      "it with gelu='exact', or from the name with "

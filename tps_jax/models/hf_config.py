@@ -26,8 +26,23 @@ from typing import Any, Mapping
 # transformers' `hidden_act` -> our GELU (layers.GELUS)
 _ACTS = {"gelu": "exact", "quick_gelu": "quick", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh",
          "gelu_fast": "tanh"}
-MODEL_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model", "dinov2",
-               "dinov2_with_registers", "vit")
+# Each vision config's defaults, as transformers' config classes set them (5.25): a saved
+# config.json leaves out what equals them (a two-tower model's vision_config often holds
+# only its sizes).
+_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+             num_channels=3, intermediate_size=3072)
+DEFAULTS = {
+    "clip_vision_model": dict(_BASE, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "siglip_vision_model": dict(_BASE, patch_size=16, hidden_act="gelu_pytorch_tanh",
+                                layer_norm_eps=1e-6, vision_use_head=True),
+    "dinov2": dict(_BASE, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6, mlp_ratio=4,
+                   layerscale_value=1.0, use_swiglu_ffn=False),
+    "dinov2_with_registers": dict(_BASE, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-6,
+                                  mlp_ratio=4, layerscale_value=1.0, use_swiglu_ffn=False,
+                                  num_register_tokens=4),
+    "vit": dict(_BASE, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-12),
+}
+MODEL_TYPES = ("clip", "siglip", *DEFAULTS)
 
 
 def read_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
@@ -60,28 +75,28 @@ def model_kwargs(config: Mapping[str, Any] | str | os.PathLike, **overrides: Any
   kind = c.get("model_type")
   if kind in ("clip", "siglip"):
     c, kind = dict(c.get("vision_config") or {}), f"{kind}_vision_model"
-  if kind not in MODEL_TYPES:
+  if kind not in DEFAULTS:
     raise ValueError(f"unknown transformers model_type {kind!r}; the ViTs read are "
                      f"{MODEL_TYPES} (docs/model.md).")
-  act = c.get("hidden_act", "gelu")
+  c = {**DEFAULTS[kind], **c}
+  act = c["hidden_act"]
   if act not in _ACTS:
     raise ValueError(f"unknown hidden_act {act!r} in the {kind} config; expected one of "
                      f"{sorted(_ACTS)}.")
   dinov2 = kind.startswith("dinov2")
   kw: dict[str, Any] = dict(
-      width=c.get("hidden_size", 768), depth=c.get("num_hidden_layers", 12),
-      num_heads=c.get("num_attention_heads", 12), patch_size=c.get("patch_size", 16),
-      image_size=c.get("image_size", 224), layer_norm_eps=c.get("layer_norm_eps", 1e-5),
-      gelu=_ACTS[act], channels=c.get("num_channels", 3), layout="deit", pool_type="tok",
+      width=c["hidden_size"], depth=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+      patch_size=c["patch_size"], image_size=c["image_size"],
+      layer_norm_eps=c["layer_norm_eps"], gelu=_ACTS[act], channels=c["num_channels"],
+      layout="deit", pool_type="tok",
       mlp_dim=(_swiglu_width(c) if c.get("use_swiglu_ffn") else
-               int(c["hidden_size"] * c.get("mlp_ratio", 4)) if dinov2
-               else c.get("intermediate_size", 3072)))
+               int(c["hidden_size"] * c["mlp_ratio"]) if dinov2 else c["intermediate_size"]))
   if kind == "clip_vision_model":
     kw.update(norm_pre=True)
   elif kind == "siglip_vision_model":
-    kw.update(layout="big_vision", pool_type="map" if c.get("vision_use_head", True) else "none")
+    kw.update(layout="big_vision", pool_type="map" if c["vision_use_head"] else "none")
   elif dinov2:
-    kw.update(layer_scale=c.get("layerscale_value", 1.0))
+    kw.update(layer_scale=c["layerscale_value"])
     if c.get("use_swiglu_ffn"):
       kw.update(mlp="swiglu")
     if c.get("num_register_tokens"):

@@ -364,7 +364,7 @@ class VisionTransformer(nn.Module):
   @property
   def dims(self) -> Dims:
     """The block sizes MACs are counted with; a SwiGLU MLP (D x M, then M / 2 x D) counts as
-    a GELU MLP of width 3 M / 4."""
+    a GELU MLP of width 3 M / 4 (exact where M is a multiple of 4, as every released one)."""
     mlp = self.mlp_dim if self.mlp == "gelu" else 3 * self.mlp_dim // 4
     return Dims(self.width, mlp, self.num_heads)
 
