@@ -4,6 +4,16 @@
   python train.py --config configs/imagenet.py:variant=S,method=dtps,keep=0.7,\
 init=deit_small_patch16_224-cd65a155.pth,data_dir=/data/tfds --workdir runs/dtps_s
 
+Any ViT from a downloaded Hub directory (timm's, transformers' or OpenCLIP's: DINOv2, CLIP,
+SigLIP, ...) in place of a DeiT, in two runs: `hub=DIR` fine-tunes it dense at 224 px with a new
+1000-class head (DeiT's fine-tuning schedule), then `hub=DIR,init=<that workdir>,method=dtps`
+reduces it with that run as its teacher:
+
+  python train.py --config configs/imagenet.py:hub=/models/dinov2-small,data_dir=/data/tfds \
+      --workdir runs/dinov2_s
+  python train.py --config configs/imagenet.py:hub=/models/dinov2-small,init=runs/dinov2_s,\
+method=dtps,data_dir=/data/tfds --workdir runs/dinov2_s_dtps
+
 imagenet2012 is read through tfds from `data_dir` (prepare it once with
 `tfds build imagenet2012 --manual_dir=...`). Fine-tuning: 30 epochs, batch
 1024, lr 2.5e-4 (no linear scaling), backbone lr x 0.01 for dtps/dynamicvit,
@@ -23,7 +33,11 @@ every block can (7 for L). `remat=True` rematerialises every block; `policy_form
 dtps/dynamicvit training attention (exact, deferred, or the fused approximation log_bias).
 """
 
+import pathlib
+
 from configs import common
+from tps_jax.checkpoints import pretrained
+from tps_jax.methods import scored
 from tps_jax.models import vit
 
 DROP_PATH = {"Ti": 0.0, "S": 0.1, "B": 0.1, "L": 0.1}
@@ -32,18 +46,23 @@ DROP_PATH = {"Ti": 0.0, "S": 0.1, "B": 0.1, "L": 0.1}
 def get_config(arg=None):
   arg = common.parse_arg(arg, variant="S", method="none", keep=0.7, init="", data_dir="",
                          batch=1024, epochs=0.0, fsdp=1, bf16=True, remat=False, seed=0,
-                         r=0, policy_form="exact")
+                         r=0, policy_form="exact", hub="")
   if arg.variant not in DROP_PATH:
     raise ValueError(f"unknown DeiT variant {arg.variant!r}; expected one of {sorted(DROP_PATH)}.")
   c = common.base()
   c.seed = arg.seed
   c.num_classes = 1000
   c.mixed_precision = arg.bf16
-  c.model = dict(variant=f"{arg.variant}/16", image_size=224, layout="deit",
-                 drop_path=DROP_PATH[arg.variant], remat=arg.remat, policy_form=arg.policy_form)
-  depth = vit.decode_variant(arg.variant)["depth"]
-  c.model.reduction = common.reduction(arg.method, arg.keep, (3, 6, 9),
-                                       arg.r or common.merge_r((224 // 16) ** 2, depth),
+  run = dict(image_size=224, drop_path=DROP_PATH[arg.variant], remat=arg.remat,
+             policy_form=arg.policy_form)
+  if arg.hub:
+    c.model = {**_hub_model(arg.hub), **run}
+  else:
+    c.model = dict(variant=f"{arg.variant}/16", layout="deit", **run)
+  dense = vit.build_model(c.model, 1)
+  locations = (3, 6, 9) if not arg.hub else scored.default_locations(dense.depth)
+  c.model.reduction = common.reduction(arg.method, arg.keep, locations,
+                                       arg.r or common.merge_r(dense.num_patches, dense.depth),
                                        model=c.model)
   c.input.dataset = "imagenet2012"
   c.input.data_dir = arg.data_dir or None
@@ -52,12 +71,20 @@ def get_config(arg=None):
   c.input.batch_size = arg.batch
   c.input.eval_batch_size = 1024  # divides over any power-of-two device count to 1024
   c.mesh = dict(data=-1, fsdp=arg.fsdp)
+  if arg.hub and not arg.init:  # the Hub's backbone, a new head, fine-tuned dense first
+    if arg.method != "none":
+      raise ValueError(f"hub={arg.hub!r} has no ImageNet head to distil {arg.method!r} from: "
+                       "fine-tune it dense first (hub=... alone), then reduce it with "
+                       "init=<that workdir>.")
+    arg.init = arg.hub
   finetuning = bool(arg.init)
   if finetuning:
     c.total_epochs = arg.epochs or 30.0
     c.optim = dict(lr=2.5e-4, backbone_lr_scale=1.0, weight_decay=0.05, warmup_epochs=5.0,
                    warmup_init_lr=1e-6, min_lr=1e-6, clip_norm=0.0)
     common.finetune(c, arg.method)
+    if arg.init == arg.hub:
+      c.init.fresh = ("head",)
     c.init.checkpoint = arg.init
     c.teacher.checkpoint = arg.init
   else:
@@ -67,3 +94,12 @@ def get_config(arg=None):
   c.log_every_steps = 100
   c.checkpoint.every_steps = 1000
   return c
+
+
+def _hub_model(directory: str) -> dict:
+  """The model section of a Hub directory's ViT (its config, read as `from_pretrained`
+  reads it)."""
+  config = pretrained.hub_config(pathlib.Path(directory))
+  kw = pretrained.model_kwargs(config)
+  kw.pop("reduction", None)
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}

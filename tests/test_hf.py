@@ -231,3 +231,23 @@ def test_openclip_hub_directories_load_whole(tmp_path):
   (built / "open_clip_config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match=r"vision_cfg keys \['ls_init_value'\] are not read"):
     checkpoints.from_pretrained(built)
+
+
+def test_the_imagenet_recipe_fine_tunes_a_hub_backbone_then_reduces_it(tmp_path):
+  """`hub=DIR`: the Hub model at 224 px with a new 1000-class head, fine-tuned dense from its
+  weights; then `init=<that run>` reduces it. Reducing it straight from the Hub is refused."""
+  from configs import imagenet  # pylint: disable=g-import-not-at-top
+  from tps_jax.models.vit import build_model  # pylint: disable=g-import-not-at-top
+  _, _, hub, config = _golden("dinov2_reg")
+  directory = _hub_dir(tmp_path / "dino", config, hub)
+  c = imagenet.get_config(f"hub={directory}")
+  assert c.init.checkpoint == str(directory) and tuple(c.init.fresh) == ("head",)
+  model = build_model(c.model, c.num_classes)
+  assert (model.num_registers, model.image_size, model.patch_size) == (4, 224, 14)
+  params = checkpoints.load_params(c.init.checkpoint, model, fresh=c.init.fresh)
+  assert params["pos_embedding"].shape == (1, 256, 32)  # 5 x 5 resampled to 16 x 16
+  assert params["head"]["kernel"].shape == (32, 1000)
+  dtps = imagenet.get_config(f"hub={directory},init=runs/dino,method=dtps")
+  assert dtps.teacher.checkpoint == "runs/dino" and dtps.model.reduction.method == "dtps"
+  with pytest.raises(ValueError, match="has no ImageNet head to distil 'dtps' from"):
+    imagenet.get_config(f"hub={directory},method=dtps")

@@ -66,6 +66,17 @@ def _config(path: pathlib.Path) -> dict[str, Any] | None:
   return None
 
 
+def hub_config(directory: pathlib.Path) -> dict[str, Any]:
+  """A Hub directory's config (`model_kwargs` reads it); a named error where there is none."""
+  config = _config(directory)
+  if config is None:
+    raise FileNotFoundError(
+        f"{directory} holds no config.json naming a timm model ('architecture') or a "
+        "transformers one ('model_type'), nor an open_clip_config.json: give a downloaded Hub "
+        "directory.")
+  return config
+
+
 def is_hub_directory(path: pathlib.Path) -> bool:
   """A downloaded Hub directory: a config naming a model (not a tps_jax workdir's) and
   weights, as `from_pretrained` reads."""
@@ -120,13 +131,7 @@ def from_pretrained(path: str | os.PathLike, *, num_classes: int | None = None,
     read) or CheckpointMismatchError (naming the keys).
   """
   directory = pathlib.Path(path)
-  config = _config(directory)
-  if config is None:
-    raise FileNotFoundError(
-        f"{directory} holds no config.json naming a timm model ('architecture') or a "
-        "transformers one ('model_type'), nor an open_clip_config.json: give a downloaded Hub "
-        "directory.")
-  kw = model_kwargs(config)
+  kw = model_kwargs(hub_config(directory))
   sd = hub_state_dict(directory)
   if any(k.endswith("pooler.dense.weight") for k in sd):  # ViTModel's pooler: Dense + tanh
     kw["rep_size"] = True
