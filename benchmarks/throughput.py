@@ -1,6 +1,8 @@
 """Inference throughput (images/s) of the dense ViT and each token-reduction method.
 
-For each model (DeiT-Ti/16, DeiT-S/16 at 224), batch size, dtype and method,
+For each model (DeiT-Ti/16, DeiT-S/16 at 224 by default; any variant, a timm name as
+"timm:vit_small_patch14_reg4_dinov2", or a downloaded Hub directory as "hub:/path/to/dir",
+timed on random parameters), batch size, dtype and method,
 times the jitted `model.apply(..., train=False)` on random images (compile
 excluded, median of repeats) and prints images/s with the analytic GMACs and the
 speed-up over the dense model of the same row group. On a GPU, timm's DeiT under
@@ -39,20 +41,37 @@ import jax.numpy as jnp
 
 from benchmarks import common, kernels
 from tps_jax import methods
+from tps_jax.checkpoints import pretrained
+from tps_jax.models import timm_names
 from tps_jax.models.vit import Model
 from tps_jax.trainer import evaluation
 
-# Every registered method at its paper's DeiT-S operating point (`Method.example`): keep 0.7
-# at blocks 3, 6, 9; ToMe r = 13; PiToMe keep 0.9 per block; MCTF the authors' r = 16 in
-# blocks 1-11; DiffRate the authors' searched 2.7 GFLOPs schedule.
+# Every registered method at its paper's operating point (`Method.example`), for DeiT-S: keep
+# 0.7 at blocks 3, 6, 9; ToMe r = 13; PiToMe keep 0.9 per block; MCTF the authors' r = 16 in
+# blocks 1-11; DiffRate the authors' searched 2.7 GFLOPs schedule (other models: each method's
+# example scaled to their depth and tokens).
 # A method is any name `tps_jax.methods.get` takes: registered, or a module path imported on
 # first use ("my_pkg.my_method", "path/to/mine.py").
 DEIT = methods.Geometry(depth=12, num_patches=196)
 
 
-def example(method: str) -> dict:
-  """The method's spec at its paper's DeiT-S operating point."""
-  return methods.get(method).example(DEIT)
+def example(method: str, geometry: methods.Geometry = DEIT) -> dict:
+  """The method's spec at its paper's operating point (DeiT-S's by default)."""
+  return methods.get(method).example(geometry)
+
+
+def model_fields(name: str) -> dict:
+  """The `Model` fields of a --models entry: a variant ("S/16"), a timm name
+  ("timm:<name>", models.timm_names) or a downloaded Hub directory ("hub:<dir>",
+  checkpoints.from_pretrained's config); the image size is the run's."""
+  if name.startswith("timm:"):
+    kw = timm_names.model_kwargs(name[len("timm:"):])
+  elif name.startswith("hub:"):
+    kw = pretrained.model_kwargs(pretrained.hub_config(pathlib.Path(name[len("hub:"):])))
+  else:
+    return {"variant": name}
+  kw.pop("image_size", None)
+  return kw
 
 
 # The fields of a row made differently from the plain one (part of its key).
@@ -68,8 +87,10 @@ def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_s
   `param_dtype`: the parameters are cast to it before the compile; `model_kw`: more `Model`
   fields (each named in the row); `min_images`: at least this many images timed in all (more
   calls than `repeats` at a small batch, whose single calls are short and noisy)."""
-  model = Model(1000, variant=variant, image_size=image_size, reduction=example(method),
-                dtype=jnp.dtype(dtype), **(model_kw or {}))
+  fields = {**model_fields(variant), **(model_kw or {})}
+  geometry = Model(1000, image_size=image_size, **fields).plan().geometry
+  model = Model(1000, image_size=image_size, reduction=example(method, geometry),
+                dtype=jnp.dtype(dtype), **fields)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
   if param_dtype:
     params = jax.tree.map(lambda a: a.astype(param_dtype), params)
@@ -92,7 +113,7 @@ def run(variant: str, batch: int, dtype: str, method: str, repeats: int, image_s
     out = pathlib.Path(trace_dir)
     out.mkdir(parents=True, exist_ok=True)
     slug = lambda options: "_" + options_label(options).replace("=", "-").replace(",", "_")
-    name = (f"{variant.replace('/', '')}_b{batch}_{method}"
+    name = (f"{variant.replace('/', '').replace(':', '_')}_b{batch}_{method}"
             + (slug(xla_options) if xla_options else "")
             + (slug({"params": param_dtype}) if param_dtype else "")
             + (slug(model_kw) if model_kw else ""))
@@ -190,7 +211,9 @@ def print_sweep(found: dict) -> None:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", nargs="+", default=["Ti/16", "S/16"])
+  parser.add_argument("--models", nargs="+", default=["Ti/16", "S/16"],
+                      help="variants (S/16), timm names (timm:vit_small_patch14_reg4_dinov2) "
+                           "or downloaded Hub directories (hub:/path/to/dir)")
   parser.add_argument("--batches", "--batch", nargs="+", type=int, default=[32, 1],
                       help="batch sizes, e.g. --batch 1 8 64 256 (a sweep: see `verdicts`)")
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -257,6 +280,8 @@ def main(argv=None):
         args.big_vision, v, b, args.repeats, args.image_size,
         args.trace_dir if args.trace else None))
   for variant in args.models:
+    model_fields(variant)  # a bad name fails before anything is timed
+  for variant in (v for v in args.models if ":" not in v):  # references time DeiT variants
     for batch in args.batches:
       for source in references:
         for r in source(variant, batch):

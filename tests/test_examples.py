@@ -77,6 +77,23 @@ def test_inference_benchmark_rows_options_and_append(tmp_path, capsys):
   assert "xla_options" in capsys.readouterr().out
 
 
+def test_inference_benchmark_times_timm_names_and_hub_directories(tmp_path):
+  """--models takes a timm name or a Hub directory; each method runs at its example scaled to
+  that model (here DINOv2 with registers, shrunk by --model_kw to compile fast)."""
+  from benchmarks import throughput
+  small = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
+  row = throughput.run("timm:vit_small_patch14_reg4_dinov2", 1, "float32", "tome", 1, 56,
+                       model_kw=small)
+  dense = throughput.run("timm:vit_small_patch14_reg4_dinov2", 1, "float32", "none", 1, 56,
+                         model_kw=small)
+  assert 0 < row["gmacs"] < dense["gmacs"] and "width=32" in row["model_kw"]
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "dinov2_with_registers"}))
+  fields = throughput.model_fields(f"hub:{tmp_path}")
+  assert (fields["num_registers"], fields["patch_size"]) == (4, 16) and "image_size" not in fields
+  with pytest.raises(ValueError, match="unknown timm ViT name"):
+    throughput.main(["--models", "timm:resnet50", "--no-timm", "--methods", "none"])
+
+
 def test_inference_reference_rows_compare_to_timm_and_plain_dense_only():
   from benchmarks import big_vision_inference, throughput
   row = lambda impl, rate, **kw: {"impl": impl, "model": "S/16", "batch": 8,
