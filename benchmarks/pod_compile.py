@@ -205,6 +205,38 @@ def row(compiled, seconds: float, topology: str, **fields) -> dict:
           "collectives": collectives(compiled.as_text()), "compile_s": seconds}
 
 
+_MODEL_ORDER = {"tiny": 0, "S": 1, "B": 2, "L": 3, "So400m": 4}
+
+
+def table(paths) -> str:
+  """docs/training.md's pod table from result files: one row per configuration (a later
+  file's row replaces an earlier one's), by topology, slices, model and method. Rows written
+  before the model's activation constraints (`act` "no") lack the `slices` field."""
+  rows = {}
+  for path in paths:
+    for r in json.loads(pathlib.Path(path).read_text())["rows"]:
+      key = (r["topology"], r.get("slices") or 1, r["model"], r["method"], r["batch"], r["mesh"],
+             r.get("teacher", False), r.get("augment", True), r.get("remat", False))
+      if key not in rows or "slices" in r or "slices" not in rows[key]:
+        rows[key] = r
+  gib = lambda r, kind: r["collectives"].get(kind, {}).get("bytes", 0) / GiB
+  lines = ["| topology | model | method | batch | mesh | peak GiB / HBM | TFLOP / chip | "
+           "all-gather GiB | reduce-scatter GiB | all-reduce GiB | act |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for key in sorted(rows, key=lambda k: (k[0], k[1], _MODEL_ORDER.get(k[2], 9), k[2],
+                                         k[3] != "none", k[3], k[4])):
+    r = rows[key]
+    top = r["topology"] + (f" x {key[1]} slices" if key[1] > 1 else "")
+    mesh = r["mesh"] + (f", dcn {r['dcn']}" if r.get("dcn") else "")
+    lines.append(
+        f"| {top} | {r['model']}{' + teacher' if r.get('teacher') else ''} | {r['method']} | "
+        f"{r['batch']} | {mesh} | {r['peak_gib']:.2f} / {r['hbm_gib']:.0f} | "
+        f"{r['tflops_per_chip']:.2f} | {gib(r, 'all-gather'):.2f} | "
+        f"{gib(r, 'reduce-scatter'):.2f} | {gib(r, 'all-reduce'):.2f} | "
+        f"{'yes' if 'slices' in r else 'no'} |")
+  return "\n".join(lines)
+
+
 def parse_mesh(text: str) -> dict:
   out = {}
   for part in filter(None, text.split(",")):
@@ -228,7 +260,12 @@ def main(argv=None):
   p.add_argument("--no-augment", dest="augment", action="store_false")
   p.add_argument("--remat", action="store_true")
   p.add_argument("--out", help="JSON rows")
+  p.add_argument("--table", nargs="+", metavar="JSON",
+                 help="print docs/training.md's table from result files, compile nothing")
   args = p.parse_args(argv)
+  if args.table:
+    print(table(args.table))
+    return []
   devices = topology_devices(args.topology, args.chip_config, args.slices)
   rows = []
   print(f"{args.topology}: {len(devices)} chips, {hbm_gib(args.topology):.0f} GiB HBM each")

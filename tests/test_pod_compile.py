@@ -75,3 +75,28 @@ def test_fsdp_train_step_for_a_tpu_topology_shards_reduce_scatters_and_fits():
   assert slices["shape"] == {"data": 4, "fsdp": 2} and slices["fsdp_in_one_slice"], slices
   assert slices["slices_on_data"] == [0, 1], slices
   assert "span 2 slices; say how each mesh axis splits" in slices["without_dcn"], slices
+
+
+def test_the_docs_table_takes_each_configuration_once_newest_first(tmp_path):
+  """`--table`: one row per configuration, a row with the activation constraints (`slices`
+  recorded) in place of an older one, ordered by topology, slices, model and method."""
+  base = dict(topology="v5e:16x16", batch=4096, mesh="data=16,fsdp=16", teacher=False,
+              hbm_gib=16, tflops_per_chip=1.0,
+              collectives={"all-gather": {"count": 2, "bytes": 2 ** 30}})
+  old = [dict(base, model="B", method="none", peak_gib=1.6),
+         dict(base, model="S", method="etps", peak_gib=0.7)]
+  new = [dict(base, model="B", method="none", peak_gib=1.5, slices=1, dcn=""),
+         dict(base, model="B", method="etps", peak_gib=1.2, slices=2, dcn="data=2", batch=8192)]
+  paths = []
+  for name, rows in (("old", old), ("new", new)):
+    paths.append(tmp_path / f"{name}.json")
+    paths[-1].write_text(json.dumps({"rows": rows}))
+  out = subprocess.run([sys.executable, "-m", "benchmarks.pod_compile", "--table",
+                        *map(str, paths)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = [l for l in out.stdout.splitlines() if l.startswith("| v5e")]
+  assert [l.split(" | ")[1:3] for l in lines] == [["S", "etps"], ["B", "none"], ["B", "etps"]]
+  assert "| 1.50 / 16 |" in lines[1] and lines[1].endswith("| yes |")  # the newer B row
+  assert lines[0].endswith("| no |") and "| 1.00 | 0.00 | 0.00 | no |" in lines[0]
+  assert lines[2].startswith("| v5e:16x16 x 2 slices | B | etps | 8192 | data=16,fsdp=16, dcn data=2 |")
