@@ -251,3 +251,14 @@ def test_the_imagenet_recipe_fine_tunes_a_hub_backbone_then_reduces_it(tmp_path)
   assert dtps.teacher.checkpoint == "runs/dino" and dtps.model.reduction.method == "dtps"
   with pytest.raises(ValueError, match="has no ImageNet head to distil 'dtps' from"):
     imagenet.get_config(f"hub={directory},method=dtps")
+
+
+def test_timm_hub_configs_read_their_model_args():
+  from tps_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
+  mae = pretrained.model_kwargs({"architecture": "vit_base_patch16_224", "model_args": {
+      "global_pool": "avg"}, "pretrained_cfg": {"tag": "mae", "input_size": [3, 224, 224]}})
+  assert (mae["pool_type"], mae["fc_norm"], mae["image_size"]) == ("gap", True, 224)
+  dino = {"architecture": "vit_small_patch14_dinov2", "model_args": {"img_size": 224}}
+  assert pretrained.model_kwargs(dino)["image_size"] == 224
+  with pytest.raises(ValueError, match=r"model_args \['dynamic_img_size'\] of "):
+    pretrained.model_kwargs({**dino, "model_args": {"dynamic_img_size": True}})

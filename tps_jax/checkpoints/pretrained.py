@@ -107,11 +107,18 @@ def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
   if "architecture" in config:  # timm
     pretrained = config.get("pretrained_cfg") or {}
     name = config["architecture"] + (f".{pretrained['tag']}" if pretrained.get("tag") else "")
+    args = dict(config.get("model_args") or {})  # timm's create_model overrides
+    other = sorted(set(args) - {"img_size", "global_pool", "num_classes"})
+    if other:
+      raise ValueError(f"timm model_args {other} of {name!r} are not read (img_size, "
+                       "global_pool and num_classes are).")
     kw = timm_names.model_kwargs(name)
-    if config.get("global_pool") == "avg" and kw["pool_type"] != "gap":  # MAE's fine-tuning
+    pool = args.get("global_pool", config.get("global_pool"))
+    if pool == "avg" and kw["pool_type"] != "gap":  # MAE's fine-tuning form
       kw = timm_names.model_kwargs(name, global_pool="avg")
-    if pretrained.get("input_size"):
-      h, w = pretrained["input_size"][-2:]
+    size = args.get("img_size") or (pretrained.get("input_size") or [])[-2:]
+    if size:  # an int or (H, W)
+      h, w = (size, size) if isinstance(size, int) else size
       kw["image_size"] = h if h == w else (h, w)
     return kw
   return hf_config.model_kwargs(config)
