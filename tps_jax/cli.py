@@ -103,5 +103,9 @@ def run_absl(main: Callable[[list[str]], object]) -> None:
       if asked:
         raise
       _fail(e)
+    except OSError as e:  # ml_collections wraps a config file's own OSError (a missing path)
+      if asked or not isinstance(e.__cause__, BAD_INPUT):
+        raise
+      _fail(e.__cause__)
 
   app.run(guarded, flags_parser=parse)
