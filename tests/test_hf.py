@@ -262,3 +262,17 @@ def test_timm_hub_configs_read_their_model_args():
   assert pretrained.model_kwargs(dino)["image_size"] == 224
   with pytest.raises(ValueError, match=r"model_args \['dynamic_img_size'\] of "):
     pretrained.model_kwargs({**dino, "model_args": {"dynamic_img_size": True}})
+
+
+def test_a_vision_language_models_tower_loads(tmp_path):
+  """PaliGemma-style: the SigLIP tower under model.vision_tower.vision_model., a language
+  model beside it, the config's vision_config the tower's."""
+  g, sd, _, config = _golden("siglip")
+  vlm = {f"model.vision_tower.vision_model.{k}": v for k, v in sd.items()
+         if not k.startswith(("text_model.", "logit_"))}
+  vlm.update({"model.language_model.layers.0.mlp.up_proj.weight": np.zeros((4, 4), np.float32),
+              "model.multi_modal_projector.linear.weight": np.zeros((4, 32), np.float32)})
+  model, params = checkpoints.from_pretrained(_hub_dir(tmp_path / "vlm", {
+      "model_type": "paligemma", "vision_config": config}, vlm))
+  assert model.pool_type == "map" and model.num_classes == 0
+  _check("siglip", model, params, g)

@@ -7,6 +7,8 @@ their tensors their own way, in two generations: the Hub's files (`attention.att
 `intermediate.dense`, DINOv2's packed `mlp.weights_in`) and transformers 5's modules
 (`attention.q_proj`, `mlp.fc1`, `mlp.gate_proj` / `up_proj`). Both are renamed here to the
 names `checkpoints.timm` reads; the separate q / k / v projections become one `attn.qkv`.
+A vision-language model's image tower (LLaVA's CLIP, PaliGemma's SigLIP: `vision_model.`
+below the top level) is taken from its state dict, the language model left out.
 Text-tower keys (`text_model.*`, `text_projection`, `logit_scale`, `logit_bias`) are left
 out. The settings the tensors do not carry (GELU, epsilon, pooling) come from the model's
 `config.json`: `tps_jax.models.hf_config.model_kwargs`.
@@ -71,6 +73,16 @@ def resampling(sd: Mapping[str, object]) -> str:
       else "bicubic_no_antialias"
 
 
+def vision_tower(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A vision-language model's image tower (LLaVA's `model.vision_tower.vision_model.*`,
+  PaliGemma's, ...: a `vision_model.` below the top level) as a vision model's state dict; the
+  language model and projector left out. Any other state dict is returned as it is."""
+  nested = [k for k in sd if ".vision_model." in k]
+  if not nested:
+    return dict(sd)
+  return {k.rsplit("vision_model.", 1)[1]: v for k, v in sd.items() if ".vision_model." in k}
+
+
 def _strip_tower(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   out = {}
   for k, v in sd.items():
@@ -86,6 +98,7 @@ def to_timm(sd: Mapping[str, np.ndarray], *, head: bool = True) -> dict[str, np.
   """A transformers state dict (numpy arrays) in timm's names; keys it does not know keep
   their names (the loader then names them as unexpected). `head=False` leaves the classifier
   or projection out (it is initialised anew)."""
+  sd = vision_tower(sd)
   if not head:
     sd = {k: v for k, v in sd.items() if not k.startswith(("classifier.", "visual_projection."))}
   if "classifier.weight" in sd and not any(k.startswith("vit.") for k in sd):

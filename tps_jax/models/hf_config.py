@@ -13,7 +13,9 @@ transformers' own forward by tests/test_hf.py):
   dinov2, dinov2_with_registers     DINOv2: layer scale, registers, SwiGLU where the config says
   vit                               Google's ViT (ViTModel / ViTForImageClassification)
 
-The two-tower configs (`clip`, `siglip`) are read through their `vision_config`.
+The two-tower configs (`clip`, `siglip`) are read through their `vision_config`, and so is a
+vision-language model's whose `vision_config` is one of them (LLaVA's CLIP, PaliGemma's
+SigLIP).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def model_kwargs(config: Mapping[str, Any] | str | os.PathLike, **overrides: Any
   kind = c.get("model_type")
   if kind in ("clip", "siglip"):
     c, kind = dict(c.get("vision_config") or {}), f"{kind}_vision_model"
+  elif kind not in DEFAULTS and (c.get("vision_config") or {}).get("model_type") in DEFAULTS:
+    c = dict(c["vision_config"])  # a vision-language model's tower (LLaVA, PaliGemma, ...)
+    kind = c["model_type"]
   if kind not in DEFAULTS:
     raise ValueError(f"unknown transformers model_type {kind!r}; the ViTs read are "
                      f"{MODEL_TYPES} (docs/model.md).")
