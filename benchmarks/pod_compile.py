@@ -209,22 +209,24 @@ _MODEL_ORDER = {"tiny": 0, "S": 1, "B": 2, "L": 3, "So400m": 4}
 
 
 def table(paths) -> str:
-  """docs/training.md's pod table from result files: one row per configuration (a later
-  file's row replaces an earlier one's), by topology, slices, model and method. Rows written
-  before the model's activation constraints (`act` "no") lack the `slices` field."""
+  """docs/training.md's pod table from result files: one row per configuration (of two, the
+  one with the activation constraints; else the later file's, in the order given), by
+  topology, slices, model and method. Rows written before the model's activation constraints
+  (`act` "no") lack the `slices` field."""
   rows = {}
   for path in paths:
     for r in json.loads(pathlib.Path(path).read_text())["rows"]:
-      key = (r["topology"], r.get("slices") or 1, r["model"], r["method"], r["batch"], r["mesh"],
-             r.get("teacher", False), r.get("augment", True), r.get("remat", False))
+      key = (r["topology"], r.get("slices") or 1, r.get("dcn") or "", r["model"], r["method"],
+             r["batch"], r["mesh"], r.get("teacher", False), r.get("augment", True),
+             r.get("remat", False))
       if key not in rows or "slices" in r or "slices" not in rows[key]:
         rows[key] = r
   gib = lambda r, kind: r["collectives"].get(kind, {}).get("bytes", 0) / GiB
   lines = ["| topology | model | method | batch | mesh | peak GiB / HBM | TFLOP / chip | "
            "all-gather GiB | reduce-scatter GiB | all-reduce GiB | act |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for key in sorted(rows, key=lambda k: (k[0], k[1], _MODEL_ORDER.get(k[2], 9), k[2],
-                                         k[3] != "none", k[3], k[4])):
+  for key in sorted(rows, key=lambda k: (k[0], k[1], k[2], _MODEL_ORDER.get(k[3], 9), k[3],
+                                         k[4] != "none", k[4], k[5])):
     r = rows[key]
     top = r["topology"] + (f" x {key[1]} slices" if key[1] > 1 else "")
     mesh = r["mesh"] + (f", dcn {r['dcn']}" if r.get("dcn") else "")

@@ -6,8 +6,8 @@ init=deit_small_patch16_224-cd65a155.pth,data_dir=/data/tfds --workdir runs/dtps
 
 Any ViT from a downloaded Hub directory (timm's, transformers' or OpenCLIP's: DINOv2, CLIP,
 SigLIP, ...) in place of a DeiT, in two runs: `hub=DIR` fine-tunes it dense at 224 px with a new
-1000-class head (DeiT's fine-tuning schedule), then `hub=DIR,init=<that workdir>,method=dtps`
-reduces it with that run as its teacher:
+1000-class head (DeiT's fine-tuning schedule, no teacher), then `hub=DIR,init=<that workdir>,
+method=dtps` reduces it with that run as its teacher (`variant` is not read; drop path 0.1):
 
   python train.py --config configs/imagenet.py:hub=/models/dinov2-small,data_dir=/data/tfds \
       --workdir runs/dinov2_s
@@ -53,8 +53,8 @@ def get_config(arg=None):
   c.seed = arg.seed
   c.num_classes = 1000
   c.mixed_precision = arg.bf16
-  run = dict(image_size=224, drop_path=DROP_PATH[arg.variant], remat=arg.remat,
-             policy_form=arg.policy_form)
+  run = dict(image_size=224, drop_path=0.1 if arg.hub else DROP_PATH[arg.variant],
+             remat=arg.remat, policy_form=arg.policy_form)
   if arg.hub:
     c.model = {**_hub_model(arg.hub), **run}
   else:
@@ -71,7 +71,8 @@ def get_config(arg=None):
   c.input.batch_size = arg.batch
   c.input.eval_batch_size = 1024  # divides over any power-of-two device count to 1024
   c.mesh = dict(data=-1, fsdp=arg.fsdp)
-  if arg.hub and not arg.init:  # the Hub's backbone, a new head, fine-tuned dense first
+  from_hub = bool(arg.hub) and arg.init in ("", arg.hub)
+  if from_hub:  # the Hub's backbone, a new head, fine-tuned dense first: nothing to distil
     if arg.method != "none":
       raise ValueError(f"hub={arg.hub!r} has no ImageNet head to distil {arg.method!r} from: "
                        "fine-tune it dense first (hub=... alone), then reduce it with "
@@ -83,10 +84,12 @@ def get_config(arg=None):
     c.optim = dict(lr=2.5e-4, backbone_lr_scale=1.0, weight_decay=0.05, warmup_epochs=5.0,
                    warmup_init_lr=1e-6, min_lr=1e-6, clip_norm=0.0)
     common.finetune(c, arg.method)
-    if arg.init == arg.hub:
-      c.init.fresh = ("head",)
     c.init.checkpoint = arg.init
     c.teacher.checkpoint = arg.init
+    if from_hub:
+      c.init.fresh = ("head",)
+      c.teacher.checkpoint = ""
+      c.loss.distill_weight = 0.0
   else:
     c.total_epochs = arg.epochs or 300.0
     c.optim = dict(lr=5e-4 * arg.batch / 512, backbone_lr_scale=1.0, weight_decay=0.05,
@@ -97,9 +100,7 @@ def get_config(arg=None):
 
 
 def _hub_model(directory: str) -> dict:
-  """The model section of a Hub directory's ViT (its config, read as `from_pretrained`
-  reads it)."""
-  config = pretrained.hub_config(pathlib.Path(directory))
-  kw = pretrained.model_kwargs(config)
+  """The model section of a Hub directory's ViT (read as `from_pretrained` reads it)."""
+  kw = pretrained.hub_model_kwargs(pathlib.Path(directory))
   kw.pop("reduction", None)
   return {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}

@@ -21,6 +21,8 @@ CASES = [
     ([f"{FMNIST}:method=etps", "--config.model.reduction.threshold=3"],
      "--config.model.reduction.threshold: the config has no field 'threshold'"),
     (["configs/imagenet.py:hub=/no/such/hub"], "/no/such/hub holds no config.json naming"),
+    (["configs/imagenet.py:hub=/no/such/hub", "--config.input.batch_size=8"],
+     "/no/such/hub holds no config.json naming"),
 ]
 
 
@@ -32,7 +34,7 @@ def _train(config, *extra, env=None):
 
 
 @pytest.mark.parametrize("config,expected", CASES, ids=["keep", "method", "init", "data_dir",
-                                                  "module", "field", "hub"])
+                                                  "module", "field", "hub", "hub_override"])
 def test_train_names_bad_input_in_one_line(config, expected):
   out = _train(config)
   lines = [l for l in out.stderr.splitlines() if l.strip() and not l.startswith(("W", "I"))]

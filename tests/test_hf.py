@@ -242,15 +242,22 @@ def test_the_imagenet_recipe_fine_tunes_a_hub_backbone_then_reduces_it(tmp_path)
   directory = _hub_dir(tmp_path / "dino", config, hub)
   c = imagenet.get_config(f"hub={directory}")
   assert c.init.checkpoint == str(directory) and tuple(c.init.fresh) == ("head",)
+  assert c.teacher.checkpoint == "" and c.loss.distill_weight == 0.0  # nothing to distil
   model = build_model(c.model, c.num_classes)
   assert (model.num_registers, model.image_size, model.patch_size) == (4, 224, 14)
   params = checkpoints.load_params(c.init.checkpoint, model, fresh=c.init.fresh)
   assert params["pos_embedding"].shape == (1, 256, 32)  # 5 x 5 resampled to 16 x 16
   assert params["head"]["kernel"].shape == (32, 1000)
+  g, _, hub, config = _golden("vit")  # a ViTModel with its pooler: rep_size, as from_pretrained
+  pooled = _hub_dir(tmp_path / "pooled", config, {
+      **hub, "vit.pooler.dense.weight": np.eye(32, dtype=np.float32),
+      "vit.pooler.dense.bias": np.zeros(32, np.float32)})
+  assert imagenet.get_config(f"hub={pooled}").model.rep_size is True
   dtps = imagenet.get_config(f"hub={directory},init=runs/dino,method=dtps")
   assert dtps.teacher.checkpoint == "runs/dino" and dtps.model.reduction.method == "dtps"
-  with pytest.raises(ValueError, match="has no ImageNet head to distil 'dtps' from"):
-    imagenet.get_config(f"hub={directory},method=dtps")
+  for straight in (f"hub={directory},method=dtps", f"hub={directory},init={directory},method=dtps"):
+    with pytest.raises(ValueError, match="has no ImageNet head to distil 'dtps' from"):
+      imagenet.get_config(straight)
 
 
 def test_timm_hub_configs_read_their_model_args():
@@ -276,3 +283,16 @@ def test_a_vision_language_models_tower_loads(tmp_path):
       "model_type": "paligemma", "vision_config": config}, vlm))
   assert model.pool_type == "map" and model.num_classes == 0
   _check("siglip", model, params, g)
+  # Sharded, the language model's shard is never read (here it is not even a safetensors).
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  sharded = tmp_path / "sharded"
+  sharded.mkdir()
+  (sharded / "config.json").write_text(json.dumps({"model_type": "paligemma",
+                                                   "vision_config": config}))
+  tower = {k: v for k, v in vlm.items() if ".vision_model." in k}
+  save_file(tower, str(sharded / "model-1.safetensors"))
+  (sharded / "model-2.safetensors").write_text("a language model's gigabytes")
+  (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+      **{k: "model-1.safetensors" for k in tower},
+      "model.language_model.layers.0.mlp.up_proj.weight": "model-2.safetensors"}}))
+  _check("siglip", *checkpoints.from_pretrained(sharded), g)

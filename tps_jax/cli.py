@@ -95,6 +95,14 @@ def run_absl(main: Callable[[list[str]], object]) -> None:
       if asked:
         raise
       _fail(ValueError(_missing_field(argv, e)))
+    except OSError as e:
+      _unwrap(e)
+
+  def _unwrap(e: OSError):
+    """ml_collections wraps a config file's own OSError (a missing path) in one of its own."""
+    if asked or not isinstance(e.__cause__, BAD_INPUT):
+      raise e
+    _fail(e.__cause__)
 
   def guarded(argv):
     try:
@@ -103,9 +111,7 @@ def run_absl(main: Callable[[list[str]], object]) -> None:
       if asked:
         raise
       _fail(e)
-    except OSError as e:  # ml_collections wraps a config file's own OSError (a missing path)
-      if asked or not isinstance(e.__cause__, BAD_INPUT):
-        raise
-      _fail(e.__cause__)
+    except OSError as e:
+      _unwrap(e)
 
   app.run(guarded, flags_parser=parse)

@@ -36,20 +36,38 @@ WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.b
 _TRUNK = "visual.trunk."  # an OpenCLIP tower built on a timm model
 
 
-def read_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
-  """The state dict of a Hub directory (every shard of a sharded one)."""
+def _weights_file(directory: pathlib.Path) -> pathlib.Path:
   for name in WEIGHTS:
-    path = directory / name
-    if not path.exists():
-      continue
-    if name.endswith(".index.json"):
-      shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-      out: dict[str, np.ndarray] = {}
-      for shard in shards:
-        out.update(load_state_dict(directory / shard))
-      return out
-    return load_state_dict(path)
+    if (directory / name).exists():
+      return directory / name
   raise FileNotFoundError(f"no weights in {directory}: expected one of {WEIGHTS}.")
+
+
+def weight_names(directory: pathlib.Path) -> list[str]:
+  """The tensor names of a Hub directory, read from its index or safetensors header (the
+  arrays are not read; a `.bin` is)."""
+  path = _weights_file(directory)
+  if path.name.endswith(".index.json"):
+    return list(json.loads(path.read_text())["weight_map"])
+  if path.suffix == ".safetensors":
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(str(path), framework="numpy") as f:
+      return list(f.keys())
+  return list(load_state_dict(path))
+
+
+def read_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
+  """The state dict of a Hub directory (every shard of a sharded one; of a vision-language
+  model only the shards that hold its image tower)."""
+  path = _weights_file(directory)
+  if not path.name.endswith(".index.json"):
+    return load_state_dict(path)
+  weight_map = json.loads(path.read_text())["weight_map"]
+  tower = {f for k, f in weight_map.items() if ".vision_model." in k}
+  out: dict[str, np.ndarray] = {}
+  for shard in sorted(tower or set(weight_map.values())):
+    out.update(load_state_dict(directory / shard))
+  return out
 
 
 def _config(path: pathlib.Path) -> dict[str, Any] | None:
@@ -100,6 +118,15 @@ def _head_outputs(sd: dict[str, Any]) -> int:
   return int(np.shape(sd["visual.proj"])[1]) if "visual.proj" in sd else 0
 
 
+def hub_model_kwargs(directory: pathlib.Path) -> dict[str, Any]:
+  """`Model`'s keyword arguments for a Hub directory: its config's, and `rep_size` where its
+  weights hold a pooler (transformers' ViTModel: Dense + tanh on cls)."""
+  kw = model_kwargs(hub_config(directory))
+  if any(k.endswith("pooler.dense.weight") for k in weight_names(directory)):
+    kw["rep_size"] = True
+  return kw
+
+
 def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
   """`Model`'s keyword arguments from a Hub directory's config (`_config`)."""
   if "open_clip" in config:
@@ -110,11 +137,13 @@ def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     args = dict(config.get("model_args") or {})  # timm's create_model overrides
     other = sorted(set(args) - {"img_size", "global_pool", "num_classes"})
     if other:
-      raise ValueError(f"timm model_args {other} of {name!r} are not read (img_size, "
-                       "global_pool and num_classes are).")
+      raise ValueError(f"timm model_args {other} of {name!r} are not read (img_size and "
+                       "global_pool are; num_classes is the checkpoint's head's).")
     kw = timm_names.model_kwargs(name)
+    # "avg" where the family does not pool so (MAE's fine-tuning form); any other value
+    # ("token", "map", "") is the family's own pooling
     pool = args.get("global_pool", config.get("global_pool"))
-    if pool == "avg" and kw["pool_type"] != "gap":  # MAE's fine-tuning form
+    if pool == "avg" and kw["pool_type"] != "gap":
       kw = timm_names.model_kwargs(name, global_pool="avg")
     size = args.get("img_size") or (pretrained.get("input_size") or [])[-2:]
     if size:  # an int or (H, W)
@@ -138,11 +167,8 @@ def from_pretrained(path: str | os.PathLike, *, num_classes: int | None = None,
     read) or CheckpointMismatchError (naming the keys).
   """
   directory = pathlib.Path(path)
-  kw = model_kwargs(hub_config(directory))
+  kw = {**hub_model_kwargs(directory), **overrides}
   sd = hub_state_dict(directory)
-  if any(k.endswith("pooler.dense.weight") for k in sd):  # ViTModel's pooler: Dense + tanh
-    kw["rep_size"] = True
-  kw.update(overrides)
   own = _head_outputs(sd)
   classes = own if num_classes is None else num_classes
   model = Model(classes, **kw)
