@@ -31,9 +31,8 @@ from tps_jax.checkpoints.timm import from_torch_state_dict
 from tps_jax.models.vit import VisionTransformer
 
 __all__ = ("CheckpointCorruptError", "CheckpointMismatchError", "FRESH_GROUPS", "adapt_layout",
-           "assemble", "from_big_vision", "from_pretrained", "from_torch_state_dict", "is_hub_directory",
-           "load_params",
-           "load_state_dict", "runs", "to_flat")
+           "assemble", "from_big_vision", "from_pretrained", "from_torch_state_dict",
+           "is_hub_directory", "load_params", "load_state_dict", "runs", "to_flat")
 
 
 def load_params(path: str | os.PathLike, model: VisionTransformer, *,

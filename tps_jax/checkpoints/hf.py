@@ -49,16 +49,20 @@ _TOP_PREFIX = (("pre_layrnorm.", "norm_pre."), ("post_layernorm.", "norm."),
 _BLOCK = (
     (r"(layer_norm1|norm1|layernorm_before)\.", "norm1."),
     (r"(layer_norm2|norm2|layernorm_after)\.", "norm2."),
-    (r"(self_attn|attention)\.(q_proj|attention\.query)\.", "attn.q."),
-    (r"(self_attn|attention)\.(k_proj|attention\.key)\.", "attn.k."),
-    (r"(self_attn|attention)\.(v_proj|attention\.value)\.", "attn.v."),
+    (r"(self_attn|attention)\.(q_proj|attention\.query)\.", "q."),
+    (r"(self_attn|attention)\.(k_proj|attention\.key)\.", "k."),
+    (r"(self_attn|attention)\.(v_proj|attention\.value)\.", "v."),
     (r"(self_attn\.out_proj|attention\.o_proj|attention\.output\.dense)\.", "attn.proj."),
     (r"(mlp\.fc1|intermediate\.dense|mlp\.weights_in)\.", "mlp.fc1."),
     (r"(mlp\.fc2|output\.dense|mlp\.weights_out|mlp\.down_proj)\.", "mlp.fc2."),
-    (r"mlp\.gate_proj\.", "mlp.gate."), (r"mlp\.up_proj\.", "mlp.up."),
+    (r"mlp\.gate_proj\.", "gate."), (r"mlp\.up_proj\.", "up."),
     (r"layer_scale1\.lambda1", "ls1.gamma"), (r"layer_scale2\.lambda1", "ls2.gamma"),
 )
 _BLOCK_KEY = re.compile(r"(?:encoder\.layers?|layers)\.(\d+)\.(.+)")
+# Separate tensors that timm keeps as one, in its order: the attention's q, k, v, and
+# transformers 5's SwiGLU halves (silu(gate) * up, packed as timm's fc1).
+_FUSED = {"attn.qkv": ("attention", ("q", "k", "v")), "mlp.fc1": ("SwiGLU", ("gate", "up"))}
+_PART = {part: fused for fused, (_, parts) in _FUSED.items() for part in parts}
 
 
 def is_transformers(sd: Mapping[str, object]) -> bool:
@@ -77,8 +81,7 @@ def vision_tower(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """A vision-language model's image tower (LLaVA's `model.vision_tower.vision_model.*`,
   PaliGemma's, ...: a `vision_model.` below the top level) as a vision model's state dict; the
   language model and projector left out. Any other state dict is returned as it is."""
-  nested = [k for k in sd if ".vision_model." in k]
-  if not nested:
+  if not any(".vision_model." in k for k in sd):
     return dict(sd)
   return {k.rsplit("vision_model.", 1)[1]: v for k, v in sd.items() if ".vision_model." in k}
 
@@ -110,7 +113,7 @@ def to_timm(sd: Mapping[str, np.ndarray], *, head: bool = True) -> dict[str, np.
         "(checkpoints.load_params / from_torch_state_dict), or from_pretrained(..., "
         "num_classes=0 or a new count).")
   sd = _strip_tower(sd)
-  out, qkv, glu = {}, {}, {}
+  out, parts = {}, {}  # parts: (block, fused name, weight / bias) -> {part: tensor}
   for key, w in sd.items():
     if _LEFT_OUT.match(key):
       continue
@@ -134,21 +137,19 @@ def to_timm(sd: Mapping[str, np.ndarray], *, head: bool = True) -> dict[str, np.
                 None)
     if name is None:
       out[key] = w
-    elif name.startswith(("attn.q.", "attn.k.", "attn.v.")):
-      qkv.setdefault((i, name.rsplit(".", 1)[1]), {})[name[5]] = w
-    elif name.startswith(("mlp.gate.", "mlp.up.")):
-      glu.setdefault((i, name.rsplit(".", 1)[1]), {})[name.split(".")[1]] = w
+      continue
+    part, kind = name.split(".", 1)
+    if part in _PART:
+      parts.setdefault((i, _PART[part], kind), {})[part] = w
     else:
       out[f"blocks.{i}.{name}"] = w
-  for (i, kind), parts in qkv.items():
-    if set(parts) != {"q", "k", "v"}:
-      raise CheckpointMismatchError(f"block {i}'s attention {kind} lacks "
-                                    f"{sorted({'q', 'k', 'v'} - set(parts))} in the state dict.")
-    out[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate([parts[p] for p in "qkv"], axis=0)
-  for (i, kind), parts in glu.items():  # transformers 5's SwiGLU: silu(gate) * up, packed
-    if set(parts) != {"gate", "up"}:
-      raise CheckpointMismatchError(f"block {i}'s SwiGLU {kind} needs gate_proj and up_proj.")
-    out[f"blocks.{i}.mlp.fc1.{kind}"] = np.concatenate([parts["gate"], parts["up"]], axis=0)
+  for (i, fused, kind), got in parts.items():
+    label, order = _FUSED[fused]
+    missing = [p for p in order if p not in got]
+    if missing:
+      raise CheckpointMismatchError(f"block {i}'s {label} {kind} lacks {missing} in the "
+                                    "state dict.")
+    out[f"blocks.{i}.{fused}.{kind}"] = np.concatenate([got[p] for p in order], axis=0)
   if "head.weight" in out and "head.bias" not in out:  # CLIP's projection: no bias
     out["head.bias"] = np.zeros(np.shape(out["head.weight"])[0], np.float32)
   if "cls_token" in out:
